@@ -1,0 +1,278 @@
+// The one binding file: exposes the native reader as cxrfast._dicom. Every native error
+// becomes NativeError(kind, message) here; cxrfast/dicom.py maps it onto DicomError classes
+// and adds the file name. Decoding runs with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <thread>
+
+#include "cxrdicom.h"
+
+namespace py = pybind11;
+using namespace cxr;
+
+namespace {
+
+const char* kind_name(ErrorKind k) {
+  switch (k) {
+    case ErrorKind::Invalid: return "invalid";
+    case ErrorKind::Truncated: return "truncated";
+    case ErrorKind::UnsupportedTransferSyntax: return "unsupported_transfer_syntax";
+    case ErrorKind::Corrupt: return "corrupt";
+    case ErrorKind::NoPixelData: return "no_pixel_data";
+    case ErrorKind::Unsupported: return "unsupported";
+    case ErrorKind::NeedsCodec: return "needs_codec";
+    case ErrorKind::Io: return "io";
+  }
+  return "invalid";
+}
+
+py::object native_error_type;
+
+[[noreturn]] void raise_native(const char* kind, const std::string& message) {
+  PyErr_SetObject(native_error_type.ptr(), py::make_tuple(kind, message).ptr());
+  throw py::error_already_set();
+}
+
+// Runs f with the GIL released, translating native errors once.
+template <class F>
+auto nogil(F&& f) -> decltype(f()) {
+  std::string kind, message;
+  {
+    py::gil_scoped_release release;
+    try {
+      return f();
+    } catch (const Error& e) {
+      kind = kind_name(e.kind);
+      message = e.what();
+    } catch (const std::bad_alloc&) {
+      kind = "invalid";
+      message = "out of memory (a header announces an implausible size)";
+    }
+  }
+  raise_native(kind.c_str(), message);
+}
+
+py::object maybe_str(const std::string& s) { return s.empty() ? py::none() : py::object(py::str(s)); }
+
+py::dict header_dict(const Header& h) {
+  py::dict d;
+  d["rows"] = h.rows;
+  d["columns"] = h.columns;
+  d["samples_per_pixel"] = h.samples_per_pixel;
+  d["bits_allocated"] = h.bits_allocated;
+  d["bits_stored"] = h.bits_stored;
+  d["high_bit"] = h.high_bit;
+  d["pixel_representation"] = h.pixel_representation;
+  d["planar_configuration"] = h.planar_configuration;
+  d["number_of_frames"] = frame_count(h);
+  d["photometric"] = maybe_str(h.photometric);
+  d["transfer_syntax"] = h.transfer_syntax;
+  d["codec"] = codec_name(h.codec);
+  d["rescale"] = h.has_rescale ? py::object(py::make_tuple(h.rescale_slope, h.rescale_intercept)) : py::none();
+  d["rescale_type"] = maybe_str(h.rescale_type);
+  if (!h.window_centers.empty() && !h.window_widths.empty())
+    d["window"] = py::make_tuple(h.window_centers[0], h.window_widths[0]);
+  else
+    d["window"] = py::none();
+  d["voi_lut_function"] = maybe_str(h.voi_function);
+  d["has_voi_lut_sequence"] = h.has_voi_lut;
+  d["has_modality_lut_sequence"] = h.has_modality_lut;
+  d["presentation_lut_shape"] = maybe_str(h.presentation_lut_shape);
+  d["modality"] = maybe_str(h.modality);
+  d["view_position"] = maybe_str(h.view_position);
+  d["patient_id"] = maybe_str(h.patient_id);
+  d["study_instance_uid"] = maybe_str(h.study_uid);
+  d["series_instance_uid"] = maybe_str(h.series_uid);
+  d["sop_instance_uid"] = maybe_str(h.sop_uid);
+  d["pixel_spacing"] = h.pixel_spacing.size() >= 2 ? py::object(py::make_tuple(h.pixel_spacing[0], h.pixel_spacing[1])) : py::none();
+  d["has_pixel_data"] = h.has_pixel_data;
+  return d;
+}
+
+RenderOptions make_options(const std::string& output, const std::string& dtype, int longest, int size_h, int size_w) {
+  RenderOptions o;
+  if (output == "stored") o.mode = OutputMode::Stored;
+  else if (output == "modality") o.mode = OutputMode::Modality;
+  else if (output == "display") o.mode = OutputMode::Display;
+  else throw py::value_error("output must be 'stored', 'modality' or 'display'");
+  if (dtype.empty()) o.dtype = DType::Auto;
+  else if (dtype == "uint8") o.dtype = DType::U8;
+  else if (dtype == "uint16") o.dtype = DType::U16;
+  else if (dtype == "float32") o.dtype = DType::F32;
+  else throw py::value_error("dtype must be uint8, uint16 or float32");
+  o.size_longest = longest;
+  o.size_h = size_h;
+  o.size_w = size_w;
+  return o;
+}
+
+// Hands the rendered buffer to numpy without a copy; shape (frames?, rows, cols, samples?).
+py::array to_array(Rendered&& r, bool keep_frame_axis) {
+  auto* holder = new std::vector<uint8_t>(std::move(r.data));
+  py::capsule owner(holder, [](void* p) { delete static_cast<std::vector<uint8_t>*>(p); });
+  std::vector<py::ssize_t> shape;
+  if (keep_frame_axis || r.frames != 1) shape.push_back(r.frames);
+  shape.push_back(r.rows);
+  shape.push_back(r.columns);
+  if (r.samples != 1) shape.push_back(r.samples);
+  return py::array(py::dtype(r.dtype), shape, holder->data(), owner);
+}
+
+struct Parsed {
+  std::shared_ptr<std::vector<uint8_t>> file;  // when we read the file ourselves
+  std::unique_ptr<py::buffer_info> view;        // when Python gave us the bytes
+  py::object owner;
+  Dataset ds;
+};
+
+std::unique_ptr<Parsed> parse_buffer(py::buffer buf, bool header_only) {
+  auto p = std::make_unique<Parsed>();
+  p->view = std::make_unique<py::buffer_info>(buf.request());
+  p->owner = buf;
+  auto* data = static_cast<const uint8_t*>(p->view->ptr);
+  size_t size = size_t(p->view->size * p->view->itemsize);
+  p->ds = nogil([&] { return Dataset::parse(data, size, header_only); });
+  return p;
+}
+
+std::unique_ptr<Parsed> parse_path(const std::string& path, bool header_only) {
+  auto p = std::make_unique<Parsed>();
+  p->ds = nogil([&] {
+    p->file = std::make_shared<std::vector<uint8_t>>(read_file(path));
+    return Dataset::parse(p->file->data(), p->file->size(), header_only);
+  });
+  return p;
+}
+
+struct ManyResult {
+  bool ok = false;
+  Rendered image;
+  Header header;
+  std::string kind, message;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_dicom, m) {
+  m.doc() = "cxrfast native DICOM reader (C++17); use cxrfast.dicom, not this module.";
+  native_error_type = py::reinterpret_borrow<py::object>(
+      PyErr_NewException("cxrfast._dicom.NativeError", PyExc_Exception, nullptr));
+  m.attr("NativeError") = native_error_type;
+
+  py::class_<Parsed>(m, "Parsed")
+      .def_property_readonly("header", [](const Parsed& p) { return header_dict(p.ds.header); })
+      .def("decode",
+           [](const Parsed& p, const std::string& output, int64_t frame, const std::string& dtype, int longest,
+              int size_h, int size_w) {
+             RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
+             Rendered r = nogil([&] { return render(p.ds.header, decode_stored(p.ds, frame), o); });
+             return to_array(std::move(r), false);
+           },
+           py::arg("output"), py::arg("frame"), py::arg("dtype"), py::arg("longest"), py::arg("size_h"), py::arg("size_w"))
+      .def("render",
+           [](const Parsed& p, py::array stored, const std::string& output, const std::string& dtype, int longest,
+              int size_h, int size_w) {
+             // Stored values decoded by a Python codec library: (frames, rows, cols[, samples]).
+             RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
+             py::array c = py::array::ensure(stored, py::array::c_style);
+             if (c.ndim() < 3 || c.ndim() > 4) throw py::value_error("stored must be (frames, rows, cols[, samples])");
+             int isz = int(c.itemsize());
+             if (isz != 1 && isz != 2 && isz != 4) throw py::value_error("stored must be 8, 16 or 32-bit integers");
+             StoredPixels px;
+             px.frames = int(c.shape(0));
+             px.rows = int(c.shape(1));
+             px.columns = int(c.shape(2));
+             px.samples = c.ndim() == 4 ? int(c.shape(3)) : 1;
+             px.bytes_per_sample = isz;
+             const uint8_t* src = static_cast<const uint8_t*>(c.data());
+             px.data.assign(src, src + c.nbytes());
+             Header h = p.ds.header;
+             h.samples_per_pixel = px.samples;
+             if (isz * 8 < h.bits_allocated || h.bits_allocated == 0) h.bits_allocated = isz * 8;
+             if (h.bits_stored > isz * 8 || h.bits_stored == 0) h.bits_stored = isz * 8;
+             if (h.high_bit >= isz * 8) h.high_bit = h.bits_stored - 1;
+             Rendered r = nogil([&] { return render(h, px, o); });
+             return to_array(std::move(r), true);
+           })
+      .def("frame_spans",
+           [](const Parsed& p) {
+             // (offset, length) into the parsed buffer for single-fragment frames, bytes otherwise.
+             auto frames = nogil([&] { return encapsulated_frames(p.ds); });
+             py::list out;
+             const uint8_t* base = p.ds.bytes();
+             bool inflated = base != (p.file ? p.file->data() : static_cast<const uint8_t*>(p.view ? p.view->ptr : nullptr));
+             for (auto& f : frames) {
+               if (f.owned || inflated)
+                 out.append(py::bytes(reinterpret_cast<const char*>(f.data), f.size));
+               else
+                 out.append(py::make_tuple(size_t(f.data - base), f.size));
+             }
+             return out;
+           });
+
+  m.def("parse", &parse_buffer, py::arg("buffer"), py::arg("header_only") = false);
+  m.def("parse_file", &parse_path, py::arg("path"), py::arg("header_only") = false);
+
+  m.def(
+      "read_many",
+      [](std::vector<std::string> paths, int num_threads, const std::string& output, int64_t frame,
+         const std::string& dtype, int longest, int size_h, int size_w) {
+        RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
+        std::vector<ManyResult> results(paths.size());
+        {
+          py::gil_scoped_release release;
+          std::atomic<size_t> next{0};
+          auto work = [&] {
+            for (size_t i = next++; i < paths.size(); i = next++) {
+              ManyResult& r = results[i];
+              try {
+                auto bytes = read_file(paths[i]);
+                Dataset ds = Dataset::parse(bytes.data(), bytes.size(), false);
+                r.header = ds.header;
+                r.image = render(ds.header, decode_stored(ds, frame), o);
+                r.ok = true;
+              } catch (const Error& e) {
+                r.kind = kind_name(e.kind);
+                r.message = e.what();
+              } catch (const std::bad_alloc&) {
+                r.kind = "invalid";
+                r.message = "out of memory (a header announces an implausible size)";
+              }
+            }
+          };
+          int n = std::max(1, std::min<int>(num_threads, int(paths.size())));
+          std::vector<std::thread> pool;
+          for (int t = 1; t < n; ++t) pool.emplace_back(work);
+          work();
+          for (auto& t : pool) t.join();
+        }
+        py::list out;
+        for (auto& r : results) {
+          if (r.ok)
+            out.append(py::make_tuple(to_array(std::move(r.image), false), header_dict(r.header), py::none()));
+          else
+            out.append(py::make_tuple(py::none(), py::none(), py::make_tuple(r.kind, r.message)));
+        }
+        return out;
+      },
+      py::arg("paths"), py::arg("num_threads"), py::arg("output"), py::arg("frame"), py::arg("dtype"),
+      py::arg("longest"), py::arg("size_h"), py::arg("size_w"));
+
+  m.def(
+      "jpeg_lossless_decode",
+      [](py::bytes stream) {
+        // Decodes a bare SOF3 codestream (for tests and benchmarks against other codecs).
+        std::string_view sv = stream;
+        auto* data = reinterpret_cast<const uint8_t*>(sv.data());
+        JpegLosslessInfo info = nogil([&] { return jpeg_lossless_info(data, sv.size()); });
+        py::array_t<uint16_t> out({info.height, info.width});
+        uint16_t* dst = out.mutable_data();
+        size_t cap = size_t(info.height) * info.width;
+        nogil([&] { return jpeg_lossless_decode(data, sv.size(), dst, cap); });
+        return out;
+      },
+      py::arg("stream"));
+}

@@ -1,0 +1,160 @@
+// cxrdicom: the public interface of cxrfast's native DICOM reader.
+//
+// The core has no Python in it: it parses DICOM Part 10 (PS3.10) from a caller-owned
+// buffer, decodes pixel data (native, RLE, JPEG lossless process 14) and renders stored
+// values through the display pipeline of PS3.3 C.11 into caller-visible buffers.
+// Every failure is a cxr::Error with a kind; nothing reads outside its buffers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace cxr {
+
+enum class ErrorKind {
+  Invalid,                    // not DICOM, or a malformed data set
+  Truncated,                  // the data ends before something it announces
+  UnsupportedTransferSyntax,  // a transfer syntax we do not know at all
+  Corrupt,                    // a compressed codestream that cannot be decoded
+  NoPixelData,                // the data set has no (7FE0,0010)
+  Unsupported,                // a legal feature this reader does not handle
+  NeedsCodec,                 // compressed with a codec left to a Python library
+  Io,                         // the file could not be read
+};
+
+struct Error : std::runtime_error {
+  ErrorKind kind;
+  Error(ErrorKind k, const std::string& message) : std::runtime_error(message), kind(k) {}
+};
+
+// A lookup table from a LUT Sequence item (PS3.3 C.11.1, C.11.2): LUT Descriptor + LUT Data.
+struct Lut {
+  int64_t first_mapped = 0;
+  int bits = 16;
+  std::vector<uint16_t> data;
+};
+
+struct Span {
+  size_t offset = 0;
+  size_t length = 0;
+};
+
+enum class Codec { Native, Rle, JpegLossless, JpegBaseline, JpegExtended, JpegLs, Jpeg2000, Htj2k };
+
+const char* codec_name(Codec codec);
+
+// The attributes a CXR reader needs, from the top-level data set only.
+struct Header {
+  std::string transfer_syntax;
+  bool explicit_vr = true;
+  bool big_endian = false;
+  bool deflated = false;
+  bool has_file_meta = false;
+  bool unknown_syntax = false;
+  Codec codec = Codec::Native;
+
+  int rows = 0, columns = 0, samples_per_pixel = 1;
+  int bits_allocated = 0, bits_stored = 0, high_bit = -1, pixel_representation = 0;
+  int planar_configuration = 0;
+  int64_t number_of_frames = 1;
+  std::string photometric, modality, view_position, patient_id;
+  std::string study_uid, series_uid, sop_uid;
+  std::string voi_function, presentation_lut_shape, rescale_type;
+
+  bool has_rescale = false;
+  double rescale_slope = 1.0, rescale_intercept = 0.0;
+  std::vector<double> window_centers, window_widths;
+  bool has_modality_lut = false;
+  Lut modality_lut;
+  bool has_voi_lut = false;
+  Lut voi_lut;
+  std::vector<double> pixel_spacing;
+
+  bool has_pixel_data = false;
+  bool encapsulated = false;
+  bool pixel_vr_ow = false;               // OW pixel data: 16-bit words even when 8-bit
+  Span pixel_data;                        // native pixel data, in the data set buffer
+  std::vector<Span> fragments;            // encapsulated fragments (after the BOT item)
+  std::vector<size_t> fragment_positions; // item-tag offsets relative to the first fragment
+  std::vector<uint32_t> basic_offsets;
+  std::vector<uint64_t> extended_offsets, extended_lengths;
+};
+
+// A parsed file: the header plus the bytes its spans point into.
+class Dataset {
+ public:
+  // Parses data[0, size). The caller keeps the bytes alive while the Dataset lives
+  // (a deflated data set is inflated into memory the Dataset owns).
+  static Dataset parse(const uint8_t* data, size_t size, bool header_only);
+
+  Header header;
+  const uint8_t* bytes() const { return inflated_.empty() ? data_ : inflated_.data(); }
+  size_t byte_size() const { return inflated_.empty() ? size_ : inflated_.size(); }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+  std::vector<uint8_t> inflated_;
+  friend class Parser;
+};
+
+// One compressed frame: a view into the data set when it is one fragment, else a copy.
+struct FrameBytes {
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+  std::shared_ptr<std::vector<uint8_t>> owned;
+};
+
+std::vector<FrameBytes> encapsulated_frames(const Dataset& ds);
+int64_t frame_count(const Header& h);
+
+// Stored samples of one or more frames, interleaved (frame, row, column, sample), each
+// sample in an unsigned word of bytes_per_sample (1, 2 or 4) bytes, unmasked.
+struct StoredPixels {
+  int frames = 0, rows = 0, columns = 0, samples = 1;
+  int bytes_per_sample = 2;
+  std::vector<uint8_t> data;
+};
+
+// Decodes frame `frame` (or all frames when frame < 0) natively; throws NeedsCodec for
+// transfer syntaxes left to Python codec libraries.
+StoredPixels decode_stored(const Dataset& ds, int64_t frame);
+
+// Decoders (each validates its input and throws Error on anything malformed).
+void rle_decode_frame(const uint8_t* src, size_t size, const Header& h, uint8_t* out);
+struct JpegLosslessInfo {
+  int width = 0, height = 0, components = 0, precision = 0, predictor = 0, point_transform = 0;
+  int restart_interval = 0;
+};
+// Decodes a single-component SOF3 stream into out[height*width] (uint16, value << Pt).
+JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t* out,
+                                      size_t out_capacity);
+JpegLosslessInfo jpeg_lossless_info(const uint8_t* src, size_t size);
+
+enum class OutputMode { Stored, Modality, Display };
+enum class DType { Auto, U8, U16, F32 };
+
+struct RenderOptions {
+  OutputMode mode = OutputMode::Display;
+  DType dtype = DType::Auto;
+  int size_longest = 0;       // resize so the longer side is this, aspect preserved
+  int size_h = 0, size_w = 0; // or an exact output size
+};
+
+// numpy-style dtype codes: 'u1','i1','u2','i2','u4','i4','f4'.
+struct Rendered {
+  std::string dtype;
+  int frames = 0, rows = 0, columns = 0, samples = 1;
+  std::vector<uint8_t> data;
+};
+
+Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& opt);
+
+// Whole-file convenience used by the thread pool: read, parse, decode, render.
+std::vector<uint8_t> read_file(const std::string& path);
+
+}  // namespace cxr

@@ -1,0 +1,281 @@
+// From a parsed data set to stored sample words: frame splitting of encapsulated pixel
+// data (PS3.5 A.4), native unpacking (PS3.5 8.1, 8.2), RLE Lossless (PS3.5 G).
+#include <cstring>
+
+#include "cxrdicom.h"
+
+namespace cxr {
+namespace {
+
+int bytes_per_sample(const Header& h) {
+  if (h.bits_allocated <= 8) return 1;
+  if (h.bits_allocated <= 16) return 2;
+  return 4;
+}
+
+void check_geometry(const Header& h) {
+  if (h.rows <= 0 || h.columns <= 0) throw Error(ErrorKind::Invalid, "Rows or Columns missing or zero");
+  if (h.samples_per_pixel != 1 && h.samples_per_pixel != 3)
+    throw Error(ErrorKind::Unsupported, "Samples per Pixel " + std::to_string(h.samples_per_pixel));
+  int ba = h.bits_allocated;
+  if (!(ba == 1 || ba == 8 || ba == 16 || ba == 32))
+    throw Error(ErrorKind::Unsupported, "Bits Allocated " + std::to_string(ba));
+  if (h.bits_stored < 1 || h.bits_stored > ba) throw Error(ErrorKind::Invalid, "Bits Stored " + std::to_string(h.bits_stored) + " does not fit Bits Allocated");
+  if (int64_t(h.rows) * h.columns * h.samples_per_pixel > (int64_t(1) << 31))
+    throw Error(ErrorKind::Unsupported, "image too large");
+}
+
+// A JPEG stream ends in EOI, possibly followed by zero padding.
+bool ends_with_eoi(const uint8_t* p, size_t n) {
+  while (n > 0 && p[n - 1] == 0) --n;
+  return n >= 2 && p[n - 2] == 0xFF && p[n - 1] == 0xD9;
+}
+
+bool is_jpeg_family(Codec c) {
+  return c == Codec::JpegLossless || c == Codec::JpegBaseline || c == Codec::JpegExtended || c == Codec::JpegLs;
+}
+
+FrameBytes join(const Dataset& ds, size_t first, size_t last) {
+  const auto& frags = ds.header.fragments;
+  FrameBytes f;
+  if (last - first == 1) {
+    f.data = ds.bytes() + frags[first].offset;
+    f.size = frags[first].length;
+    return f;
+  }
+  f.owned = std::make_shared<std::vector<uint8_t>>();
+  for (size_t i = first; i < last; ++i)
+    f.owned->insert(f.owned->end(), ds.bytes() + frags[i].offset, ds.bytes() + frags[i].offset + frags[i].length);
+  f.data = f.owned->data();
+  f.size = f.owned->size();
+  return f;
+}
+
+}  // namespace
+
+std::vector<FrameBytes> encapsulated_frames(const Dataset& ds) {
+  const Header& h = ds.header;
+  if (!h.has_pixel_data) throw Error(ErrorKind::NoPixelData, "no Pixel Data (7FE0,0010)");
+  if (!h.encapsulated) throw Error(ErrorKind::Invalid, "pixel data is not encapsulated");
+  const auto& frags = h.fragments;
+  const auto& pos = h.fragment_positions;
+  int64_t nframes = frame_count(h);
+  std::vector<FrameBytes> out;
+  if (frags.empty()) throw Error(ErrorKind::Truncated, "encapsulated pixel data has no fragments");
+
+  auto fragment_at = [&](uint64_t offset) -> size_t {
+    for (size_t i = 0; i < pos.size(); ++i)
+      if (pos[i] == offset) return i;
+    throw Error(ErrorKind::Invalid, "offset table points between fragments");
+  };
+
+  if (!h.extended_offsets.empty()) {
+    // Extended Offset Table (PS3.3 C.7.6.3.1.8): one fragment per frame.
+    for (size_t i = 0; i < h.extended_offsets.size(); ++i) {
+      size_t k = fragment_at(h.extended_offsets[i]);
+      out.push_back(join(ds, k, k + 1));
+    }
+  } else if (!h.basic_offsets.empty()) {
+    std::vector<size_t> starts;
+    for (uint32_t off : h.basic_offsets) starts.push_back(fragment_at(off));
+    for (size_t i = 0; i < starts.size(); ++i) {
+      size_t end = i + 1 < starts.size() ? starts[i + 1] : frags.size();
+      if (end <= starts[i]) throw Error(ErrorKind::Invalid, "Basic Offset Table is not increasing");
+      out.push_back(join(ds, starts[i], end));
+    }
+  } else if (nframes == 1) {
+    out.push_back(join(ds, 0, frags.size()));
+  } else if (int64_t(frags.size()) == nframes) {
+    for (size_t i = 0; i < frags.size(); ++i) out.push_back(join(ds, i, i + 1));
+  } else if (is_jpeg_family(h.codec)) {
+    // Empty BOT, several fragments per frame: a frame ends at the fragment that ends in EOI.
+    size_t start = 0;
+    for (size_t i = 0; i < frags.size(); ++i) {
+      if (ends_with_eoi(ds.bytes() + frags[i].offset, frags[i].length)) {
+        out.push_back(join(ds, start, i + 1));
+        start = i + 1;
+      }
+    }
+    if (start < frags.size()) out.push_back(join(ds, start, frags.size()));
+  } else {
+    throw Error(ErrorKind::Invalid, "cannot split " + std::to_string(frags.size()) + " fragments into " +
+                                        std::to_string(nframes) + " frames without an offset table");
+  }
+  if (int64_t(out.size()) < nframes)
+    throw Error(ErrorKind::Truncated, "pixel data holds " + std::to_string(out.size()) + " of " + std::to_string(nframes) + " frames");
+  out.resize(size_t(nframes));
+  return out;
+}
+
+// PackBits-style segments (PS3.5 G.3.1), each bounded on input and output.
+static void rle_segment(const uint8_t* src, size_t n, uint8_t* out, size_t count, size_t stride) {
+  size_t i = 0, o = 0;
+  while (o < count) {
+    if (i >= n) throw Error(ErrorKind::Truncated, "RLE segment ends early");
+    int8_t c = int8_t(src[i++]);
+    if (c >= 0) {
+      size_t len = size_t(c) + 1;
+      if (i + len > n) throw Error(ErrorKind::Truncated, "RLE literal run ends early");
+      if (o + len > count) len = count - o;  // extra samples beyond the frame are ignored
+      for (size_t k = 0; k < len; ++k) out[(o + k) * stride] = src[i + k];
+      i += size_t(c) + 1;
+      o += len;
+    } else if (c != -128) {
+      if (i >= n) throw Error(ErrorKind::Truncated, "RLE replicate run ends early");
+      size_t len = size_t(1 - int(c));
+      if (o + len > count) len = count - o;
+      uint8_t b = src[i++];
+      for (size_t k = 0; k < len; ++k) out[(o + k) * stride] = b;
+      o += len;
+    }
+  }
+}
+
+void rle_decode_frame(const uint8_t* src, size_t size, const Header& h, uint8_t* out) {
+  if (size < 64) throw Error(ErrorKind::Truncated, "RLE frame shorter than its header");
+  auto u32 = [&](size_t at) { return uint32_t(src[at]) | uint32_t(src[at + 1]) << 8 | uint32_t(src[at + 2]) << 16 | uint32_t(src[at + 3]) << 24; };
+  int bps = bytes_per_sample(h);
+  uint32_t nseg = u32(0);
+  uint32_t want = uint32_t(bps * h.samples_per_pixel);
+  if (h.bits_allocated == 1) throw Error(ErrorKind::Unsupported, "RLE with Bits Allocated 1");
+  if (nseg != want) throw Error(ErrorKind::Corrupt, "RLE header lists " + std::to_string(nseg) + " segments, expected " + std::to_string(want));
+  size_t pixels = size_t(h.rows) * h.columns;
+  size_t stride = size_t(bps) * h.samples_per_pixel;
+  for (uint32_t s = 0; s < nseg; ++s) {
+    uint32_t start = u32(4 + 4 * s);
+    uint32_t end = s + 1 < nseg ? u32(8 + 4 * s) : uint32_t(std::min<size_t>(size, 0xFFFFFFFFu));
+    if (start < 64 || start > size || end > size || end < start) throw Error(ErrorKind::Corrupt, "RLE segment offsets out of range");
+    int sample = int(s) / bps;
+    int byte_in_word = bps - 1 - int(s) % bps;  // segments are most significant byte first
+    rle_segment(src + start, end - start, out + sample * bps + byte_in_word, pixels, stride);
+  }
+}
+
+static void unpack_native(const Dataset& ds, int64_t first, int64_t count, StoredPixels& px) {
+  const Header& h = ds.header;
+  size_t samples = size_t(h.rows) * h.columns * h.samples_per_pixel;
+  size_t frame_bits = samples * size_t(h.bits_allocated);
+  size_t frame_bytes = (frame_bits + 7) / 8;
+  const uint8_t* base = ds.bytes() + h.pixel_data.offset;
+  size_t avail = h.pixel_data.length;
+  int bps = px.bytes_per_sample;
+  for (int64_t f = 0; f < count; ++f) {
+    uint8_t* out = px.data.data() + size_t(f) * samples * bps;
+    int64_t idx = first + f;
+    if (h.bits_allocated == 1) {
+      // Bit-packed frames are contiguous in bits, not bytes (PS3.5 8.1.1).
+      size_t bit0 = size_t(idx) * samples;
+      if ((bit0 + samples + 7) / 8 > avail) throw Error(ErrorKind::Truncated, "pixel data shorter than Rows x Columns x frames");
+      for (size_t i = 0; i < samples; ++i) {
+        size_t b = bit0 + i;
+        out[i] = (base[b >> 3] >> (b & 7)) & 1;
+      }
+      continue;
+    }
+    if (h.photometric == "YBR_FULL_422" && h.samples_per_pixel == 3 && bps == 1) {
+      // Native 4:2:2 (PS3.3 C.7.6.3.1.2): Y1 Y2 Cb Cr per pixel pair; chroma is duplicated.
+      size_t pixels = size_t(h.rows) * h.columns;
+      size_t fb = pixels * 2;
+      size_t off = size_t(idx) * fb;
+      if (off + fb > avail) throw Error(ErrorKind::Truncated, "pixel data shorter than Rows x Columns x frames");
+      const uint8_t* src = base + off;
+      for (size_t i = 0; i < pixels; ++i) {
+        const uint8_t* q = src + (i / 2) * 4;
+        out[i * 3] = q[i & 1];
+        out[i * 3 + 1] = q[2];
+        out[i * 3 + 2] = q[3];
+      }
+      continue;
+    }
+    size_t off = size_t(idx) * frame_bytes;
+    if (off + frame_bytes > avail) throw Error(ErrorKind::Truncated, "pixel data shorter than Rows x Columns x frames");
+    const uint8_t* src = base + off;
+    if (h.big_endian && bps == 1 && h.pixel_vr_ow) {
+      // 8-bit samples in OW are byte-swapped 16-bit words in big endian (PS3.5 7.3).
+      for (size_t i = 0; i < samples; ++i) {
+        size_t j = (off + i) ^ 1u;
+        out[i] = j < avail ? base[j] : 0;
+      }
+      if (h.samples_per_pixel == 3 && h.planar_configuration == 1) {
+        std::vector<uint8_t> tmp(out, out + samples);
+        size_t pixels = size_t(h.rows) * h.columns;
+        for (size_t i = 0; i < samples; ++i) out[(i % pixels) * 3 + i / pixels] = tmp[i];
+      }
+      continue;
+    }
+    bool planar = h.samples_per_pixel == 3 && h.planar_configuration == 1;
+    size_t pixels = size_t(h.rows) * h.columns;
+    if (!planar && (!h.big_endian || bps == 1)) {
+      std::memcpy(out, src, frame_bytes);
+    } else {
+      for (size_t i = 0; i < samples; ++i) {
+        size_t dst = planar ? (i % pixels) * 3 + i / pixels : i;
+        const uint8_t* s = src + i * bps;
+        uint8_t* d = out + dst * bps;
+        if (h.big_endian)
+          for (int k = 0; k < bps; ++k) d[k] = s[bps - 1 - k];
+        else
+          std::memcpy(d, s, bps);
+      }
+    }
+  }
+}
+
+StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
+  const Header& h = ds.header;
+  if (!h.has_pixel_data) throw Error(ErrorKind::NoPixelData, "no Pixel Data (7FE0,0010)");
+  if (h.unknown_syntax) throw Error(ErrorKind::UnsupportedTransferSyntax, "unsupported transfer syntax " + h.transfer_syntax);
+  check_geometry(h);
+  int64_t nframes = frame_count(h);
+  if (frame >= nframes) throw Error(ErrorKind::Invalid, "frame " + std::to_string(frame) + " out of range (" + std::to_string(nframes) + " frames)");
+  int64_t first = frame < 0 ? 0 : frame;
+  int64_t count = frame < 0 ? nframes : 1;
+
+  StoredPixels px;
+  px.frames = int(count);
+  px.rows = h.rows;
+  px.columns = h.columns;
+  px.samples = h.samples_per_pixel;
+  px.bytes_per_sample = bytes_per_sample(h);
+  size_t frame_words = size_t(h.rows) * h.columns * h.samples_per_pixel;
+  if (h.codec == Codec::Native) {
+    if (h.encapsulated) throw Error(ErrorKind::Invalid, "native transfer syntax with encapsulated pixel data");
+    px.data.resize(frame_words * px.bytes_per_sample * count);
+    unpack_native(ds, first, count, px);
+    return px;
+  }
+  if (h.codec != Codec::Rle && h.codec != Codec::JpegLossless)
+    throw Error(ErrorKind::NeedsCodec, codec_name(h.codec));
+  if (!h.encapsulated) throw Error(ErrorKind::Invalid, "compressed transfer syntax with native pixel data");
+  auto frames = encapsulated_frames(ds);
+  px.data.resize(frame_words * px.bytes_per_sample * count);
+  for (int64_t f = 0; f < count; ++f) {
+    const FrameBytes& fb = frames[size_t(first + f)];
+    uint8_t* out = px.data.data() + size_t(f) * frame_words * px.bytes_per_sample;
+    if (h.codec == Codec::Rle) {
+      std::memset(out, 0, frame_words * px.bytes_per_sample);
+      rle_decode_frame(fb.data, fb.size, h, out);
+      // RLE writes bytes most significant first into little-endian words above.
+      continue;
+    }
+    JpegLosslessInfo info = jpeg_lossless_info(fb.data, fb.size);
+    if (info.components != 1 || h.samples_per_pixel != 1)
+      throw Error(ErrorKind::NeedsCodec, "jpeg_lossless_multicomponent");
+    if (info.width != h.columns || info.height != h.rows)
+      throw Error(ErrorKind::Corrupt, "JPEG frame is " + std::to_string(info.width) + "x" + std::to_string(info.height) +
+                                          " but the header says " + std::to_string(h.columns) + "x" + std::to_string(h.rows));
+    if (px.bytes_per_sample == 2) {
+      jpeg_lossless_decode(fb.data, fb.size, reinterpret_cast<uint16_t*>(out), frame_words);
+    } else {
+      std::vector<uint16_t> tmp(frame_words);
+      jpeg_lossless_decode(fb.data, fb.size, tmp.data(), frame_words);
+      if (px.bytes_per_sample == 1)
+        for (size_t i = 0; i < frame_words; ++i) out[i] = uint8_t(tmp[i]);
+      else
+        for (size_t i = 0; i < frame_words; ++i) reinterpret_cast<uint32_t*>(out)[i] = tmp[i];
+    }
+  }
+  return px;
+}
+
+}  // namespace cxr

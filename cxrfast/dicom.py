@@ -1,0 +1,261 @@
+"""Read chest X-ray DICOM files fast: parse, decode and render in native code.
+
+The native module (``cxrfast._dicom``, C++ in ``csrc/``) parses DICOM Part 10, decodes
+native, RLE and JPEG lossless pixel data, and applies the display pipeline of PS3.3 C.11
+(Modality LUT -> VOI -> MONOCHROME1 inversion) and an antialiased resize in one pass, with
+the GIL released. Frames in other codecs (JPEG DCT, JPEG-LS, JPEG 2000, HTJ2K) are decoded by
+imagecodecs (``cxrfast.codecs``) and rendered by the same native pipeline.
+
+Output modes:
+  ``"stored"``   stored values masked to Bits Stored and sign-extended (int dtype of the file);
+  ``"modality"`` after the Modality LUT (rescale or LUT sequence), float32;
+  ``"display"``  after VOI and MONOCHROME1 / Presentation LUT INVERSE, so dense tissue is
+                 bright; uint8 (default), uint16, or float32 in [0, 1].
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+
+from . import _dicom
+from .codecs import decode_frame
+from .errors import (  # noqa: F401  (re-exported: the hierarchy lives at cxrfast.dicom)
+    CorruptCodestreamError,
+    DicomError,
+    DicomReadError,
+    InvalidDicomError,
+    MissingCodecError,
+    NoPixelDataError,
+    TruncatedError,
+    UnsupportedFeatureError,
+    UnsupportedTransferSyntaxError,
+    from_native,
+)
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
+Size = Union[int, tuple[int, int], None]
+
+OUTPUTS = ("stored", "modality", "display")
+DTYPES = ("uint8", "uint16", "float32")
+
+
+@dataclass
+class DicomImage:
+    """Decoded pixels and the header attributes that matter for CXR.
+
+    ``pixels`` is (rows, cols), (frames, rows, cols) for all frames of a multi-frame file,
+    with a trailing samples axis for colour; ``meta`` is the dict of :func:`read_header`.
+    """
+
+    pixels: np.ndarray
+    meta: dict[str, Any]
+
+
+@dataclass
+class EncapsulatedFrames:
+    """Compressed frame bitstreams (memoryviews into the file bytes where possible)."""
+
+    frames: list[memoryview]
+    codec: str
+    meta: dict[str, Any]
+
+
+def _name(src: Source) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<bytes>"
+
+
+def _parse(src: Source, header_only: bool):
+    name = _name(src)
+    try:
+        if isinstance(src, (str, os.PathLike)):
+            return _dicom.parse_file(os.fspath(src), header_only)
+        return _dicom.parse(src, header_only)
+    except _dicom.NativeError as exc:
+        raise from_native(name, *exc.args) from None
+
+
+def _size_args(size: Size) -> tuple[int, int, int]:
+    if size is None:
+        return 0, 0, 0
+    if isinstance(size, (int, np.integer)):
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        return int(size), 0, 0
+    h, w = size
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    return 0, int(h), int(w)
+
+
+def _check(output: str, dtype: str | None) -> str:
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype is not None and output != "display":
+        raise ValueError("dtype applies to output='display' only")
+    return dtype or ""
+
+
+def read(
+    src: Source,
+    *,
+    output: str = "display",
+    frame: int | None = None,
+    size: Size = None,
+    dtype: str | None = None,
+) -> DicomImage:
+    """Reads one DICOM file (a path or its bytes) into pixels and metadata.
+
+    ``frame`` picks one frame (default: all, squeezed for single-frame files); ``size`` is
+    an int (the longer side becomes ``size``, aspect preserved) or an exact ``(rows, cols)``;
+    the resize is antialiased and happens in the same native pass as the display pipeline.
+    Raises a :class:`DicomError` subclass naming the file on any problem.
+    """
+    dt = _check(output, dtype)
+    longest, sh, sw = _size_args(size)
+    if frame is not None and frame < 0:
+        raise ValueError(f"frame must be >= 0, got {frame}")
+    parsed = _parse(src, header_only=False)
+    meta = parsed.header
+    try:
+        pixels = parsed.decode(output, -1 if frame is None else frame, dt, longest, sh, sw)
+    except _dicom.NativeError as exc:
+        kind, message = exc.args
+        if kind != "needs_codec":
+            raise from_native(_name(src), kind, message) from None
+        pixels = _decode_with_library(src, parsed, meta, output, frame, dt, longest, sh, sw)
+    return DicomImage(pixels, meta)
+
+
+def _frames_of(src: Source, parsed) -> list[memoryview]:
+    if isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as f:
+            buffer = memoryview(f.read())
+    else:
+        buffer = memoryview(src).cast("B")
+    out = []
+    for span in parsed.frame_spans():
+        if isinstance(span, tuple):
+            offset, length = span
+            out.append(buffer[offset : offset + length])
+        else:
+            out.append(memoryview(span))
+    return out
+
+
+def _decode_with_library(src, parsed, meta, output, frame, dt, longest, sh, sw) -> np.ndarray:
+    name = _name(src)
+    try:
+        frames = _frames_of(src, parsed)
+    except _dicom.NativeError as exc:
+        raise from_native(name, *exc.args) from None
+    nframes = len(frames)
+    if frame is not None and frame >= nframes:
+        raise InvalidDicomError(name, f"frame {frame} out of range ({nframes} frames)")
+    wanted = range(nframes) if frame is None else [frame]
+    codec = meta["codec"]
+    decoded = []
+    for i in wanted:
+        try:
+            arr = decode_frame(codec, bytes(frames[i]), meta["photometric"])
+        except ModuleNotFoundError as exc:
+            raise MissingCodecError(name, str(exc)) from None
+        except Exception as exc:  # the library's own error types differ per codec
+            raise CorruptCodestreamError(name, f"{codec} frame {i}: {exc}") from None
+        decoded.append(arr)
+    stored = np.stack(decoded)
+    if stored.dtype.kind == "b":
+        stored = stored.astype(np.uint8)
+    if stored.dtype.itemsize not in (1, 2, 4):
+        raise UnsupportedFeatureError(name, f"{codec} decoded to {stored.dtype}")
+    if stored.shape[1:3] != (meta["rows"], meta["columns"]):
+        raise CorruptCodestreamError(
+            name, f"{codec} frame is {stored.shape[2]}x{stored.shape[1]}, header says "
+            f"{meta['columns']}x{meta['rows']}"
+        )
+    try:
+        pixels = parsed.render(stored, output, dt, longest, sh, sw)
+    except _dicom.NativeError as exc:
+        raise from_native(name, *exc.args) from None
+    if frame is not None or nframes == 1:
+        pixels = pixels[0]
+    return pixels
+
+
+def read_header(src: Source) -> dict[str, Any]:
+    """Reads the header only (parsing stops at Pixel Data) and returns its attributes."""
+    return _parse(src, header_only=True).header
+
+
+def encapsulated_frames(src: Source) -> EncapsulatedFrames:
+    """Returns the compressed bitstream of every frame and the codec name, for GPU decoders.
+
+    Frames that are one fragment are zero-copy memoryviews into the file bytes; frames of
+    several fragments (or of a deflated data set) are joined copies. Codec names:
+    ``rle, jpeg_lossless, jpeg_baseline, jpeg_extended, jpegls, jpeg2000, htj2k``.
+    """
+    parsed = _parse(src, header_only=False)
+    meta = parsed.header
+    try:
+        frames = _frames_of(src, parsed)
+    except _dicom.NativeError as exc:
+        raise from_native(_name(src), *exc.args) from None
+    return EncapsulatedFrames(frames, meta["codec"], meta)
+
+
+def read_many(
+    paths: Sequence[str | os.PathLike] | Iterable[str | os.PathLike],
+    *,
+    num_threads: int | None = None,
+    on_error: str = "raise",
+    **read_kwargs: Any,
+) -> list[DicomImage | DicomError]:
+    """Reads many files in native threads with the GIL released, in input order.
+
+    ``read_kwargs`` are those of :func:`read`. With ``on_error="skip"`` a file that fails
+    yields its :class:`DicomError` in place of the image and the rest go on; with
+    ``"raise"`` the first failure (in input order) is raised after all files are done.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be 'raise' or 'skip'")
+    unknown = set(read_kwargs) - {"output", "frame", "size", "dtype"}
+    if unknown:
+        raise TypeError(f"unexpected arguments: {sorted(unknown)}")
+    output = read_kwargs.get("output", "display")
+    dtype = read_kwargs.get("dtype")
+    frame = read_kwargs.get("frame")
+    dt = _check(output, dtype)
+    longest, sh, sw = _size_args(read_kwargs.get("size"))
+    names = [os.fspath(p) for p in paths]
+    threads = num_threads or os.cpu_count() or 1
+    raw = _dicom.read_many(names, threads, output, -1 if frame is None else frame, dt, longest, sh, sw)
+
+    results: list[DicomImage | DicomError | None] = [None] * len(names)
+    library_work = []
+    for i, (pixels, meta, err) in enumerate(raw):
+        if err is None:
+            results[i] = DicomImage(pixels, meta)
+        elif err[0] == "needs_codec":
+            library_work.append(i)
+        else:
+            results[i] = from_native(names[i], *err)
+    if library_work:
+        def one(i: int) -> DicomImage | DicomError:
+            try:
+                return read(names[i], **read_kwargs)
+            except DicomError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for i, res in zip(library_work, pool.map(one, library_work)):
+                results[i] = res
+    if on_error == "raise":
+        for res in results:
+            if isinstance(res, DicomError):
+                raise res
+    return results  # type: ignore[return-value]
