@@ -442,7 +442,10 @@ Dataset Dataset::parse(const uint8_t* data, size_t size, bool header_only) {
   } else {
     // No file meta: implicit VR little endian unless the bytes show a VR (PS3.10 7.1).
     h.transfer_syntax = "1.2.840.10008.1.2";
-    if (size >= pos + 8 && looks_like_vr(data + pos + 4) && is_long_vr(data + pos + 4) == false &&
+    if (size >= pos + 8 && data[pos] == 0 && data[pos + 1] != 0 && looks_like_vr(data + pos + 4)) {
+      enc = Encoding{true, true};  // a big-endian group number, then a VR
+      h.transfer_syntax = "1.2.840.10008.1.2.2";
+    } else if (size >= pos + 8 && looks_like_vr(data + pos + 4) && is_long_vr(data + pos + 4) == false &&
         parser.u16(pos + 6, false) < 0x1000 && data[pos + 4] != 0) {
       // A 2-byte length after a plausible VR: explicit VR little endian.
       const uint8_t* vr = data + pos + 4;

@@ -1,0 +1,105 @@
+"""Conformance of cxrfast.dicom against pydicom (+ pylibjpeg, GDCM) on every reference file."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from cxrfast import dicom
+from reference_files import LOSSY, pydicom_pixels, reference_files
+
+FILES = reference_files()
+if not FILES:
+    pytest.skip("neither pydicom test files nor pydicom-data are installed", allow_module_level=True)
+
+
+def _masked(ds, arr: np.ndarray) -> np.ndarray:
+    """pydicom's stored values, masked to Bits Stored and sign-extended, as int64."""
+    a = arr.astype(np.int64)
+    if ds.BitsAllocated == 1:
+        return a
+    bits = ds.BitsStored
+    a &= (1 << bits) - 1
+    if ds.PixelRepresentation == 1:
+        a = np.where(a >= 1 << (bits - 1), a - (1 << bits), a)
+    return a
+
+
+def _reference(path: str):
+    ds, arr, reason = pydicom_pixels(path)
+    if arr is None:
+        pytest.skip(reason)
+    return ds, arr
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_stored_values_bit_exact(path):
+    ds, ref = _reference(path)
+    ours = dicom.read(path, output="stored").pixels
+    assert ours.shape == ref.shape
+    diff = np.abs(ours.astype(np.int64) - _masked(ds, ref))
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    assert diff.max() <= (1 if ts in LOSSY else 0)
+
+
+def _monochrome(ds) -> bool:
+    return ds.get("SamplesPerPixel", 1) == 1 and str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME")
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_modality_output_matches_pydicom(path):
+    from pydicom.pixels import apply_modality_lut
+
+    ds, ref = _reference(path)
+    if not _monochrome(ds) or str(ds.file_meta.TransferSyntaxUID) in LOSSY:
+        pytest.skip("modality LUT applies to exact monochrome data")
+    expected = apply_modality_lut(_masked(ds, ref), ds).astype(np.float64)
+    ours = dicom.read(path, output="modality").pixels
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-4)
+
+
+def _voi_range(ds) -> tuple[float, float]:
+    """pydicom's VOI output range for windowing (pydicom.pixels.processing.apply_windowing)."""
+    if "ModalityLUTSequence" in ds:
+        lo, hi = 0.0, 2.0 ** ds.ModalityLUTSequence[0].LUTDescriptor[2] - 1
+    elif ds.PixelRepresentation == 0:
+        lo, hi = 0.0, 2.0 ** ds.BitsStored - 1
+    else:
+        lo, hi = -(2.0 ** (ds.BitsStored - 1)), 2.0 ** (ds.BitsStored - 1) - 1
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        lo, hi = lo * float(ds.RescaleSlope) + float(ds.RescaleIntercept), hi * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return lo, hi
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_display_output_matches_pydicom_voi(path):
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds, ref = _reference(path)
+    if not _monochrome(ds) or str(ds.file_meta.TransferSyntaxUID) in LOSSY:
+        pytest.skip("VOI applies to exact monochrome data")
+    has_lut = "VOILUTSequence" in ds
+    if not has_lut and not ("WindowCenter" in ds and "WindowWidth" in ds):
+        pytest.skip("no VOI in the file (min/max window is tested on synthetic files)")
+    modality = apply_modality_lut(_masked(ds, ref), ds)
+    voi = apply_voi_lut(modality, ds).astype(np.float64)
+    if has_lut:
+        item = ds.VOILUTSequence[0]
+        data = np.asarray(item.LUTData, dtype=np.int64)
+        bits = int(item.LUTDescriptor[2])
+        need = max(1, int(data.max()).bit_length())
+        top = 2.0 ** (need if data.max() > 2**bits - 1 else min(bits, need)) - 1
+        expected = voi / top
+    else:
+        lo, hi = _voi_range(ds)
+        expected = (voi - lo) / (hi - lo)
+    expected = np.clip(expected, 0, 1)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        expected = 1.0 - expected
+    ours = dicom.read(path, dtype="float32").pixels
+    np.testing.assert_allclose(ours, expected, atol=2e-5)
+    ours8 = dicom.read(path).pixels
+    assert ours8.dtype == np.uint8
+    assert np.abs(ours8.astype(int) - np.round(expected * 255)).max() <= 1

@@ -1,0 +1,148 @@
+"""JPEG lossless (process 14) decoding: generated streams against the original samples,
+libjpeg-turbo (imagecodecs) and DCMTK."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import imagecodecs
+import numpy as np
+import pytest
+
+from cxrfast import _dicom, dicom
+from dicom_factory import make_dicom, make_encapsulated
+from jpeg_lossless_writer import encode
+
+SHAPES = [(1, 1), (1, 17), (17, 1), (31, 29), (64, 97)]
+
+
+def _content(kind: str, shape, bits: int, rng) -> np.ndarray:
+    top = (1 << bits) - 1
+    if kind == "noise":
+        return rng.integers(0, top + 1, size=shape).astype(np.uint16)
+    if kind == "ramp":
+        r = np.add.outer(np.arange(shape[0]), np.arange(shape[1])) * max(1, top // 64)
+        return (r % (top + 1)).astype(np.uint16)
+    return np.full(shape, rng.integers(0, top + 1), np.uint16)
+
+
+@pytest.mark.parametrize("predictor", range(1, 8))
+@pytest.mark.parametrize("bits", [2, 8, 12, 15, 16])
+@pytest.mark.parametrize("kind", ["noise", "ramp", "constant"])
+def test_imagecodecs_streams_round_trip(predictor, bits, kind):
+    rng = np.random.default_rng()
+    for shape in SHAPES:
+        a = _content(kind, shape, bits, rng)
+        if bits <= 8:
+            a = a.astype(np.uint8)
+        stream = imagecodecs.jpeg8_encode(a, lossless=True, predictor=predictor, bitspersample=bits)
+        ours = _dicom.jpeg_lossless_decode(stream)
+        np.testing.assert_array_equal(ours, a)
+        np.testing.assert_array_equal(ours, imagecodecs.jpeg8_decode(stream))
+
+
+@pytest.mark.parametrize("predictor", range(1, 8))
+@pytest.mark.parametrize("bits,pt", [(8, 0), (8, 3), (12, 0), (12, 2), (16, 0), (16, 1), (3, 1)])
+@pytest.mark.parametrize("restart", [0, 29, 58, 13, 1])
+def test_restart_intervals_and_point_transform(predictor, bits, pt, restart):
+    """Our own writer makes what the installed encoders cannot: DRI, any Pt."""
+    rng = np.random.default_rng()
+    a = rng.integers(0, 1 << bits, size=(11, 29)).astype(np.uint16)
+    stream = encode(a, predictor=predictor, precision=bits, pt=pt, restart=restart)
+    expected = (a >> pt) << pt
+    np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(stream), expected)
+    if restart in (0, 29, 58):  # libjpeg-turbo decodes whole-row restart intervals
+        np.testing.assert_array_equal(imagecodecs.jpeg8_decode(stream).astype(np.uint16), expected)
+
+
+def test_ssss16_difference():
+    # 16-bit, first sample 0: the prediction 2^15 gives a difference of 32768 (SSSS=16).
+    a = np.array([[0, 65535, 0, 32768], [65535, 0, 1, 0]], np.uint16)
+    stream = encode(a, predictor=1, precision=16)
+    np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(stream), a)
+    np.testing.assert_array_equal(imagecodecs.jpeg8_decode(stream), a)
+
+
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"])
+@pytest.mark.parametrize("layout,fragments", [("bot", 1), ("empty", 1), ("empty", 3), ("eot", 1), ("bot", 2)])
+def test_encapsulated_multiframe(ts, layout, fragments):
+    rng = np.random.default_rng()
+    frames = [rng.integers(0, 4096, size=(37, 41)).astype(np.uint16) for _ in range(3)]
+    pred = 1 if ts.endswith(".70") else 5
+    streams = [imagecodecs.jpeg8_encode(f, lossless=True, predictor=pred, bitspersample=12) for f in frames]
+    data = make_encapsulated(streams, transfer_syntax=ts, rows=37, columns=41, bits_stored=12,
+                             layout=layout, fragments_per_frame=fragments)
+    np.testing.assert_array_equal(dicom.read(data, output="stored").pixels, np.stack(frames))
+    np.testing.assert_array_equal(dicom.read(data, output="stored", frame=2).pixels, frames[2])
+    enc = dicom.encapsulated_frames(data)
+    assert enc.codec == "jpeg_lossless"
+    for got, stream in zip(enc.frames, streams):  # fragments are padded to even length
+        assert bytes(got[: len(stream)]) == stream and len(got) - len(stream) <= fragments
+
+
+@pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="Debian dcmtk not installed")
+@pytest.mark.parametrize("predictor", range(1, 8))
+@pytest.mark.parametrize("pt", [0, 2])
+def test_dcmtk_encoded_files(tmp_path, predictor, pt):
+    rng = np.random.default_rng()
+    a = rng.integers(0, 1 << 14, size=(45, 53)).astype(np.uint16)
+    src = tmp_path / "in.dcm"
+    dst = tmp_path / "out.dcm"
+    src.write_bytes(make_dicom(a, bits_stored=14))
+    subprocess.run(["dcmcjpeg", "+el", "+sv", str(predictor), "+pt", str(pt), str(src), str(dst)],
+                   check=True, capture_output=True)
+    got = dicom.read(dst, output="stored").pixels
+    np.testing.assert_array_equal(got, (a >> pt) << pt)
+    if shutil.which("dcmdjpeg"):
+        back = tmp_path / "back.dcm"
+        subprocess.run(["dcmdjpeg", str(dst), str(back)], check=True, capture_output=True)
+        np.testing.assert_array_equal(got, dicom.read(back, output="stored").pixels)
+
+
+def _stream():
+    a = np.random.default_rng(7).integers(0, 1 << 12, size=(40, 50)).astype(np.uint16)
+    return a, encode(a, predictor=4, precision=12, restart=50)
+
+
+def test_truncated_stream_raises_at_every_length():
+    _, stream = _stream()
+    for n in range(1, len(stream) - 2, 7):
+        data = make_encapsulated([stream[:n]], transfer_syntax="1.2.840.10008.1.2.4.57", rows=40,
+                                 columns=50, bits_stored=12)
+        with pytest.raises(dicom.DicomError):
+            dicom.read(data, output="stored")
+
+
+def test_bit_flips_decode_or_raise():
+    a, stream = _stream()
+    rng = np.random.default_rng()
+    for _ in range(200):
+        s = bytearray(stream)
+        for _ in range(rng.integers(1, 4)):
+            i = int(rng.integers(0, len(s)))
+            s[i] ^= 1 << int(rng.integers(0, 8))
+        try:
+            out = _dicom.jpeg_lossless_decode(bytes(s))
+        except _dicom.NativeError as exc:
+            assert exc.args[0] in {"corrupt", "truncated", "unsupported", "needs_codec", "invalid"}
+        else:
+            assert out.dtype == np.uint16
+
+
+def test_bogus_tables_raise():
+    _, stream = _stream()
+    i = stream.index(b"\xff\xc4")
+    bad = bytearray(stream)
+    bad[i + 5:i + 21] = bytes([255] * 16)  # over-subscribed code lengths
+    with pytest.raises(_dicom.NativeError):
+        _dicom.jpeg_lossless_decode(bytes(bad))
+    j = stream.index(b"\xff\xda")
+    bad = bytearray(stream)
+    bad[j + 7] = 9  # predictor 9
+    with pytest.raises(_dicom.NativeError):
+        _dicom.jpeg_lossless_decode(bytes(bad))
+
+
+def test_garbage_after_eoi_is_ignored():
+    a, stream = _stream()
+    np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(stream + b"\x00\x12garbage\xff"), a)
