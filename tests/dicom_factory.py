@@ -46,12 +46,17 @@ def base_dataset(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stor
     return ds
 
 
-def lut_item(first: int, bits: int, data: np.ndarray) -> Dataset:
+def lut_item(first: int, bits: int, data: np.ndarray, packed8: bool = True) -> Dataset:
+    """A LUT item; 8-bit data are packed one entry per byte (PS3.3 C.11.1.1.1) unless not packed8."""
     item = Dataset()
     item.LUTDescriptor = [len(data) % 65536, first, bits]
     item["LUTDescriptor"].VR = "US"
-    item.LUTData = [int(v) for v in data]
-    item["LUTData"].VR = "US"
+    if bits == 8 and packed8:
+        item.LUTData = np.asarray(data, np.uint8).tobytes()
+        item["LUTData"].VR = "OW"
+    else:
+        item.LUTData = [int(v) for v in data]
+        item["LUTData"].VR = "US"
     return item
 
 
