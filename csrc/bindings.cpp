@@ -31,8 +31,13 @@ const char* kind_name(ErrorKind k) {
 
 py::object native_error_type;
 
+// Header strings come from arbitrary files: decode them without ever failing.
+py::str text(const std::string& s) {
+  return py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(s.data(), Py_ssize_t(s.size()), "replace"));
+}
+
 [[noreturn]] void raise_native(const char* kind, const std::string& message) {
-  PyErr_SetObject(native_error_type.ptr(), py::make_tuple(kind, message).ptr());
+  PyErr_SetObject(native_error_type.ptr(), py::make_tuple(kind, text(message)).ptr());
   throw py::error_already_set();
 }
 
@@ -55,7 +60,7 @@ auto nogil(F&& f) -> decltype(f()) {
   raise_native(kind.c_str(), message);
 }
 
-py::object maybe_str(const std::string& s) { return s.empty() ? py::none() : py::object(py::str(s)); }
+py::object maybe_str(const std::string& s) { return s.empty() ? py::none() : py::object(text(s)); }
 
 py::dict header_dict(const Header& h) {
   py::dict d;
@@ -69,7 +74,7 @@ py::dict header_dict(const Header& h) {
   d["planar_configuration"] = h.planar_configuration;
   d["number_of_frames"] = frame_count(h);
   d["photometric"] = maybe_str(h.photometric);
-  d["transfer_syntax"] = h.transfer_syntax;
+  d["transfer_syntax"] = text(h.transfer_syntax);
   d["codec"] = codec_name(h.codec);
   d["rescale"] = h.has_rescale ? py::object(py::make_tuple(h.rescale_slope, h.rescale_intercept)) : py::none();
   d["rescale_type"] = maybe_str(h.rescale_type);
@@ -122,7 +127,7 @@ py::array to_array(Rendered&& r, bool keep_frame_axis) {
 }
 
 struct Parsed {
-  std::shared_ptr<std::vector<uint8_t>> file;  // when we read the file ourselves
+  std::unique_ptr<FileBytes> file;  // when we read the file ourselves
   std::unique_ptr<py::buffer_info> view;        // when Python gave us the bytes
   py::object owner;
   Dataset ds;
@@ -141,7 +146,7 @@ std::unique_ptr<Parsed> parse_buffer(py::buffer buf, bool header_only) {
 std::unique_ptr<Parsed> parse_path(const std::string& path, bool header_only) {
   auto p = std::make_unique<Parsed>();
   p->ds = nogil([&] {
-    p->file = std::make_shared<std::vector<uint8_t>>(read_file(path));
+    p->file = std::make_unique<FileBytes>(read_file(path));
     return Dataset::parse(p->file->data(), p->file->size(), header_only);
   });
   return p;
@@ -254,7 +259,7 @@ PYBIND11_MODULE(_dicom, m) {
           if (r.ok)
             out.append(py::make_tuple(to_array(std::move(r.image), false), header_dict(r.header), py::none()));
           else
-            out.append(py::make_tuple(py::none(), py::none(), py::make_tuple(r.kind, r.message)));
+            out.append(py::make_tuple(py::none(), py::none(), py::make_tuple(r.kind, text(r.message))));
         }
         return out;
       },

@@ -2,9 +2,9 @@
 // encodings plus deflate, sequences of defined and undefined length, encapsulated pixel data.
 #include <zlib.h>
 
+#include <cerrno>
+#include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 
 #include "cxrdicom.h"
 
@@ -475,16 +475,21 @@ Dataset Dataset::parse(const uint8_t* data, size_t size, bool header_only) {
 
 int64_t frame_count(const Header& h) { return h.number_of_frames < 1 ? 1 : h.number_of_frames; }
 
-std::vector<uint8_t> read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error(ErrorKind::Io, "cannot open file");
-  f.seekg(0, std::ios::end);
-  std::streamoff n = f.tellg();
-  if (n < 0) throw Error(ErrorKind::Io, "cannot read file");
-  f.seekg(0, std::ios::beg);
-  std::vector<uint8_t> buf(size_t(n) + 0);
-  if (n > 0 && !f.read(reinterpret_cast<char*>(buf.data()), n)) throw Error(ErrorKind::Io, "cannot read file");
-  return buf;
+FileBytes read_file(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw Error(ErrorKind::Io, std::string("cannot open file: ") + std::strerror(errno));
+  FileBytes out;
+  if (std::fseek(f, 0, SEEK_END) != 0 || std::ftell(f) < 0) {
+    std::fclose(f);
+    throw Error(ErrorKind::Io, "cannot read file (not seekable)");
+  }
+  out.length = size_t(std::ftell(f));
+  std::rewind(f);
+  out.bytes.reset(new uint8_t[out.length ? out.length : 1]);
+  size_t got = out.length ? std::fread(out.bytes.get(), 1, out.length, f) : 0;
+  std::fclose(f);
+  if (got != out.length) throw Error(ErrorKind::Io, "cannot read file");
+  return out;
 }
 
 }  // namespace cxr

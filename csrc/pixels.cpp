@@ -1,5 +1,6 @@
 // From a parsed data set to stored sample words: frame splitting of encapsulated pixel
 // data (PS3.5 A.4), native unpacking (PS3.5 8.1, 8.2), RLE Lossless (PS3.5 G).
+#include <algorithm>
 #include <cstring>
 
 #include "cxrdicom.h"
@@ -107,8 +108,9 @@ std::vector<FrameBytes> encapsulated_frames(const Dataset& ds) {
   return out;
 }
 
-// PackBits-style segments (PS3.5 G.3.1), each bounded on input and output.
-static void rle_segment(const uint8_t* src, size_t n, uint8_t* out, size_t count, size_t stride) {
+// One PackBits-style segment (PS3.5 G.3.1) into a contiguous plane, bounded on input and
+// output; runs become memcpy / memset.
+static void rle_segment(const uint8_t* src, size_t n, uint8_t* out, size_t count) {
   size_t i = 0, o = 0;
   while (o < count) {
     if (i >= n) throw Error(ErrorKind::Truncated, "RLE segment ends early");
@@ -116,16 +118,13 @@ static void rle_segment(const uint8_t* src, size_t n, uint8_t* out, size_t count
     if (c >= 0) {
       size_t len = size_t(c) + 1;
       if (i + len > n) throw Error(ErrorKind::Truncated, "RLE literal run ends early");
-      if (o + len > count) len = count - o;  // extra samples beyond the frame are ignored
-      for (size_t k = 0; k < len; ++k) out[(o + k) * stride] = src[i + k];
-      i += size_t(c) + 1;
-      o += len;
+      std::memcpy(out + o, src + i, std::min(len, count - o));  // samples past the frame are ignored
+      i += len;
+      o += std::min(len, count - o);
     } else if (c != -128) {
       if (i >= n) throw Error(ErrorKind::Truncated, "RLE replicate run ends early");
-      size_t len = size_t(1 - int(c));
-      if (o + len > count) len = count - o;
-      uint8_t b = src[i++];
-      for (size_t k = 0; k < len; ++k) out[(o + k) * stride] = b;
+      size_t len = std::min(size_t(1 - int(c)), count - o);
+      std::memset(out + o, src[i++], len);
       o += len;
     }
   }
@@ -141,13 +140,27 @@ void rle_decode_frame(const uint8_t* src, size_t size, const Header& h, uint8_t*
   if (nseg != want) throw Error(ErrorKind::Corrupt, "RLE header lists " + std::to_string(nseg) + " segments, expected " + std::to_string(want));
   size_t pixels = size_t(h.rows) * h.columns;
   size_t stride = size_t(bps) * h.samples_per_pixel;
+  std::vector<uint8_t> planes(pixels * nseg);
   for (uint32_t s = 0; s < nseg; ++s) {
     uint32_t start = u32(4 + 4 * s);
     uint32_t end = s + 1 < nseg ? u32(8 + 4 * s) : uint32_t(std::min<size_t>(size, 0xFFFFFFFFu));
     if (start < 64 || start > size || end > size || end < start) throw Error(ErrorKind::Corrupt, "RLE segment offsets out of range");
-    int sample = int(s) / bps;
-    int byte_in_word = bps - 1 - int(s) % bps;  // segments are most significant byte first
-    rle_segment(src + start, end - start, out + sample * bps + byte_in_word, pixels, stride);
+    rle_segment(src + start, end - start, planes.data() + s * pixels, pixels);
+  }
+  // Segments hold the most significant byte first; words are little-endian in `out`.
+  if (nseg == 2 && bps == 2) {
+    const uint8_t* hi = planes.data();
+    const uint8_t* lo = planes.data() + pixels;
+    for (size_t i = 0; i < pixels; ++i) {
+      uint16_t v = uint16_t(hi[i] << 8 | lo[i]);
+      std::memcpy(out + 2 * i, &v, 2);
+    }
+    return;
+  }
+  for (uint32_t s = 0; s < nseg; ++s) {
+    size_t at = size_t(s / bps) * bps + size_t(bps - 1 - int(s) % bps);
+    const uint8_t* plane = planes.data() + s * pixels;
+    for (size_t i = 0; i < pixels; ++i) out[i * stride + at] = plane[i];
   }
 }
 
@@ -240,6 +253,18 @@ StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
   size_t frame_words = size_t(h.rows) * h.columns * h.samples_per_pixel;
   if (h.codec == Codec::Native) {
     if (h.encapsulated) throw Error(ErrorKind::Invalid, "native transfer syntax with encapsulated pixel data");
+    // Check before allocating, so a corrupt header cannot ask for gigabytes.
+    size_t frame_bytes = (frame_words * size_t(h.bits_allocated) + 7) / 8;
+    if (h.photometric == "YBR_FULL_422" && h.samples_per_pixel == 3 && h.bits_allocated == 8) frame_bytes = frame_words * 2 / 3;
+    if (double(frame_bytes) * double(first + count) > double(h.pixel_data.length))
+      throw Error(ErrorKind::Truncated, "pixel data holds " + std::to_string(h.pixel_data.length) +
+                                            " bytes, fewer than Rows x Columns x frames need");
+    bool in_place = !h.big_endian && h.bits_allocated >= 8 && px.bytes_per_sample * 8 == h.bits_allocated &&
+                    !(h.samples_per_pixel == 3 && h.planar_configuration == 1) && h.photometric != "YBR_FULL_422";
+    if (in_place) {  // little-endian interleaved samples: read them where they lie
+      px.view = ds.bytes() + h.pixel_data.offset + size_t(first) * frame_bytes;
+      return px;
+    }
     px.data.resize(frame_words * px.bytes_per_sample * count);
     unpack_native(ds, first, count, px);
     return px;
@@ -248,14 +273,19 @@ StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
     throw Error(ErrorKind::NeedsCodec, codec_name(h.codec));
   if (!h.encapsulated) throw Error(ErrorKind::Invalid, "compressed transfer syntax with native pixel data");
   auto frames = encapsulated_frames(ds);
+  // Each sample costs a JPEG lossless stream at least one bit, and an RLE segment at least
+  // 2 bytes per 128 samples: a smaller frame is cut short (checked before allocating).
+  for (int64_t f = 0; f < count; ++f) {
+    size_t need = h.codec == Codec::JpegLossless ? frame_words / 8 : frame_words * px.bytes_per_sample / 64;
+    if (frames[size_t(first + f)].size < need)
+      throw Error(ErrorKind::Truncated, "compressed frame " + std::to_string(first + f) + " is too short for its size");
+  }
   px.data.resize(frame_words * px.bytes_per_sample * count);
   for (int64_t f = 0; f < count; ++f) {
     const FrameBytes& fb = frames[size_t(first + f)];
     uint8_t* out = px.data.data() + size_t(f) * frame_words * px.bytes_per_sample;
     if (h.codec == Codec::Rle) {
-      std::memset(out, 0, frame_words * px.bytes_per_sample);
       rle_decode_frame(fb.data, fb.size, h, out);
-      // RLE writes bytes most significant first into little-endian words above.
       continue;
     }
     JpegLosslessInfo info = jpeg_lossless_info(fb.data, fb.size);

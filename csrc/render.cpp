@@ -136,18 +136,21 @@ StoredBits stored_bits(const Header& h) {
   return sb;
 }
 
+// Samples may sit at any byte offset in the file buffer: load them with memcpy (one mov).
 template <class Raw>
-uint32_t raw_at(const uint8_t* data, size_t i) {
+inline uint32_t rd(const uint8_t* p, size_t i) {
   Raw r;
-  std::memcpy(&r, data + i * sizeof(Raw), sizeof(Raw));
+  std::memcpy(&r, p + i * sizeof(Raw), sizeof(Raw));
   return uint32_t(r);
 }
 
-uint32_t load_raw(const StoredPixels& px, size_t i) {
+// Calls f(Raw{}) with the sample word type of px.
+template <class F>
+void with_raw(const StoredPixels& px, F&& f) {
   switch (px.bytes_per_sample) {
-    case 1: return px.data[i];
-    case 2: return raw_at<uint16_t>(px.data.data(), i);
-    default: return raw_at<uint32_t>(px.data.data(), i);
+    case 1: f(uint8_t()); break;
+    case 2: f(uint16_t()); break;
+    default: f(uint32_t()); break;
   }
 }
 
@@ -235,62 +238,99 @@ void resize_frame(const Shape& in, int out_h, int out_w, RowFn values, Out* out)
   }
 }
 
-template <class Out>
-void render_typed(const Header& h, const StoredPixels& px, const Mapper& map, const StoredBits& sb,
-                  int out_h, int out_w, Out* out) {
+template <class Raw, class Out>
+void render_typed(const StoredPixels& px, const Mapper& map, const StoredBits& sb, int out_h, int out_w, Out* out) {
   Shape in{px.frames, px.rows, px.columns, px.samples};
   const size_t frame_in = in.pixels();
   const bool use_lut = sb.bits <= 16;
   std::vector<float> flut;
   std::vector<Out> qlut;
   if (use_lut) {
+    StoredBits unshifted = sb;
+    unshifted.shift = 0;
     flut.resize(size_t(1) << sb.bits);
     qlut.resize(flut.size());
     for (uint32_t i = 0; i < flut.size(); ++i) {
-      StoredBits unshifted = sb;
-      unshifted.shift = 0;
       double v = map(unshifted.value(i));
       flut[i] = float(v);
       qlut[i] = quantize<Out>(v);
     }
   }
+  const uint8_t* src = px.bytes();
+  const int shift = sb.shift;
+  const uint32_t mask = sb.mask;
   const bool resize = out_h != px.rows || out_w != px.columns;
   const size_t frame_out = size_t(out_h) * out_w * in.samples;
   for (int f = 0; f < in.frames; ++f) {
-    size_t base = size_t(f) * frame_in;
+    const size_t base = size_t(f) * frame_in;
     Out* dst = out + size_t(f) * frame_out;
     if (!resize) {
-      if (use_lut && px.bytes_per_sample == 2 && sb.shift == 0) {
-        const uint16_t* src = reinterpret_cast<const uint16_t*>(px.data.data()) + base;
-        const uint16_t mask = uint16_t(sb.mask);
+      if (use_lut) {
         const Out* q = qlut.data();
-        for (size_t i = 0; i < frame_in; ++i) dst[i] = q[src[i] & mask];
-      } else if (use_lut) {
-        for (size_t i = 0; i < frame_in; ++i) dst[i] = qlut[(load_raw(px, base + i) >> sb.shift) & sb.mask];
+        for (size_t i = 0; i < frame_in; ++i) dst[i] = q[(rd<Raw>(src, base + i) >> shift) & mask];
       } else {
-        for (size_t i = 0; i < frame_in; ++i) dst[i] = quantize<Out>(map(sb.value(load_raw(px, base + i))));
+        for (size_t i = 0; i < frame_in; ++i) dst[i] = quantize<Out>(map(sb.value(rd<Raw>(src, base + i))));
       }
       continue;
     }
     const size_t row_len = size_t(in.cols) * in.samples;
     auto values = [&](int y, float* row) {
-      size_t r0 = base + size_t(y) * row_len;
+      const size_t r0 = base + size_t(y) * row_len;
       if (use_lut) {
-        for (size_t i = 0; i < row_len; ++i) row[i] = flut[(load_raw(px, r0 + i) >> sb.shift) & sb.mask];
+        const float* q = flut.data();
+        for (size_t i = 0; i < row_len; ++i) row[i] = q[(rd<Raw>(src, r0 + i) >> shift) & mask];
       } else {
-        for (size_t i = 0; i < row_len; ++i) row[i] = float(map(sb.value(load_raw(px, r0 + i))));
+        for (size_t i = 0; i < row_len; ++i) row[i] = float(map(sb.value(rd<Raw>(src, r0 + i))));
       }
     };
     resize_frame<Out>(in, out_h, out_w, values, dst);
   }
-  (void)h;
 }
 
-// Stored output without resize: exact integers of any width.
-template <class Out>
+// Stored output without resize: exact integers of any width, sign-extended branch-free.
+template <class Raw, class Out>
 void stored_exact(const StoredPixels& px, const StoredBits& sb, Out* out) {
-  size_t n = size_t(px.frames) * px.rows * px.columns * px.samples;
-  for (size_t i = 0; i < n; ++i) out[i] = Out(sb.value(load_raw(px, i)));
+  const size_t n = px.count();
+  const uint8_t* src = px.bytes();
+  if (!sb.is_signed && sb.shift == 0 && sb.bits == int(8 * sizeof(Raw)) && sizeof(Out) == sizeof(Raw)) {
+    std::memcpy(out, src, n * sizeof(Out));
+    return;
+  }
+  const int shift = sb.shift;
+  const uint32_t mask = sb.mask;
+  if (sb.is_signed) {
+    const int up = 32 - sb.bits;
+    for (size_t i = 0; i < n; ++i)
+      out[i] = Out(int32_t(((rd<Raw>(src, i) >> shift) & mask) << up) >> up);
+  } else {
+    for (size_t i = 0; i < n; ++i) out[i] = Out((rd<Raw>(src, i) >> shift) & mask);
+  }
+}
+
+template <class Raw>
+void value_range(const StoredPixels& px, const StoredBits& sb, int64_t& lo, int64_t& hi) {
+  const size_t n = px.count();
+  const uint8_t* src = px.bytes();
+  if (sb.bits <= 16) {  // a presence table over the stored bits: one pass, no branches
+    std::vector<uint8_t> seen(size_t(1) << sb.bits, 0);
+    for (size_t i = 0; i < n; ++i) seen[(rd<Raw>(src, i) >> sb.shift) & sb.mask] = 1;
+    lo = INT64_MAX;
+    hi = INT64_MIN;
+    for (uint32_t v = 0; v < seen.size(); ++v)
+      if (seen[v]) {
+        int64_t s = sb.value(v << sb.shift);
+        lo = std::min(lo, s);
+        hi = std::max(hi, s);
+      }
+    return;
+  }
+  lo = INT64_MAX;
+  hi = INT64_MIN;
+  for (size_t i = 0; i < n; ++i) {
+    int64_t v = sb.value(rd<Raw>(src, i));
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
 }
 
 }  // namespace
@@ -318,14 +358,9 @@ Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& op
 
   Mapper map(h, opt, dtype);
   if (px.samples != 1) map.set_color_max(double(sb.mask));
-  if (map.needs_range()) {
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    size_t n = px.data.size() / px.bytes_per_sample;
-    for (size_t i = 0; i < n; ++i) {
-      int64_t v = sb.value(load_raw(px, i));
-      lo = std::min(lo, v);
-      hi = std::max(hi, v);
-    }
+  if (map.needs_range() && px.count() > 0) {
+    int64_t lo = 0, hi = 0;
+    with_raw(px, [&](auto raw) { value_range<decltype(raw)>(px, sb, lo, hi); });
     double mlo = map.modality(lo), mhi = map.modality(hi);
     if (h.has_modality_lut && hi - lo <= 65536) {
       for (int64_t v = lo; v <= hi; ++v) {
@@ -344,10 +379,13 @@ Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& op
     r.dtype = code;
     r.data.resize(count * sizeof(Out));
     Out* out = reinterpret_cast<Out*>(r.data.data());
-    if (opt.mode == OutputMode::Stored && !resize)
-      stored_exact<Out>(px, sb, out);
-    else
-      render_typed<Out>(h, px, map, sb, r.rows, r.columns, out);
+    with_raw(px, [&](auto raw) {
+      using Raw = decltype(raw);
+      if (opt.mode == OutputMode::Stored && !resize)
+        stored_exact<Raw, Out>(px, sb, out);
+      else
+        render_typed<Raw, Out>(px, map, sb, r.rows, r.columns, out);
+    });
   };
   if (opt.mode == OutputMode::Stored) {
     bool s = h.pixel_representation == 1;

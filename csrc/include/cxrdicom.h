@@ -118,6 +118,9 @@ struct StoredPixels {
   int frames = 0, rows = 0, columns = 0, samples = 1;
   int bytes_per_sample = 2;
   std::vector<uint8_t> data;
+  const uint8_t* view = nullptr;  // when set, the samples are read in place from here
+  const uint8_t* bytes() const { return view ? view : data.data(); }
+  size_t count() const { return size_t(frames) * rows * columns * samples; }
 };
 
 // Decodes frame `frame` (or all frames when frame < 0) natively; throws NeedsCodec for
@@ -154,7 +157,13 @@ struct Rendered {
 
 Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& opt);
 
-// Whole-file convenience used by the thread pool: read, parse, decode, render.
-std::vector<uint8_t> read_file(const std::string& path);
+// A file's bytes, read without zero-filling the buffer first.
+struct FileBytes {
+  std::unique_ptr<uint8_t[]> bytes;
+  size_t length = 0;
+  const uint8_t* data() const { return bytes.get(); }
+  size_t size() const { return length; }
+};
+FileBytes read_file(const std::string& path);
 
 }  // namespace cxr

@@ -1,0 +1,121 @@
+"""DICOM decoding: cxrfast against pydicom + pylibjpeg, dicomsdl, python-gdcm and
+libjpeg-turbo (imagecodecs) on the same files, one thread each, in one run.
+
+Run: pytest bench/test_bench_dicom.py --benchmark-only
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from cxrfast import _dicom, dicom
+
+pytest.importorskip("pytest_benchmark")
+
+
+def _pydicom(path: str) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.pixel_array_options(decoding_plugin="pylibjpeg" if ds.file_meta.TransferSyntaxUID.is_compressed else "")
+    return ds.pixel_array
+
+
+def _dicomsdl(path: str) -> np.ndarray:
+    import dicomsdl
+
+    return dicomsdl.open(path).pixelData(storedvalue=True)
+
+
+def _gdcm(path: str) -> np.ndarray:
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(path)
+    if not reader.Read():
+        raise RuntimeError("gdcm failed")
+    image = reader.GetImage()
+    raw = image.GetBuffer().encode("utf-8", "surrogateescape")  # python-gdcm returns str
+    return np.frombuffer(raw, np.uint16).reshape(image.GetDimension(1), image.GetDimension(0))
+
+
+READERS = {"pydicom+pylibjpeg": _pydicom, "dicomsdl": _dicomsdl, "python-gdcm": _gdcm}
+
+
+def _mp(rg1) -> str:
+    return f"{rg1['array'].size / 1e6:.2f}MP"
+
+
+@pytest.mark.parametrize("reader", ["cxrfast", *READERS])
+def test_jpeg_lossless_sv1_rg1(benchmark, rg1, reader):
+    benchmark.group = "JPEG lossless SV1, RG1 1955x1841, file -> stored values"
+    path = rg1["paths"]["sv1"]
+    fn = (lambda: dicom.read(path, output="stored").pixels) if reader == "cxrfast" else (lambda: READERS[reader](path))
+    out = benchmark(fn)
+    np.testing.assert_array_equal(out, rg1["array"])
+
+
+@pytest.mark.parametrize("decoder", ["cxrfast", "libjpeg-turbo (imagecodecs)"])
+def test_jpeg_lossless_codestream_rg1(benchmark, rg1, decoder):
+    import imagecodecs
+
+    benchmark.group = "JPEG lossless SV1, RG1 raw codestream -> uint16"
+    stream = rg1["sv1_stream"]
+    fn = _dicom.jpeg_lossless_decode if decoder == "cxrfast" else imagecodecs.jpeg8_decode
+    out = benchmark(fn, stream)
+    np.testing.assert_array_equal(out, rg1["array"])
+    benchmark.extra_info["MP/s"] = round(rg1["array"].size / benchmark.stats.stats.median / 1e6)
+
+
+@pytest.mark.parametrize("reader", ["cxrfast", "copy of the pixel bytes", *READERS])
+def test_uncompressed_rg1(benchmark, rg1, reader):
+    benchmark.group = "Explicit VR LE, RG1, file -> stored values"
+    path = rg1["paths"]["native"]
+    if reader == "cxrfast":
+        fn = lambda: dicom.read(path, output="stored").pixels  # noqa: E731
+    elif reader == "copy of the pixel bytes":
+        # The floor: read the file and copy its pixel bytes into a new array.
+        n = rg1["array"].nbytes
+        with open(path, "rb") as f:
+            offset = f.read().index(b"\xe0\x7f\x10\x00OW") + 12  # the Pixel Data value
+
+        def fn():
+            with open(path, "rb") as f:
+                data = f.read()
+            return np.frombuffer(data, np.uint16, count=n // 2, offset=offset).reshape(rg1["array"].shape).copy()
+    else:
+        fn = lambda: READERS[reader](path)  # noqa: E731
+    out = benchmark(fn)
+    np.testing.assert_array_equal(out & 0x7FFF, rg1["array"])
+
+
+@pytest.mark.parametrize("reader", ["cxrfast", "pydicom+pylibjpeg", "python-gdcm"])
+def test_rle_rg1(benchmark, rg1, reader):
+    benchmark.group = "RLE Lossless, RG1, file -> stored values"
+    path = rg1["paths"]["rle"]
+    fn = (lambda: dicom.read(path, output="stored").pixels) if reader == "cxrfast" else (lambda: READERS[reader](path))
+    out = benchmark(fn)
+    np.testing.assert_array_equal(out, rg1["array"])
+
+
+@pytest.mark.parametrize("reader", ["cxrfast display+resize 256 uint8", "pydicom+pylibjpeg decode only"])
+def test_display_256_vs_pydicom_decode(benchmark, rg1, reader):
+    benchmark.group = "SV1 RG1: cxrfast DICOM->display->256x256 uint8 vs pydicom decode alone"
+    path = rg1["paths"]["sv1"]
+    if reader.startswith("cxrfast"):
+        out = benchmark(lambda: dicom.read(path, size=(256, 256)).pixels)
+        assert out.shape == (256, 256) and out.dtype == np.uint8
+    else:
+        benchmark(lambda: _pydicom(path))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_many_threads(benchmark, rg1, threads, tmp_path):
+    benchmark.group = "read_many, 8 SV1 RG1 files -> display 256"
+    paths = [rg1["paths"]["sv1"]] * 8
+    benchmark.name = f"cxrfast read_many num_threads={threads}" if threads == 1 else f"read_many num_threads={threads}"
+    out = benchmark(lambda: dicom.read_many(paths, num_threads=threads, size=256))
+    assert len(out) == 8
+    benchmark.extra_info["cpus"] = os.cpu_count()

@@ -1,0 +1,130 @@
+"""A mutation fuzzer for cxrfast.dicom: every input must decode or raise DicomError.
+
+Used twice: bounded inside the test suite (test_dicom_fuzz.py) and at length from the
+command line, e.g. under an ASan/UBSan build of the extension:
+
+    CXRFAST_SANITIZE=1 pip install --no-build-isolation -e .
+    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
+        python tests/dicom_fuzz.py --seconds 600
+
+A crash, a hang or any exception other than DicomError is a finding; the input is saved.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from cxrfast import dicom  # noqa: E402
+
+
+def seed_corpus() -> list[bytes]:
+    """Small valid files covering every parser and decoder path."""
+    import imagecodecs
+    from pydicom.uid import RLELossless
+
+    from dicom_factory import base_dataset, lut_item, make_dicom, make_encapsulated, write
+    from jpeg_lossless_writer import encode
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 4096, size=(24, 20)).astype(np.uint16)
+    corpus = [
+        make_dicom(a, bits_stored=12, window=(2000, 3000), rescale=(1.0, -1024.0)),
+        make_dicom(a, bits_stored=12, transfer_syntax="1.2.840.10008.1.2"),
+        make_dicom(a, bits_stored=12, transfer_syntax="1.2.840.10008.1.2.2", photometric="MONOCHROME1"),
+        make_dicom(a, bits_stored=12, transfer_syntax="1.2.840.10008.1.2.1.99"),
+        make_dicom(a, bits_stored=12, voi_lut=lut_item(0, 16, np.arange(4096)),
+                   modality_lut=lut_item(0, 16, np.arange(4096)[::-1])),
+        make_dicom(rng.integers(0, 255, (3, 8, 9, 3)).astype(np.uint8), photometric="RGB"),
+        make_encapsulated([encode(a, predictor=4, precision=12, restart=40)] * 2,
+                          transfer_syntax="1.2.840.10008.1.2.4.57", rows=24, columns=20, bits_stored=12),
+        make_encapsulated([imagecodecs.jpeg8_encode(a, lossless=True, predictor=1, bitspersample=12)] * 2,
+                          transfer_syntax="1.2.840.10008.1.2.4.70", rows=24, columns=20, bits_stored=12,
+                          layout="empty", fragments_per_frame=2),
+    ]
+    ds = base_dataset(a, "MONOCHROME2", 12)
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    corpus.append(write(ds, RLELossless))
+    return corpus
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    b = bytearray(data)
+    for _ in range(int(rng.integers(1, 5))):
+        op = int(rng.integers(0, 6))
+        i = int(rng.integers(0, max(1, len(b))))
+        if op == 0 and b:  # flip bits
+            b[i % len(b)] ^= 1 << int(rng.integers(0, 8))
+        elif op == 1:  # truncate
+            del b[i:]
+        elif op == 2:  # random bytes
+            n = int(rng.integers(1, 9))
+            b[i:i + n] = rng.integers(0, 256, n).astype(np.uint8).tobytes()
+        elif op == 3:  # a hostile 16- or 32-bit value (lengths, rows, offsets)
+            v = int(rng.choice([0, 1, 0xFFFF, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFFE, int(rng.integers(0, 2**32))]))
+            b[i:i + 4] = v.to_bytes(4, "little")
+        elif op == 4:  # delete a chunk
+            del b[i:i + int(rng.integers(1, 64))]
+        else:  # duplicate a chunk
+            j = int(rng.integers(0, max(1, len(b))))
+            b[i:i] = b[j:j + int(rng.integers(1, 64))]
+    return bytes(b)
+
+
+def exercise(data: bytes) -> str:
+    """Runs every entry point on one input; returns 'ok' or the DicomError class name."""
+    outcome = "ok"
+    calls = [lambda: dicom.read(data, output="stored"), lambda: dicom.read(data, size=16)]
+    try:
+        if dicom.read_header(data)["codec"] != "native":
+            calls.append(lambda: dicom.encapsulated_frames(data))
+    except dicom.DicomError as exc:
+        outcome = type(exc).__name__
+    for call in calls:
+        try:
+            call()
+        except dicom.DicomError as exc:
+            outcome = type(exc).__name__
+    return outcome
+
+
+def run(count: int | None, seconds: float | None, seed: int, save_dir: str | None = None) -> dict[str, int]:
+    rng = np.random.default_rng(seed)
+    corpus = seed_corpus()
+    counts: dict[str, int] = {}
+    start = time.monotonic()
+    n = 0
+    while (count is None or n < count) and (seconds is None or time.monotonic() - start < seconds):
+        data = mutate(corpus[n % len(corpus)], rng)
+        try:
+            outcome = exercise(data)
+        except Exception:
+            if save_dir:
+                os.makedirs(save_dir, exist_ok=True)
+                with open(os.path.join(save_dir, f"finding-{seed}-{n}.dcm"), "wb") as f:
+                    f.write(data)
+            raise
+        counts[outcome] = counts.get(outcome, 0) + 1
+        n += 1
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    parser.add_argument("--save", default="fuzz-findings", help="folder for inputs that fail")
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    counts = run(None, args.seconds, seed, args.save)
+    total = sum(counts.values())
+    print(f"seed {seed}: {total} inputs in {args.seconds:.0f} s, no crash; outcomes: {counts}")
+
+
+if __name__ == "__main__":
+    main()
