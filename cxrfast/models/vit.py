@@ -1,0 +1,213 @@
+"""ViT building blocks with timm's parameter names (so checkpoints map one to one).
+
+Written here rather than imported from timm: timm needs torchvision, which does not import
+beside the CPU build of torch we use. Hot ops go through :mod:`cxrfast.ops`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+@dataclass(frozen=True)
+class Preset:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int = 16
+
+
+PRESETS = {
+    "vit_tiny": Preset(192, 12, 3),
+    "vit_small": Preset(384, 12, 6),
+    "vit_base": Preset(768, 12, 12),
+    "vit_large": Preset(1024, 24, 16),
+    "vit_huge": Preset(1280, 32, 16, 14),
+}
+
+
+def preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state dict) computed by cxrfast.ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens: (B, C, H, W) -> (B, L, D)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = ops.attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (drops the residual branch)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep) / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm layout: norm1, attn, norm2, mlp)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def sincos_pos_embed(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings, (1 + gh*gw, dim) with a zero row for CLS.
+
+    Half the channels encode the row, half the column; each half is [sin, cos] of the
+    position times frequencies 1/10000^(k/(dim/4)) (the MAE paper's embedding).
+    """
+    if dim % 4:
+        raise ValueError(f"embedding dim {dim} must be divisible by 4")
+    gh, gw = grid
+    rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)
+    cols = torch.arange(gw, dtype=torch.float64).repeat(gh)
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos[:, None] * freq[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    # MAE's grid puts the column coordinate first: emb = [f(col), f(row)].
+    emb = torch.cat([encode(cols), encode(rows)], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float()
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViTEncoder(nn.Module):
+    """The encoder trunk shared by MAE and the classifier (timm names at the top level)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim), requires_grad=False)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rates[i]) for i in range(depth))
+
+    def init_encoder(self) -> None:
+        self.pos_embed.data.copy_(sincos_pos_embed(self.embed_dim, self.patch_embed.grid).unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+
+def num_layers(depth: int) -> int:
+    return depth + 1
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
+    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 no_decay: tuple[str, ...] = ("cls_token", "pos_embed", "mask_token")) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms (1-D) and tokens; lr scaled by
+    layer_decay ** (depth + 1 - layer) when layer_decay < 1 (BEiT / MAE fine-tuning)."""
+    depth = len(getattr(model, "blocks", []))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim == 1 or name in no_decay or name.endswith(".bias"))
+        lid = layer_id(name, depth) if layer_decay < 1.0 else 0
+        key = (lid, decay)
+        if key not in groups:
+            scale = layer_decay ** (num_layers(depth) - lid) if layer_decay < 1.0 else 1.0
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
