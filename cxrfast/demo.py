@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
                         f"under {DEFAULT_DIR})")
     parser.add_argument("--size", type=int, default=256, help="longer side of the decoded images (default 256)")
     parser.add_argument("--threads", type=int, default=None, help="decoding threads (default: all cores)")
-    parser.add_argument("--sheet", default=None, help="PNG contact sheet path (default: FOLDER/contact_sheet.png)")
+    parser.add_argument("--sheet", default=None, help="PNG contact sheet path (default: contact_sheet.png "
+                        "beside FOLDER, so the sheet never mixes with the images)")
     args = parser.parse_args(argv)
 
     folder = Path(args.folder) if args.folder else ensure_demo_dataset(DEFAULT_DIR)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ndecoded {len(good)}/{len(paths)} files in {elapsed * 1e3:.0f} ms "
           f"({len(paths) / elapsed:.0f} files/s, {args.threads or os.cpu_count()} threads)")
     if good:
-        sheet = Path(args.sheet) if args.sheet else folder / "contact_sheet.png"
+        sheet = Path(args.sheet) if args.sheet else folder.parent / f"{folder.name}_contact_sheet.png"
         _contact_sheet([r.pixels for _, r in good[:24]], sheet)
         print(f"contact sheet (bone is bright in every file, MONOCHROME1 included): {sheet}")
 

@@ -1,0 +1,122 @@
+"""Label tables from the CSV formats CXR users have, mapped onto one label matrix.
+
+- NIH ChestX-ray14 ``Data_Entry_2017.csv``: ``Image Index``, ``Finding Labels`` joined by
+  ``|`` ("No Finding" = all zero), ``Patient ID``.
+- CheXpert ``train.csv``: ``Path`` + observation columns with 1, 0, -1 (uncertain) or blank;
+  the uncertainty policy maps -1 to 1 (``ones``), 0 (``zeros``) or ignores it (``ignore``:
+  the entry is masked out of the loss and the metrics). Blank means 0.
+- Generic: ``path`` + one 0/1 column per label (optional ``patient_id``).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                   "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                   "Pleural Other", "Fracture", "Support Devices")
+META_COLUMNS = {"path", "patient_id", "split", "sex", "age", "view", "frontal/lateral", "ap/pa"}
+
+
+@dataclass
+class LabelTable:
+    """One row per image: key (a file name or relative path), labels (N, K) float32 with
+    NaN = ignore, optional patient ids and split names."""
+
+    keys: list[str]
+    names: list[str]
+    labels: np.ndarray
+    patients: list[str | None] = field(default_factory=list)
+    splits: list[str | None] = field(default_factory=list)
+
+    def lookup(self) -> dict[str, int]:
+        """Maps every key and its file name to a row index."""
+        index = {}
+        for i, k in enumerate(self.keys):
+            index[k] = i
+            index.setdefault(os.path.basename(k), i)
+        return index
+
+
+def _detect(columns: list[str]) -> str:
+    if "Image Index" in columns and "Finding Labels" in columns:
+        return "nih14"
+    if "Path" in columns and any(c in columns for c in CHEXPERT_LABELS):
+        return "chexpert"
+    if "path" in columns:
+        return "generic"
+    raise ValueError(f"unrecognised label CSV columns: {columns}")
+
+
+def read_labels(path: str | os.PathLike, label_format: str = "auto", uncertain: str = "ones") -> LabelTable:
+    """Reads a label CSV in NIH, CheXpert or generic format (``auto`` detects it)."""
+    if uncertain not in ("ones", "zeros", "ignore"):
+        raise ValueError(f"uncertain must be ones, zeros or ignore, got {uncertain!r}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    fmt = _detect(columns) if label_format == "auto" else label_format
+    if fmt == "nih14":
+        names = list(NIH_LABELS)
+        labels = np.zeros((len(rows), len(names)), np.float32)
+        for i, r in enumerate(rows):
+            for finding in r["Finding Labels"].split("|"):
+                finding = finding.strip().replace(" ", "_")
+                if finding in names:
+                    labels[i, names.index(finding)] = 1
+        return LabelTable([r["Image Index"] for r in rows], names, labels,
+                          [r.get("Patient ID") for r in rows], [None] * len(rows))
+    if fmt == "chexpert":
+        names = [c for c in CHEXPERT_LABELS if c in columns]
+        policy = {"ones": 1.0, "zeros": 0.0, "ignore": np.nan}[uncertain]
+        labels = np.zeros((len(rows), len(names)), np.float32)
+        for i, r in enumerate(rows):
+            for j, n in enumerate(names):
+                v = (r.get(n) or "").strip()
+                labels[i, j] = policy if v in ("-1", "-1.0") else (1.0 if v in ("1", "1.0") else 0.0)
+        patients = []
+        for r in rows:
+            m = re.search(r"(patient\d+)", r["Path"])
+            patients.append(m.group(1) if m else None)
+        return LabelTable([r["Path"] for r in rows], names, labels, patients, [None] * len(rows))
+    if fmt == "generic":
+        names = [c for c in columns if c.lower() not in META_COLUMNS]
+        labels = np.array([[float(r[n] or 0) for n in names] for r in rows], np.float32).reshape(len(rows), len(names))
+        labels[labels < 0] = {"ones": 1.0, "zeros": 0.0, "ignore": np.nan}[uncertain]
+        return LabelTable([r["path"] for r in rows], names, labels, [r.get("patient_id") for r in rows],
+                          [r.get("split") for r in rows])
+    raise ValueError(f"unknown label format {fmt!r} (nih14, chexpert, generic)")
+
+
+def match_files(table: LabelTable, files: list[Path], root: Path | None = None) -> tuple[list[Path], np.ndarray, list[int]]:
+    """Pairs label rows with files by relative path or file name; returns (files, labels, rows)."""
+    index = table.lookup()
+    out_files, rows = [], []
+    for p in files:
+        keys = [p.name]
+        if root is not None:
+            try:
+                keys.insert(0, str(p.relative_to(root)))
+            except ValueError:
+                pass
+        row = next((index[k] for k in keys if k in index), None)
+        if row is not None:
+            out_files.append(p)
+            rows.append(row)
+    return out_files, table.labels[rows] if rows else np.zeros((0, len(table.names)), np.float32), rows
+
+
+def fraction_subset(n: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """A reproducible subset of round(n * fraction) indices (at least 1), sorted."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    k = max(1, round(n * fraction))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])

@@ -1,0 +1,130 @@
+"""python -m train.pretrain: CLI, exact resume after a kill, DDP on 2 CPU processes,
+non-finite loss handling, bad files skipped."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxrfast.synthetic import ensure_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "vit_tiny", "--img_size", "64", "--decoder_dim", "64", "--decoder_depth", "1",
+        "--decoder_heads", "2", "--batch_size", "4", "--num_workers", "0", "--epochs", "50",
+        "--warmup_epochs", "1", "--lr", "1e-3", "--log_every", "1", "--eval_every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return ensure_demo_dataset(tmp_path_factory.mktemp("cxr"), count=12, size=64)
+
+
+def run(args, cwd=ROOT, check=True, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "train.pretrain", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def losses(folder: Path) -> dict[int, float]:
+    out = {}
+    for line in open(folder / "metrics.jsonl"):
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]  # a resumed run rewrites the steps after its checkpoint
+    return out
+
+
+@pytest.mark.parametrize("module", ["train.pretrain", "train.finetune", "train.evaluate"])
+def test_help(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--config" in proc.stdout and "--output_dir" in proc.stdout and "(default:" in proc.stdout
+
+
+def test_unknown_keys_are_rejected(tmp_path, data):
+    proc = run(["--data", str(data), "--no_such_key", "1"], check=False)
+    assert proc.returncode == 2 and "no_such_key" in proc.stderr
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"epochs": 1, "epoch": 2}))
+    proc = run(["--data", str(data), "--config", str(cfg)], check=False)
+    assert proc.returncode == 2 and "unknown keys ['epoch']" in proc.stderr
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, data):
+    ref = tmp_path / "ref"
+    run(["--data", str(data), "--output_dir", str(ref), "--max_steps", "10", "--save_every", "2", *TINY])
+    expected = losses(ref)
+    assert len(expected) == 10
+    saved = json.loads((ref / "config.json").read_text())
+    assert saved["max_steps"] == 10 and saved["model"] == "vit_tiny"
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", "--data", str(data), "--output_dir", str(out),
+                             "--max_steps", "10", "--save_every", "2", *TINY], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-00000004.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    for ckpt in out.glob("checkpoint-*.pth"):  # whatever the moment of the kill, every checkpoint is whole
+        assert torch.load(ckpt, weights_only=False)["global_step"] > 0
+    resumed_from = max(int(p.stem.split("-")[1]) for p in out.glob("checkpoint-*.pth"))
+    assert resumed_from < 10
+    r = run(["--data", str(data), "--output_dir", str(out), "--max_steps", "10", "--save_every", "2",
+             "--resume", "auto", *TINY])
+    assert f"step {resumed_from}" in r.stdout
+    got = losses(out)
+    for step in range(resumed_from + 1, 11):
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+
+
+def test_two_process_ddp_ranks_agree(tmp_path, data):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "train.pretrain", "--data", str(data), "--output_dir", str(out),
+                           "--max_steps", "3", "--device", "cpu", *TINY],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert summary["ranks_agree"] and len(summary["param_checksums"]) == 2
+    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
+    out = tmp_path / "nan"
+    args = ["--data", str(data), "--output_dir", str(out), "--save_every", "1", "--max_steps", "20", *TINY]
+    args[args.index("--lr") + 1] = "1e30"
+    proc = run(args, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "loss is" in proc.stderr and "last good checkpoint" in proc.stderr
+    ckpts = sorted(out.glob("checkpoint-*.pth"))
+    assert ckpts, "at least the first step's checkpoint exists"
+    state = torch.load(ckpts[-1], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_unreadable_files_are_logged_and_skipped(tmp_path, data):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in sorted(data.glob("*.dcm"))[:8]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.dcm").write_bytes((data / "cxr_000.dcm").read_bytes()[:300])
+    out = tmp_path / "out"
+    run(["--data", str(folder), "--output_dir", str(out), "--max_steps", "3", *TINY])
+    errors = (out / "errors.tsv").read_text()
+    assert "broken.dcm" in errors and "TruncatedError" in errors
