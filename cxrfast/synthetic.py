@@ -90,7 +90,7 @@ def write_dicom(path: Path, pixels: np.ndarray, *, transfer_syntax: str, monochr
     os.replace(tmp, path)  # a file appears only when complete
 
 
-def ensure_demo_dataset(folder: str | os.PathLike, count: int = 48, size: int = 256, seed: int = 0) -> Path:
+def ensure_demo_dataset(folder: str | os.PathLike, count: int = 96, size: int = 256, seed: int = 0) -> Path:
     """Creates (once) ``count`` demo DICOM files and ``labels.csv`` under ``folder``.
 
     Labels are in the generic ``path,<label columns>`` format; patients have 2 images each,
@@ -99,7 +99,9 @@ def ensure_demo_dataset(folder: str | os.PathLike, count: int = 48, size: int = 
     root = Path(folder)
     labels = root / "labels.csv"
     if labels.exists():
-        return root
+        with open(labels) as f:
+            if sum(1 for _ in f) == count + 1:
+                return root  # made before with the same count
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []

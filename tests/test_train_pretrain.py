@@ -128,3 +128,13 @@ def test_unreadable_files_are_logged_and_skipped(tmp_path, data):
     run(["--data", str(folder), "--output_dir", str(out), "--max_steps", "3", *TINY])
     errors = (out / "errors.tsv").read_text()
     assert "broken.dcm" in errors and "TruncatedError" in errors
+
+
+def test_shipped_configs_parse():
+    from train import config, finetune, pretrain
+
+    cfg, keys = config.parse(pretrain.PretrainConfig, ["--config", str(ROOT / "configs/pretrain_vit_base.toml")], "p", "")
+    assert cfg.model == "vit_base" and cfg.betas == (0.9, 0.95) and "decoder_depth" in keys
+    cfg, _ = config.parse(finetune.FinetuneConfig, ["--config", str(ROOT / "configs/finetune_vit_base.toml"),
+                                                    "--epochs", "3"], "f", "")
+    assert cfg.layer_decay == 0.75 and cfg.crop_scale == (0.5, 1.0) and cfg.epochs == 3

@@ -1,0 +1,190 @@
+"""The one training loop that pretraining and fine-tuning share.
+
+It owns what every job needs: the resumable sharded sampler, AdamW with per-group lr scale,
+warmup + cosine lr per iteration, gradient accumulation, DDP and torch.compile, bf16
+autocast on CUDA, the non-finite-loss guard, atomic checkpoints with exact resume (model,
+optimizer, data position, RNG states, job state), the progress bar, JSONL and TensorBoard
+logs, and a final check that every rank holds the same parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from cxrfast.data import ResumableSampler
+
+from . import checkpoints, config, logs, runtime, schedule
+from .config import opt
+
+
+@dataclass
+class LoopConfig:
+    output_dir: str = opt("outputs/run", "where checkpoints, logs and pictures go")
+    epochs: int = opt(100, "training epochs")
+    warmup_epochs: float = opt(5, "linear warmup epochs")
+    batch_size: int = opt(64, "images per GPU (or process) per micro-batch")
+    accum_iter: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    blr: float = opt(1e-3, "base learning rate: lr = blr * effective batch / 256")
+    lr: Optional[float] = opt(None, "absolute learning rate (overrides blr)")
+    min_lr: float = opt(0.0, "learning rate at the end of the cosine decay")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens)")
+    betas: tuple[float, ...] = opt((0.9, 0.999), "AdamW betas")
+    clip_grad: Optional[float] = opt(None, "clip the gradient norm to this value")
+    num_workers: int = opt(4, "data loader worker processes per rank")
+    seed: int = opt(0, "random seed")
+    save_every: int = opt(1000, "write a checkpoint every N optimizer steps (and at each epoch end and the end)")
+    keep_last: int = opt(3, "checkpoints to keep")
+    log_every: int = opt(10, "log metrics every N optimizer steps")
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in total")
+    resume: Optional[str] = opt(None, "checkpoint to resume from, or 'auto' for the newest in output_dir")
+    compile: bool = opt(False, "torch.compile the model")
+    device: str = opt("auto", "cuda, cpu or auto")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when the loss is NaN or infinite; the last checkpoint is left as it was."""
+
+
+@dataclass
+class Job:
+    """What a job plugs into the loop."""
+
+    kind: str
+    model: torch.nn.Module
+    dataset: Dataset
+    param_groups: list[dict]
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]  # (net, batch on device) -> scalar loss
+    on_epoch_end: Callable[[int, int], dict] = lambda epoch, step: {}  # (epoch, step) -> metrics to log
+    job_state: Callable[[], dict] = dict  # extra state for checkpoints (e.g. best metric)
+    load_job_state: Callable[[dict], None] = lambda state: None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch.to(device, non_blocking=True)
+
+
+def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
+    out = Path(cfg.output_dir)
+    sampler = ResumableSampler(len(job.dataset), rank=rt.rank, world_size=rt.world_size, seed=cfg.seed)
+    per_step = cfg.batch_size * cfg.accum_iter
+    steps_per_epoch = len(sampler.indices()) // per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(job.dataset)} images are too few for batch {cfg.batch_size} x accum "
+                         f"{cfg.accum_iter} x {rt.world_size} processes")
+    model = job.model
+    base_lr = schedule.effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, rt.world_size)
+    optimizer = torch.optim.AdamW(job.param_groups, lr=base_lr, betas=tuple(cfg.betas), fused=rt.device.type == "cuda")
+
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    resume_path = checkpoints.resolve(cfg.resume, out)
+    if resume_path is not None:
+        state = checkpoints.load(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        rngs = state["rng"]
+        runtime.set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
+        job.load_job_state(state.get("job", {}))
+        logs.announce(f"resumed from {resume_path} at epoch {epoch}, step {global_step}", rt.main)
+
+    net = DistributedDataParallel(model) if rt.distributed else model
+    if cfg.compile:
+        net = torch.compile(net)
+    log = logs.MetricsLog(out, enabled=rt.main)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    bar = logs.progress(total_steps, global_step, rt.main, job.kind)
+
+    def checkpoint() -> Path | None:
+        rngs = [runtime.rng_state()]
+        if rt.distributed:  # every rank joins the gather; only rank 0 writes
+            rngs = [None] * rt.world_size
+            torch.distributed.all_gather_object(rngs, runtime.rng_state())
+        if not rt.main:
+            return None
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "step_in_epoch": step_in_epoch, "global_step": global_step, "rng": rngs, "job": job.job_state(),
+                 "config": config.to_dict(cfg), "kind": job.kind}
+        path = checkpoints.save(out, global_step, state, cfg.keep_last)
+        config.save(cfg, out / "config.json")
+        return path
+
+    last_path, loss_value, t_last, seen = None, float("nan"), time.perf_counter(), 0
+    while epoch < cfg.epochs and global_step < total_steps:
+        sampler.set_epoch(epoch, start=step_in_epoch * per_step)
+        loader = DataLoader(job.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                            drop_last=True, pin_memory=rt.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG untouched
+        net.train()
+        micro = 0
+        for batch in loader:
+            batch = _to_device(batch, rt.device)
+            final_micro = (micro + 1) % cfg.accum_iter == 0
+            sync = contextlib.nullcontext() if final_micro or not rt.distributed else net.no_sync()
+            with sync:
+                with runtime.autocast(rt.device):
+                    loss = job.loss(net, batch)
+                loss_value = loss.item()  # host-device sync: the non-finite guard needs the value
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(f"loss is {loss_value} at step {global_step + 1} (epoch {epoch}); stopping. "
+                                        f"The last good checkpoint is {checkpoints.latest(out)}; try a lower lr "
+                                        "or --clip_grad.")
+                (loss / cfg.accum_iter).backward()
+            micro += 1
+            seen += cfg.batch_size
+            if not final_micro:
+                continue
+            lr = schedule.lr_at(epoch + step_in_epoch / steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+            schedule.apply(optimizer, lr)
+            if cfg.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            step_in_epoch += 1
+            bar.update(1)
+            if global_step % cfg.log_every == 0 or global_step == total_steps:
+                mean_loss = runtime.mean_across_ranks(torch.tensor(loss_value)).item()
+                now = time.perf_counter()
+                ips = seen * rt.world_size / (now - t_last)
+                t_last, seen = now, 0
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
+                log.write(global_step, epoch=epoch, loss=mean_loss, lr=lr, images_per_s=round(ips, 1))
+            if global_step % cfg.save_every == 0 or global_step == total_steps:
+                last_path = checkpoint()
+            if global_step >= total_steps or step_in_epoch >= steps_per_epoch:
+                break  # never start a partial accumulation group at the end of an epoch
+        if step_in_epoch >= steps_per_epoch:
+            epoch += 1
+            step_in_epoch = 0
+            metrics = job.on_epoch_end(epoch, global_step)
+            if metrics:
+                log.write(global_step, epoch=epoch, **metrics)
+            if global_step % cfg.save_every != 0 and global_step != total_steps:
+                last_path = checkpoint()  # epoch boundaries are natural resume points
+    bar.close()
+    if last_path is None and rt.main:
+        last_path = checkpoints.latest(out)
+    agree, sums = runtime.checksums_agree(model)
+    summary = {"steps": global_step, "epochs_done": epoch, "final_loss": loss_value,
+               "checkpoint": str(last_path) if last_path else None, "world_size": rt.world_size,
+               "ranks_agree": agree, "param_checksums": sums}
+    if rt.main:
+        with open(out / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        log.close()
+    if not agree:
+        raise RuntimeError(f"ranks disagree after training: parameter checksums {sums}")
+    return summary

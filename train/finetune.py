@@ -1,0 +1,197 @@
+"""Fine-tune CXRBase on labelled chest X-rays (multi-label disease classification).
+
+With no arguments this fine-tunes the demo pretraining checkpoint (run `python -m
+train.pretrain` first) on the demo labels and reports validation AUROC.
+
+Examples:
+  python -m train.finetune
+  python -m train.finetune --data /data/nih/images --labels Data_Entry_2017.csv \\
+      --pretrained outputs/pretrain/checkpoint-00100000.pth --model vit_base --label_fraction 0.1
+  python -m train.finetune --data /data/CheXpert-v1.0 --labels train.csv --uncertain ones
+  torchrun --nproc_per_node 8 -m train.finetune --config configs/finetune_vit_base.toml
+
+Label CSVs: NIH ChestX-ray14 (Image Index, Finding Labels joined by |), CheXpert (Path +
+observation columns with 1/0/-1/blank; --uncertain ones|zeros|ignore) or generic
+(path,<label columns...>). Without a split column, images are split by patient
+(--split_fractions train,val,test). Recipe defaults follow MAE fine-tuning: layer-wise lr
+decay 0.75, drop path 0.1, AdamW weight decay 0.05, warmup then cosine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from cxrfast.data.direct import ImageDataset
+from cxrfast.models import classifier
+from cxrfast.models.checkpoints import load_pretrained
+from cxrfast.models.vit import param_groups
+
+from . import checkpoints, config, engine, inference, labelled, logs, metrics, runtime
+from .config import opt
+
+DEMO_DATA = Path("outputs") / "demo_dicom"
+DEMO_PRETRAIN = Path("outputs") / "pretrain_demo"
+
+
+@dataclass
+class FinetuneConfig(engine.LoopConfig):
+    data: Optional[str] = opt(None, "folder of images or a CSV with a 'path' column; none: the demo dataset")
+    labels: Optional[str] = opt(None, "label CSV (NIH, CheXpert or generic); none: the demo labels")
+    label_format: str = opt("auto", "auto, nih14, chexpert or generic")
+    uncertain: str = opt("ones", "CheXpert -1 labels: ones, zeros or ignore (masked out)")
+    label_fraction: float = opt(1.0, "use this reproducible fraction of the training labels (e.g. 0.01, 0.1)")
+    split_fractions: tuple[float, ...] = opt((0.7, 0.1, 0.2), "patient-level train,val,test fractions")
+    pretrained: Optional[str] = opt(None, "pretrained checkpoint (cxrfast, facebookresearch/mae, RETFound, timm); "
+                                          "none: from scratch (the demo uses its pretraining checkpoint)")
+    output_dir: str = opt("outputs/finetune", "where checkpoints, logs and metrics go")
+    model: str = opt("vit_base", "encoder preset: vit_tiny, vit_small, vit_base, vit_large, vit_huge")
+    img_size: int = opt(224, "input size")
+    in_chans: int = opt(1, "input channels")
+    global_pool: bool = opt(True, "average the patch tokens (fc_norm) instead of using the CLS token")
+    drop_path: float = opt(0.1, "stochastic depth rate")
+    layer_decay: float = opt(0.75, "layer-wise lr decay")
+    epochs: int = opt(50, "training epochs")
+    blr: float = opt(5e-4, "base learning rate: lr = blr * effective batch / 256")
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay")
+    crop_scale: tuple[float, ...] = opt((0.5, 1.0), "random resized crop area range")
+    label_smoothing: float = opt(0.0, "smooth binary targets towards 0.5 by this amount")
+    mixup: float = opt(0.0, "mixup alpha (0: off)")
+    cutmix: float = opt(0.0, "cutmix alpha (0: off); with mixup, each batch picks one at random")
+    decode_size: Optional[int] = opt(None, "decode files with this longer side before cropping")
+
+
+DEMO = dict(output_dir="outputs/finetune_demo", model="vit_tiny", img_size=128, epochs=12, warmup_epochs=2,
+            batch_size=8, lr=5e-4, num_workers=0, save_every=1000, log_every=5, split_fractions=(0.6, 0.2, 0.2))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, explicit = config.parse(FinetuneConfig, argv, "python -m train.finetune", __doc__)
+    if cfg.data is None:
+        updates = {k: v for k, v in DEMO.items() if k not in explicit}
+        updates["data"] = str(DEMO_DATA)
+        if cfg.labels is None:
+            updates["labels"] = str(DEMO_DATA / "labels.csv")
+        if cfg.pretrained is None:
+            latest = checkpoints.latest(DEMO_PRETRAIN)
+            if latest is None:
+                raise SystemExit("error: no demo pretraining checkpoint; run `python -m train.pretrain` first "
+                                 "(or pass --pretrained)")
+            updates["pretrained"] = str(latest)
+        cfg = dataclasses.replace(cfg, **updates)
+    if cfg.labels is None:
+        raise SystemExit("error: --labels is required with --data")
+    rt = runtime.setup(cfg.device)
+    try:
+        return finetune(cfg, rt)
+    except engine.NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
+    finally:
+        runtime.teardown()
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cfg: FinetuneConfig):
+    """Mixup or CutMix of a batch (global RNG, so exact resume still holds)."""
+    use_cutmix = cfg.cutmix > 0 and (cfg.mixup <= 0 or bool(torch.rand(()) < 0.5))
+    alpha = cfg.cutmix if use_cutmix else cfg.mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], device=x.device)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * y + (1 - lam) * y[perm], valid & valid[perm]
+
+
+def make_loss(cfg: FinetuneConfig):
+    def loss(net, batch):
+        x, y = batch
+        valid = ~torch.isnan(y)
+        y = torch.nan_to_num(y, nan=0.0)
+        if net.training and (cfg.mixup > 0 or cfg.cutmix > 0):
+            x, y, valid = mix(x, y, valid, cfg)
+        y = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+        logits = net(x).float()
+        bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        return (bce * valid).sum() / valid.sum().clamp(min=1)
+    return loss
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> torch.nn.Module:
+    return classifier(cfg.model, img_size=cfg.img_size, in_chans=cfg.in_chans, num_classes=num_classes,
+                      global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path)
+
+
+def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
+    out = Path(cfg.output_dir)
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, out / "config.json")
+    runtime.seed_everything(cfg.seed + rt.rank)
+    data = labelled.load(cfg.data, cfg.labels, cfg.label_format, cfg.uncertain, cfg.label_fraction,
+                         tuple(cfg.split_fractions), cfg.seed)
+    train_split, val_split = data.splits["train"], data.splits["val"]
+    if not train_split.files:
+        raise SystemExit("error: the training split is empty")
+    logs.announce(f"{len(data.names)} labels {data.names}; images: " +
+                  ", ".join(f"{k} {len(v.files)}" for k, v in data.splits.items()), rt.main)
+    dataset = ImageDataset(train_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
+                           crop_scale=tuple(cfg.crop_scale), labels=train_split.labels, seed=cfg.seed,
+                           decode_size=cfg.decode_size, errors_path=out / "errors.tsv")
+    val = ImageDataset(val_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
+                       labels=val_split.labels) if val_split.files else None
+    model = build_model(cfg, len(data.names)).to(rt.device)
+    if cfg.pretrained:
+        result = load_pretrained(model, cfg.pretrained)
+        logs.announce(f"loaded {cfg.pretrained}; newly initialised: {result.missing_keys}", rt.main)
+    best = {"mean_auroc": -1.0, "epoch": 0}
+
+    def on_epoch_end(epoch: int, step: int) -> dict:
+        if val is None or not rt.main:
+            return {}
+        result = metrics.per_class(val_split.labels, inference.predict(model, val, rt.device, cfg.batch_size), data.names)
+        if not math.isnan(result["mean_auroc"]) and result["mean_auroc"] > best["mean_auroc"]:
+            best.update(mean_auroc=result["mean_auroc"], epoch=epoch)
+            save_model(out / "best.pth", model, cfg, data.names, result)
+        return {"val_mean_auroc": result["mean_auroc"], "val_mean_auprc": result["mean_auprc"]}
+
+    job = engine.Job("finetune", model, dataset, param_groups(model, cfg.weight_decay, cfg.layer_decay),
+                     loss=make_loss(cfg), on_epoch_end=on_epoch_end, job_state=lambda: dict(best),
+                     load_job_state=lambda s: best.update(s))
+    summary = engine.run(cfg, rt, job)
+    if rt.main:
+        final = save_model(out / "final.pth", model, cfg, data.names, None)
+        if val is None:  # no validation split to choose by: the final model is the one to use
+            save_model(out / "best.pth", model, cfg, data.names, None)
+        summary.update(best_val_mean_auroc=best["mean_auroc"], best_epoch=best["epoch"])
+        print(f"\nfine-tuning done: {summary['steps']} steps; best validation mean AUROC "
+              f"{best['mean_auroc']:.4f} (epoch {best['epoch']})\n"
+              f"  best model:  {out / 'best.pth'}\n  final model: {final}\n"
+              f"  metrics:     {out / 'metrics.jsonl'}\n"
+              f"  evaluate:    python -m train.evaluate --checkpoint {out / 'best.pth'}")
+    return summary
+
+
+def save_model(path: Path, model: torch.nn.Module, cfg: FinetuneConfig, names: list[str], result) -> Path:
+    """A self-describing model file: weights, label names, the config that built it."""
+    checkpoints.save_atomic({"model": model.state_dict(), "label_names": names, "config": config.to_dict(cfg),
+                             "val_metrics": result, "kind": "cxrfast-classifier"}, path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Labelled data for fine-tuning and evaluation: files paired with label rows, patient-level
+splits, label-fraction subsets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxrfast import dicom
+from cxrfast.data import find_images, patient_split
+from cxrfast.data.labels import fraction_subset, match_files, read_labels
+
+
+@dataclass
+class Split:
+    files: list[Path]
+    labels: np.ndarray
+
+
+@dataclass
+class LabelledData:
+    names: list[str]
+    splits: dict[str, Split]
+
+
+def _patient_of(path: Path) -> str:
+    try:
+        pid = dicom.read_header(path).get("patient_id")
+    except dicom.DicomError:
+        pid = None
+    return pid or path.stem
+
+
+def load(data: str, labels: str, label_format: str = "auto", uncertain: str = "ones",
+         label_fraction: float = 1.0, fractions: tuple[float, ...] = (0.7, 0.1, 0.2), seed: int = 0) -> LabelledData:
+    """Pairs files with labels; splits by the CSV's split column or by patient; subsets train."""
+    table = read_labels(labels, label_format, uncertain)
+    root = Path(data) if Path(data).is_dir() else Path(data).parent
+    files, y, rows = match_files(table, find_images(data), root)
+    if not files:
+        raise SystemExit(f"error: no file under {data} matches a row of {labels}")
+    given = [table.splits[r] if table.splits else None for r in rows]
+    if all(given):
+        names = [g.lower().replace("validation", "val").replace("valid", "val") for g in given]
+    else:
+        patients = [(table.patients[r] if table.patients and table.patients[r] else None) or _patient_of(f)
+                    for r, f in zip(rows, files)]
+        names = patient_split(patients, tuple(fractions))
+    splits = {}
+    for split in ("train", "val", "test"):
+        idx = np.array([i for i, n in enumerate(names) if n == split], dtype=np.int64)
+        if split == "train" and len(idx) and label_fraction < 1.0:
+            idx = idx[fraction_subset(len(idx), label_fraction, seed)]
+        splits[split] = Split([files[i] for i in idx], y[idx] if len(idx) else np.zeros((0, y.shape[1]), np.float32))
+    return LabelledData(list(table.names), splits)

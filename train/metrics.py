@@ -1,0 +1,77 @@
+"""Multi-label classification metrics in numpy: AUROC, AUPRC, ROC curves (NaN labels ignored)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), np.float64)
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U); NaN when one class is absent."""
+    keep = ~np.isnan(y)
+    y, score = y[keep] > 0.5, score[keep]
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    r = _ranks(score)
+    return float((r[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision (step interpolation)."""
+    keep = ~np.isnan(y)
+    y, score = y[keep] > 0.5, score[keep]
+    if y.sum() == 0:
+        return float("nan")
+    order = np.argsort(-score, kind="mergesort")
+    y, s = y[order], score[order]
+    tp = np.cumsum(y)
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # one point per distinct threshold
+    precision = tp[last] / (last + 1)
+    recall = tp[last] / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = ~np.isnan(y)
+    y, score = y[keep] > 0.5, score[keep]
+    order = np.argsort(-score, kind="mergesort")
+    y, s = y[order], score[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tpr = np.r_[0.0, np.cumsum(y)[last] / max(1, y.sum())]
+    fpr = np.r_[0.0, np.cumsum(~y)[last] / max(1, (~y).sum())]
+    return fpr, tpr
+
+
+def per_class(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> dict:
+    """{'classes': {name: {auroc, auprc, positives}}, 'mean_auroc', 'mean_auprc'}."""
+    classes = {}
+    for j, name in enumerate(names):
+        y = labels[:, j]
+        classes[name] = {"auroc": auroc(y, scores[:, j]), "auprc": average_precision(y, scores[:, j]),
+                         "positives": int(np.nansum(y > 0.5))}
+    aurocs = [c["auroc"] for c in classes.values() if not np.isnan(c["auroc"])]
+    auprcs = [c["auprc"] for c in classes.values() if not np.isnan(c["auprc"])]
+    return {"classes": classes, "mean_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
+            "mean_auprc": float(np.mean(auprcs)) if auprcs else float("nan")}
+
+
+def table(result: dict) -> str:
+    lines = [f"{'class':<28} {'AUROC':>7} {'AUPRC':>7} {'positives':>9}"]
+    for name, c in result["classes"].items():
+        lines.append(f"{name:<28} {c['auroc']:>7.4f} {c['auprc']:>7.4f} {c['positives']:>9d}")
+    lines.append(f"{'mean':<28} {result['mean_auroc']:>7.4f} {result['mean_auprc']:>7.4f}")
+    return "\n".join(lines)
