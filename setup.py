@@ -1,6 +1,5 @@
 """Builds the native DICOM reader cxrfast._dicom (C++17, pybind11, zlib; no torch)."""
 import os
-import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup

@@ -54,3 +54,17 @@ def pydicom_pixels(path: str):
             return ds, ds.pixel_array, None
         except Exception as exc:
             return ds, None, f"pydicom cannot decode: {str(exc)[:100]}"
+
+
+def pydicom_voi_range(ds) -> tuple[float, float]:
+    """The output range pydicom's apply_windowing maps a window onto (its y_min, y_max)."""
+    if "ModalityLUTSequence" in ds:
+        lo, hi = 0.0, 2.0 ** ds.ModalityLUTSequence[0].LUTDescriptor[2] - 1
+    elif ds.PixelRepresentation == 0:
+        lo, hi = 0.0, 2.0 ** ds.BitsStored - 1
+    else:
+        lo, hi = -(2.0 ** (ds.BitsStored - 1)), 2.0 ** (ds.BitsStored - 1) - 1
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        s, b = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = lo * s + b, hi * s + b
+    return lo, hi

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cxrfast import dicom
-from reference_files import LOSSY, pydicom_pixels, reference_files
+from reference_files import LOSSY, pydicom_pixels, pydicom_voi_range, reference_files
 
 FILES = reference_files()
 if not FILES:
@@ -60,19 +60,6 @@ def test_modality_output_matches_pydicom(path):
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-4)
 
 
-def _voi_range(ds) -> tuple[float, float]:
-    """pydicom's VOI output range for windowing (pydicom.pixels.processing.apply_windowing)."""
-    if "ModalityLUTSequence" in ds:
-        lo, hi = 0.0, 2.0 ** ds.ModalityLUTSequence[0].LUTDescriptor[2] - 1
-    elif ds.PixelRepresentation == 0:
-        lo, hi = 0.0, 2.0 ** ds.BitsStored - 1
-    else:
-        lo, hi = -(2.0 ** (ds.BitsStored - 1)), 2.0 ** (ds.BitsStored - 1) - 1
-    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        lo, hi = lo * float(ds.RescaleSlope) + float(ds.RescaleIntercept), hi * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    return lo, hi
-
-
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
 def test_display_output_matches_pydicom_voi(path):
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -93,7 +80,7 @@ def test_display_output_matches_pydicom_voi(path):
         top = 2.0 ** (need if data.max() > 2**bits - 1 else min(bits, need)) - 1
         expected = voi / top
     else:
-        lo, hi = _voi_range(ds)
+        lo, hi = pydicom_voi_range(ds)
         expected = (voi - lo) / (hi - lo)
     expected = np.clip(expected, 0, 1)
     if ds.PhotometricInterpretation == "MONOCHROME1":

@@ -11,6 +11,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from cxrfast import dicom
 from dicom_factory import lut_item, make_dicom
+from reference_files import pydicom_voi_range
 
 
 def _pydicom_display(data: bytes) -> np.ndarray:
@@ -20,15 +21,7 @@ def _pydicom_display(data: bytes) -> np.ndarray:
     if "VOILUTSequence" in ds:
         lo, hi = 0.0, 2.0 ** ds.VOILUTSequence[0].LUTDescriptor[2] - 1
     else:
-        if "ModalityLUTSequence" in ds:
-            lo, hi = 0.0, 2.0 ** ds.ModalityLUTSequence[0].LUTDescriptor[2] - 1
-        elif ds.PixelRepresentation == 0:
-            lo, hi = 0.0, 2.0 ** ds.BitsStored - 1
-        else:
-            lo, hi = -(2.0 ** (ds.BitsStored - 1)), 2.0 ** (ds.BitsStored - 1) - 1
-        if "RescaleSlope" in ds:
-            s, b = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-            lo, hi = lo * s + b, hi * s + b
+        lo, hi = pydicom_voi_range(ds)
     t = np.clip((arr - lo) / (hi - lo), 0, 1)
     return 1 - t if ds.PhotometricInterpretation == "MONOCHROME1" else t
 

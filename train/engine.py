@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,15 @@ class LoopConfig:
     device: str = opt("auto", "cuda, cpu or auto")
 
 
+@dataclass
+class ImageConfig(LoopConfig):
+    model: str = opt("vit_base", "encoder preset: vit_tiny, vit_small, vit_base, vit_large, vit_huge")
+    img_size: int = opt(224, "input size (a multiple of the patch size; 448 and 512 suit CXR)")
+    in_chans: int = opt(1, "input channels (1 for grey CXR, 3 to match RGB checkpoints)")
+    crop_scale: tuple[float, ...] = opt((0.2, 1.0), "random resized crop area range")
+    decode_size: Optional[int] = opt(None, "decode files with this longer side before cropping (default 2 x img_size)")
+
+
 class NonFiniteLoss(RuntimeError):
     """Raised when the loss is NaN or infinite; the last checkpoint is left as it was."""
 
@@ -66,6 +76,18 @@ class Job:
     on_epoch_end: Callable[[int, int], dict] = lambda epoch, step: {}  # (epoch, step) -> metrics to log
     job_state: Callable[[], dict] = dict  # extra state for checkpoints (e.g. best metric)
     load_job_state: Callable[[dict], None] = lambda state: None
+
+
+def launch(cfg: LoopConfig, body: Callable[[runtime.Runtime], dict]) -> dict:
+    """Runs a job in its process group; a non-finite loss exits with code 3 and a message."""
+    rt = runtime.setup(cfg.device)
+    try:
+        return body(rt)
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
+    finally:
+        runtime.teardown()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

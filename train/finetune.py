@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -41,7 +40,7 @@ DEMO_PRETRAIN = Path("outputs") / "pretrain_demo"
 
 
 @dataclass
-class FinetuneConfig(engine.LoopConfig):
+class FinetuneConfig(engine.ImageConfig):
     data: Optional[str] = opt(None, "folder of images or a CSV with a 'path' column; none: the demo dataset")
     labels: Optional[str] = opt(None, "label CSV (NIH, CheXpert or generic); none: the demo labels")
     label_format: str = opt("auto", "auto, nih14, chexpert or generic")
@@ -51,9 +50,6 @@ class FinetuneConfig(engine.LoopConfig):
     pretrained: Optional[str] = opt(None, "pretrained checkpoint (cxrfast, facebookresearch/mae, RETFound, timm); "
                                           "none: from scratch (the demo uses its pretraining checkpoint)")
     output_dir: str = opt("outputs/finetune", "where checkpoints, logs and metrics go")
-    model: str = opt("vit_base", "encoder preset: vit_tiny, vit_small, vit_base, vit_large, vit_huge")
-    img_size: int = opt(224, "input size")
-    in_chans: int = opt(1, "input channels")
     global_pool: bool = opt(True, "average the patch tokens (fc_norm) instead of using the CLS token")
     drop_path: float = opt(0.1, "stochastic depth rate")
     layer_decay: float = opt(0.75, "layer-wise lr decay")
@@ -64,7 +60,6 @@ class FinetuneConfig(engine.LoopConfig):
     label_smoothing: float = opt(0.0, "smooth binary targets towards 0.5 by this amount")
     mixup: float = opt(0.0, "mixup alpha (0: off)")
     cutmix: float = opt(0.0, "cutmix alpha (0: off); with mixup, each batch picks one at random")
-    decode_size: Optional[int] = opt(None, "decode files with this longer side before cropping")
 
 
 DEMO = dict(output_dir="outputs/finetune_demo", model="vit_tiny", img_size=128, epochs=12, warmup_epochs=2,
@@ -87,14 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = dataclasses.replace(cfg, **updates)
     if cfg.labels is None:
         raise SystemExit("error: --labels is required with --data")
-    rt = runtime.setup(cfg.device)
-    try:
-        return finetune(cfg, rt)
-    except engine.NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(3) from None
-    finally:
-        runtime.teardown()
+    return engine.launch(cfg, lambda rt: finetune(cfg, rt))
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cfg: FinetuneConfig):

@@ -18,7 +18,6 @@ lr = blr x effective batch / 256, per-iteration warmup then cosine decay.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,13 +38,10 @@ DEMO_DATA = Path("outputs") / "demo_dicom"
 
 
 @dataclass
-class PretrainConfig(engine.LoopConfig):
+class PretrainConfig(engine.ImageConfig):
     data: Optional[str] = opt(None, "folder of DICOM/PNG/JPEG files, or a CSV with a 'path' column; "
                                     "none: the embedded demo dataset")
     output_dir: str = opt("outputs/pretrain", "where checkpoints, logs and pictures go")
-    model: str = opt("vit_base", "encoder preset: vit_tiny, vit_small, vit_base, vit_large, vit_huge")
-    img_size: int = opt(224, "input size (a multiple of the patch size; 448 and 512 suit CXR)")
-    in_chans: int = opt(1, "input channels (1 for grey CXR, 3 to match RGB checkpoints)")
     mask_ratio: float = opt(0.75, "fraction of patches hidden from the encoder (0.9 is common for CXR)")
     norm_pix_loss: bool = opt(True, "normalise each target patch by its mean and variance")
     decoder_dim: int = opt(512, "decoder width")
@@ -56,8 +52,6 @@ class PretrainConfig(engine.LoopConfig):
     warmup_epochs: float = opt(40, "linear warmup epochs")
     blr: float = opt(1.5e-4, "base learning rate: lr = blr * effective batch / 256")
     betas: tuple[float, ...] = opt((0.9, 0.95), "AdamW betas")
-    crop_scale: tuple[float, ...] = opt((0.2, 1.0), "random resized crop area range")
-    decode_size: Optional[int] = opt(None, "decode files with this longer side before cropping (default 2 x img_size)")
     eval_every: int = opt(10, "write a reconstruction picture every N epochs")
 
 
@@ -76,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, explicit = config.parse(PretrainConfig, argv, "python -m train.pretrain", __doc__)
     if cfg.data is None:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in DEMO.items() if k not in explicit})
-    rt = runtime.setup(cfg.device)
-    try:
+
+    def body(rt: runtime.Runtime) -> dict:
+        nonlocal cfg
         if cfg.data is None:
             if rt.main:
                 ensure_demo_dataset(DEMO_DATA)
@@ -85,11 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.distributed.barrier()
             cfg = dataclasses.replace(cfg, data=str(DEMO_DATA))
         return pretrain(cfg, rt)
-    except engine.NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(3) from None
-    finally:
-        runtime.teardown()
+
+    return engine.launch(cfg, body)
 
 
 def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
