@@ -58,6 +58,8 @@ class ImageConfig(LoopConfig):
     in_chans: int = opt(1, "input channels (1 for grey CXR, 3 to match RGB checkpoints)")
     crop_scale: tuple[float, ...] = opt((0.2, 1.0), "random resized crop area range")
     decode_size: Optional[int] = opt(None, "decode files with this longer side before cropping (default 2 x img_size)")
+    loader: str = opt("auto", "for prepared shards: dali, torch (GPU tensors), cpu, or auto (DALI, then torch "
+                              "on GPU, else cpu); files are always decoded by the CPU DataLoader")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,6 +78,7 @@ class Job:
     on_epoch_end: Callable[[int, int], dict] = lambda epoch, step: {}  # (epoch, step) -> metrics to log
     job_state: Callable[[], dict] = dict  # extra state for checkpoints (e.g. best metric)
     load_job_state: Callable[[dict], None] = lambda state: None
+    batches: Optional[Callable[[ResumableSampler], Any]] = None  # a GPU loader; None: a DataLoader over dataset
 
 
 def launch(cfg: LoopConfig, body: Callable[[runtime.Runtime], dict]) -> dict:
@@ -146,9 +149,12 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
     last_path, loss_value, t_last, seen = None, float("nan"), time.perf_counter(), 0
     while epoch < cfg.epochs and global_step < total_steps:
         sampler.set_epoch(epoch, start=step_in_epoch * per_step)
-        loader = DataLoader(job.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                            drop_last=True, pin_memory=rt.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG untouched
+        if job.batches is not None:
+            loader = job.batches(sampler)
+        else:
+            loader = DataLoader(job.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                                drop_last=True, pin_memory=rt.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG untouched
         net.train()
         micro = 0
         for batch in loader:

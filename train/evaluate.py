@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cxrfast.data.direct import ImageDataset
+from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
 from cxrfast.models.checkpoints import load_pretrained
 
@@ -76,13 +77,21 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
     data_src, labels_src = _pick(cfg.data, saved, "data"), _pick(cfg.labels, saved, "labels")
-    if not data_src or not labels_src:
+    prepared = is_prepared(data_src)
+    if not data_src or not (labels_src or prepared):
         raise SystemExit("error: --data and --labels are needed (the checkpoint does not name them)")
-    fractions = tuple(_pick(cfg.split_fractions, saved, "split_fractions", (0.7, 0.1, 0.2)))
-    data = labelled.load(data_src, labels_src, _pick(cfg.label_format, saved, "label_format", "auto"),
-                         _pick(cfg.uncertain, saved, "uncertain", "ones"), 1.0, fractions, cfg.seed)
-    split = data.splits[cfg.split]
-    if not split.files:
+    if prepared:
+        label_names, parts = labelled.load_prepared(data_src)
+        data = labelled.LabelledData(label_names, {})
+        split, train_part = parts[cfg.split], parts["train"]
+        size = len(split)
+    else:
+        fractions = tuple(_pick(cfg.split_fractions, saved, "split_fractions", (0.7, 0.1, 0.2)))
+        data = labelled.load(data_src, labels_src, _pick(cfg.label_format, saved, "label_format", "auto"),
+                             _pick(cfg.uncertain, saved, "uncertain", "ones"), 1.0, fractions, cfg.seed)
+        split, train_part = data.splits[cfg.split], data.splits["train"]
+        size = len(split.files)
+    if not size:
         raise SystemExit(f"error: the {cfg.split} split is empty")
     model_name = _pick(cfg.model, saved, "model", "vit_base")
     img_size = _pick(cfg.img_size, saved, "img_size", 224)
@@ -95,23 +104,27 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     else:
         model.load_state_dict(ckpt["model"])
     model.to(rt.device)
-    ds = lambda s: ImageDataset(s.files, img_size=img_size, in_chans=in_chans, train=False, labels=s.labels)  # noqa: E731
+
+    def ds(part):
+        if prepared:
+            return PreparedDataset(part, img_size=img_size, in_chans=in_chans, train=False, with_labels=True)
+        return ImageDataset(part.files, img_size=img_size, in_chans=in_chans, train=False, labels=part.labels)
 
     if cfg.linear_probe:
-        train_split = data.splits["train"]
+        train_split = train_part
         feats_train = inference.predict(model, ds(train_split), rt.device, cfg.batch_size, features=True)
         feats_eval = inference.predict(model, ds(split), rt.device, cfg.batch_size, features=True)
         scores = linear_probe(feats_train, train_split.labels, feats_eval, cfg.probe_l2)
     else:
         scores = inference.predict(model, ds(split), rt.device, cfg.batch_size, num_workers=cfg.num_workers)
     result = metrics.per_class(split.labels, scores, names)
-    result.update(checkpoint=str(path), split=cfg.split, images=len(split.files),
+    result.update(checkpoint=str(path), split=cfg.split, images=size,
                   mode="linear_probe" if cfg.linear_probe else "classifier")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = metrics.table(result)
     _write(out / "metrics.json", json.dumps(result, indent=2, default=float))
-    _write(out / "metrics.md", f"# {result['mode']} on the {cfg.split} split ({len(split.files)} images)\n\n"
+    _write(out / "metrics.md", f"# {result['mode']} on the {cfg.split} split ({size} images)\n\n"
            f"checkpoint: `{path}`\n\n```\n{text}\n```\n")
     curves = {}
     for j, name in enumerate(names):
@@ -121,7 +134,7 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
             curves[name] = (fpr, tpr, auc)
     if curves:
         pictures.roc_figure(curves, out / "roc.png")
-    logs.announce(f"{result['mode']} on the {cfg.split} split, {len(split.files)} images:\n{text}\n"
+    logs.announce(f"{result['mode']} on the {cfg.split} split, {size} images:\n{text}\n"
                   f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, {out / 'roc.png'}", rt.main)
     return result
 

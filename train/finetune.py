@@ -27,7 +27,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from cxrfast.data import loaders
 from cxrfast.data.direct import ImageDataset
+from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
 from cxrfast.models.checkpoints import load_pretrained
 from cxrfast.models.vit import param_groups
@@ -41,8 +43,9 @@ DEMO_PRETRAIN = Path("outputs") / "pretrain_demo"
 
 @dataclass
 class FinetuneConfig(engine.ImageConfig):
-    data: Optional[str] = opt(None, "folder of images or a CSV with a 'path' column; none: the demo dataset")
-    labels: Optional[str] = opt(None, "label CSV (NIH, CheXpert or generic); none: the demo labels")
+    data: Optional[str] = opt(None, "a prepared folder (labels and splits from its index), a folder of images, "
+                                    "or a CSV with a 'path' column; none: the demo dataset")
+    labels: Optional[str] = opt(None, "label CSV (NIH, CheXpert, MIMIC or generic); none: the demo labels")
     label_format: str = opt("auto", "auto, nih14, chexpert or generic")
     uncertain: str = opt("ones", "CheXpert -1 labels: ones, zeros or ignore (masked out)")
     label_fraction: float = opt(1.0, "use this reproducible fraction of the training labels (e.g. 0.01, 0.1)")
@@ -80,8 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
                                  "(or pass --pretrained)")
             updates["pretrained"] = str(latest)
         cfg = dataclasses.replace(cfg, **updates)
-    if cfg.labels is None:
-        raise SystemExit("error: --labels is required with --data")
     return engine.launch(cfg, lambda rt: finetune(cfg, rt))
 
 
@@ -130,19 +131,39 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         config.save(cfg, out / "config.json")
     runtime.seed_everything(cfg.seed + rt.rank)
-    data = labelled.load(cfg.data, cfg.labels, cfg.label_format, cfg.uncertain, cfg.label_fraction,
-                         tuple(cfg.split_fractions), cfg.seed)
-    train_split, val_split = data.splits["train"], data.splits["val"]
-    if not train_split.files:
-        raise SystemExit("error: the training split is empty")
-    logs.announce(f"{len(data.names)} labels {data.names}; images: " +
-                  ", ".join(f"{k} {len(v.files)}" for k, v in data.splits.items()), rt.main)
-    dataset = ImageDataset(train_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
-                           crop_scale=tuple(cfg.crop_scale), labels=train_split.labels, seed=cfg.seed,
-                           decode_size=cfg.decode_size, errors_path=out / "errors.tsv")
-    val = ImageDataset(val_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
-                       labels=val_split.labels) if val_split.files else None
-    model = build_model(cfg, len(data.names)).to(rt.device)
+    batches = None
+    if is_prepared(cfg.data):
+        names, parts = labelled.load_prepared(cfg.data, cfg.label_fraction, cfg.seed)
+        if not len(parts["train"]):
+            raise SystemExit("error: the training split is empty")
+        dataset = PreparedDataset(parts["train"], img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
+                                  crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, with_labels=True)
+        val = PreparedDataset(parts["val"], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
+                              with_labels=True) if len(parts["val"]) else None
+        val_labels = parts["val"].labels
+        backend = loaders.choose(cfg.loader, rt.device)
+        batches = loaders.batch_factory(backend, parts["train"], batch_size=cfg.batch_size, img_size=cfg.img_size,
+                                        train=True, crop_scale=tuple(cfg.crop_scale), seed=cfg.seed,
+                                        device=rt.device, in_chans=cfg.in_chans, with_labels=True)
+        counts = {k: len(v) for k, v in parts.items()}
+    else:
+        if cfg.labels is None:
+            raise SystemExit("error: --labels is required with --data (unless --data is a prepared folder)")
+        data = labelled.load(cfg.data, cfg.labels, cfg.label_format, cfg.uncertain, cfg.label_fraction,
+                             tuple(cfg.split_fractions), cfg.seed)
+        names = data.names
+        train_split, val_split = data.splits["train"], data.splits["val"]
+        if not train_split.files:
+            raise SystemExit("error: the training split is empty")
+        dataset = ImageDataset(train_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
+                               crop_scale=tuple(cfg.crop_scale), labels=train_split.labels, seed=cfg.seed,
+                               decode_size=cfg.decode_size, errors_path=out / "errors.tsv")
+        val = ImageDataset(val_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
+                           labels=val_split.labels) if val_split.files else None
+        val_labels = val_split.labels
+        counts = {k: len(v.files) for k, v in data.splits.items()}
+    logs.announce(f"{len(names)} labels {names}; images: " + ", ".join(f"{k} {v}" for k, v in counts.items()), rt.main)
+    model = build_model(cfg, len(names)).to(rt.device)
     if cfg.pretrained:
         result = load_pretrained(model, cfg.pretrained)
         logs.announce(f"loaded {cfg.pretrained}; newly initialised: {result.missing_keys}", rt.main)
@@ -151,20 +172,20 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
     def on_epoch_end(epoch: int, step: int) -> dict:
         if val is None or not rt.main:
             return {}
-        result = metrics.per_class(val_split.labels, inference.predict(model, val, rt.device, cfg.batch_size), data.names)
+        result = metrics.per_class(val_labels, inference.predict(model, val, rt.device, cfg.batch_size), names)
         if not math.isnan(result["mean_auroc"]) and result["mean_auroc"] > best["mean_auroc"]:
             best.update(mean_auroc=result["mean_auroc"], epoch=epoch)
-            save_model(out / "best.pth", model, cfg, data.names, result)
+            save_model(out / "best.pth", model, cfg, names, result)
         return {"val_mean_auroc": result["mean_auroc"], "val_mean_auprc": result["mean_auprc"]}
 
     job = engine.Job("finetune", model, dataset, param_groups(model, cfg.weight_decay, cfg.layer_decay),
                      loss=make_loss(cfg), on_epoch_end=on_epoch_end, job_state=lambda: dict(best),
-                     load_job_state=lambda s: best.update(s))
+                     load_job_state=lambda s: best.update(s), batches=batches)
     summary = engine.run(cfg, rt, job)
     if rt.main:
-        final = save_model(out / "final.pth", model, cfg, data.names, None)
+        final = save_model(out / "final.pth", model, cfg, names, None)
         if val is None:  # no validation split to choose by: the final model is the one to use
-            save_model(out / "best.pth", model, cfg, data.names, None)
+            save_model(out / "best.pth", model, cfg, names, None)
         summary.update(best_val_mean_auroc=best["mean_auroc"], best_epoch=best["epoch"])
         print(f"\nfine-tuning done: {summary['steps']} steps; best validation mean AUROC "
               f"{best['mean_auroc']:.4f} (epoch {best['epoch']})\n"

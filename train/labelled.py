@@ -54,3 +54,20 @@ def load(data: str, labels: str, label_format: str = "auto", uncertain: str = "o
             idx = idx[fraction_subset(len(idx), label_fraction, seed)]
         splits[split] = Split([files[i] for i in idx], y[idx] if len(idx) else np.zeros((0, y.shape[1]), np.float32))
     return LabelledData(list(table.names), splits)
+
+
+def load_prepared(folder: str, label_fraction: float = 1.0, seed: int = 0):
+    """(label names, {split: PreparedData}) from a prepared folder's index (its split and
+    label_<name> columns); the train split is subset to ``label_fraction``."""
+    from cxrfast.data.shards import PreparedData
+
+    full = PreparedData(folder)
+    if not full.label_names:
+        raise SystemExit(f"error: {folder} has no labels; prepare it with --labels")
+    splits = {}
+    for split in ("train", "val", "test"):
+        idx = np.array([i for i, r in enumerate(full.rows) if r["split"] == split], dtype=np.int64)
+        if split == "train" and len(idx) and label_fraction < 1.0:
+            idx = idx[fraction_subset(len(idx), label_fraction, seed)]
+        splits[split] = full.subset(idx.tolist())
+    return full.label_names, splits

@@ -24,8 +24,9 @@ from typing import Optional
 
 import torch
 
-from cxrfast.data import find_images
+from cxrfast.data import find_images, loaders
 from cxrfast.data.direct import MEAN, STD, ImageDataset
+from cxrfast.data.shards import PreparedData, PreparedDataset, is_prepared
 from cxrfast.models import mae
 from cxrfast.models.checkpoints import load_pretrained
 from cxrfast.models.vit import param_groups
@@ -39,8 +40,8 @@ DEMO_DATA = Path("outputs") / "demo_dicom"
 
 @dataclass
 class PretrainConfig(engine.ImageConfig):
-    data: Optional[str] = opt(None, "folder of DICOM/PNG/JPEG files, or a CSV with a 'path' column; "
-                                    "none: the embedded demo dataset")
+    data: Optional[str] = opt(None, "a folder prepared by `python -m cxrfast.prepare`, a folder of "
+                                    "DICOM/PNG/JPEG files, or a CSV with a 'path' column; none: the demo dataset")
     output_dir: str = opt("outputs/pretrain", "where checkpoints, logs and pictures go")
     mask_ratio: float = opt(0.75, "fraction of patches hidden from the encoder (0.9 is common for CXR)")
     norm_pix_loss: bool = opt(True, "normalise each target patch by its mean and variance")
@@ -90,15 +91,28 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         config.save(cfg, out / "config.json")
     runtime.seed_everything(cfg.seed + rt.rank)
-    files = find_images(cfg.data)
-    dataset = ImageDataset(files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
-                           crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, decode_size=cfg.decode_size,
-                           errors_path=out / "errors.tsv")
+    batches = None
+    if is_prepared(cfg.data):  # prepared shards: memmap, augmentation by the chosen backend
+        prepared = PreparedData(cfg.data)
+        dataset = PreparedDataset(prepared, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
+                                  crop_scale=tuple(cfg.crop_scale), seed=cfg.seed)
+        backend = loaders.choose(cfg.loader, rt.device)
+        batches = loaders.batch_factory(backend, prepared, batch_size=cfg.batch_size, img_size=cfg.img_size,
+                                        train=True, crop_scale=tuple(cfg.crop_scale), seed=cfg.seed,
+                                        device=rt.device, in_chans=cfg.in_chans, with_labels=False)
+        preview = PreparedDataset(prepared.subset(range(min(8, len(prepared)))), img_size=cfg.img_size,
+                                  in_chans=cfg.in_chans, train=False)
+        logs.announce(f"prepared data: {len(prepared)} images, loader {backend}", rt.main)
+    else:  # files decoded on the fly
+        files = find_images(cfg.data)
+        dataset = ImageDataset(files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
+                               crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, decode_size=cfg.decode_size,
+                               errors_path=out / "errors.tsv")
+        preview = ImageDataset(files[:8], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False)
     model = build_model(cfg).to(rt.device)
     if cfg.init:
         result = load_pretrained(model, cfg.init)
         logs.announce(f"initialised from {cfg.init} (missing keys: {result.missing_keys})", rt.main)
-    preview = ImageDataset(files[:8], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False)
 
     def on_epoch_end(epoch: int, step: int) -> dict:
         if rt.main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
@@ -106,7 +120,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
         return {}
 
     job = engine.Job("pretrain", model, dataset, param_groups(model, cfg.weight_decay),
-                     loss=lambda net, imgs: net(imgs)[0], on_epoch_end=on_epoch_end)
+                     loss=lambda net, imgs: net(imgs)[0], on_epoch_end=on_epoch_end, batches=batches)
     summary = engine.run(cfg, rt, job)
     if rt.main:
         picture = save_reconstructions(model, preview, rt.device, out / "reconstructions" / "final.png")
@@ -120,7 +134,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
 
 
 @torch.no_grad()
-def save_reconstructions(model, preview: ImageDataset, device: torch.device, path: Path) -> Path:
+def save_reconstructions(model, preview, device: torch.device, path: Path) -> Path:
     """original | masked | reconstruction | pasted, for fixed images and a fixed mask."""
     was_training = model.training
     model.eval()

@@ -22,11 +22,10 @@ from .files import load_image
 MEAN, STD = 0.5, 0.25  # grey-level normalisation of [0, 1] display images
 
 
-def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """Crops a random area fraction in ``scale`` with aspect ratio in ``ratio`` and resizes
-    it to size x size (antialiased bilinear); (C, H, W) -> (C, size, size)."""
-    _, h, w = x.shape
+def crop_box(h: int, w: int, scale: tuple[float, float], g: torch.Generator,
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering an area fraction in ``scale`` with
+    aspect ratio in ``ratio`` (10 tries, then a centre square), drawn from ``g``."""
     area = h * w
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -38,10 +37,20 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], 
         if 0 < cw <= w and 0 < ch <= h:
             top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
             left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-            break
-    else:  # fall back to a centre crop
-        ch = cw = min(h, w)
-        top, left = (h - ch) // 2, (w - cw) // 2
+            return top, left, ch, cw
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The augmentation RNG of one sample in one epoch (shared by every loader backend)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+
+
+def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    """A random crop (see :func:`crop_box`) resized to size x size, antialiased bilinear;
+    (C, H, W) -> (C, size, size)."""
+    top, left, ch, cw = crop_box(x.shape[1], x.shape[2], scale, g)
     crop = x[:, top:top + ch, left:left + cw]
     return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
@@ -95,7 +104,7 @@ class ImageDataset(Dataset):
         i, img = self._read(index)
         x = torch.from_numpy(np.ascontiguousarray(img))[None]
         if self.train:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            g = sample_generator(self.seed, epoch, index)
             x = random_resized_crop(x, self.img_size, self.crop_scale, g)
             if float(torch.rand(1, generator=g)) < self.hflip:
                 x = x.flip(-1)

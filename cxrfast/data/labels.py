@@ -5,6 +5,8 @@
 - CheXpert ``train.csv``: ``Path`` + observation columns with 1, 0, -1 (uncertain) or blank;
   the uncertainty policy maps -1 to 1 (``ones``), 0 (``zeros``) or ignores it (``ignore``:
   the entry is masked out of the loss and the metrics). Blank means 0.
+- MIMIC-CXR-JPG: ``*-chexpert.csv`` (study labels by subject_id/study_id, CheXpert
+  values) joined to images through ``*-metadata.csv`` (dicom_id = file name stem).
 - Generic: ``path`` + one 0/1 column per label (optional ``patient_id``).
 """
 from __future__ import annotations
@@ -42,12 +44,15 @@ class LabelTable:
         for i, k in enumerate(self.keys):
             index[k] = i
             index.setdefault(os.path.basename(k), i)
+            index.setdefault(Path(k).stem, i)
         return index
 
 
 def _detect(columns: list[str]) -> str:
     if "Image Index" in columns and "Finding Labels" in columns:
         return "nih14"
+    if "subject_id" in columns and "study_id" in columns and any(c in columns for c in CHEXPERT_LABELS):
+        return "mimic"
     if "Path" in columns and any(c in columns for c in CHEXPERT_LABELS):
         return "chexpert"
     if "path" in columns:
@@ -87,6 +92,8 @@ def read_labels(path: str | os.PathLike, label_format: str = "auto", uncertain: 
             m = re.search(r"(patient\d+)", r["Path"])
             patients.append(m.group(1) if m else None)
         return LabelTable([r["Path"] for r in rows], names, labels, patients, [None] * len(rows))
+    if fmt == "mimic":
+        return _read_mimic(Path(path), rows, columns, uncertain)
     if fmt == "generic":
         names = [c for c in columns if c.lower() not in META_COLUMNS]
         labels = np.array([[float(r[n] or 0) for n in names] for r in rows], np.float32).reshape(len(rows), len(names))
@@ -94,6 +101,33 @@ def read_labels(path: str | os.PathLike, label_format: str = "auto", uncertain: 
         return LabelTable([r["path"] for r in rows], names, labels, [r.get("patient_id") for r in rows],
                           [r.get("split") for r in rows])
     raise ValueError(f"unknown label format {fmt!r} (nih14, chexpert, generic)")
+
+
+def _read_mimic(path: Path, rows: list[dict], columns: list[str], uncertain: str) -> LabelTable:
+    """MIMIC-CXR-JPG: study labels (*-chexpert.csv) joined to images by *-metadata.csv."""
+    meta_path = path.with_name(path.name.replace("chexpert", "metadata"))
+    if meta_path == path or not meta_path.exists():
+        raise FileNotFoundError(f"{path}: MIMIC labels need the metadata CSV beside it ({meta_path.name})")
+    names = [c for c in CHEXPERT_LABELS if c in columns]
+    policy = {"ones": 1.0, "zeros": 0.0, "ignore": np.nan}[uncertain]
+    studies = {}
+    for r in rows:
+        vals = []
+        for n in names:
+            v = (r.get(n) or "").strip()
+            vals.append(policy if v in ("-1", "-1.0") else (1.0 if v in ("1", "1.0") else 0.0))
+        studies[(r["subject_id"], r["study_id"])] = vals
+    keys, labels, patients = [], [], []
+    with open(meta_path, newline="") as f:
+        for m in csv.DictReader(f):
+            vals = studies.get((m["subject_id"], m["study_id"]))
+            if vals is None:
+                continue
+            keys.append(m["dicom_id"])
+            labels.append(vals)
+            patients.append(m["subject_id"])
+    arr = np.array(labels, np.float32).reshape(len(keys), len(names))
+    return LabelTable(keys, names, arr, patients, [None] * len(keys))
 
 
 def match_files(table: LabelTable, files: list[Path], root: Path | None = None) -> tuple[list[Path], np.ndarray, list[int]]:
@@ -107,6 +141,7 @@ def match_files(table: LabelTable, files: list[Path], root: Path | None = None) 
                 keys.insert(0, str(p.relative_to(root)))
             except ValueError:
                 pass
+        keys.append(p.stem)
         row = next((index[k] for k in keys if k in index), None)
         if row is not None:
             out_files.append(p)

@@ -1,0 +1,109 @@
+"""The DALI pipeline: prepared shards -> random resized crop, flip, normalise -> NCHW tensors.
+
+Samples come from the memmapped shards through ``fn.external_source`` in the order of the
+resumable, rank-sharded sampler (so sharding, per-epoch shuffling and mid-epoch resume work
+as in the other paths); cropping, flipping and normalisation run in DALI, on the GPU when
+``device_id`` is a GPU and on the CPU with ``device_id=None`` (how the tests run it).
+DALI's own random generator draws the crops: the statistics match the torch paths, the
+individual crops do not.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .direct import MEAN, STD
+from .sampler import ResumableSampler
+from .shards import PreparedData
+
+
+def available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Source:
+    """Batch-wise callable for external_source: images (HWC) and labels of the next batch."""
+
+    def __init__(self, data: PreparedData, batch_size: int, num_labels: int):
+        self.data, self.batch_size, self.num_labels = data, batch_size, num_labels
+        self.keys: list[tuple[int, int]] = []
+        self.pos = 0
+
+    def reset(self, keys: list[tuple[int, int]]) -> None:
+        self.keys, self.pos = keys, 0
+
+    def __call__(self):
+        if self.pos + self.batch_size > len(self.keys):
+            raise StopIteration
+        chunk = self.keys[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        images = self.data.batch([i for i, _ in chunk])
+        labels = [self.data.labels[i] if self.data.labels is not None else np.zeros(self.num_labels, np.float32)
+                  for i, _ in chunk]
+        return [img[:, :, None] for img in images], labels
+
+
+class DALILoader:
+    """Iterates (images,) or (images, labels) batches as torch tensors, one epoch per iteration."""
+
+    def __init__(self, data: PreparedData, sampler: ResumableSampler, *, batch_size: int, img_size: int,
+                 train: bool = True, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, seed: int = 0,
+                 device_id: int | None = 0, half: str = "bf16", in_chans: int = 1, with_labels: bool = False,
+                 num_threads: int = 4):
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+
+        self.data, self.sampler, self.batch_size = data, sampler, batch_size
+        self.with_labels = with_labels and data.labels is not None
+        num_labels = len(data.label_names)
+        self.source = _Source(data, batch_size, num_labels)
+        scale = data.scale
+        out_type = {"bf16": getattr(types, "BFLOAT16", types.FLOAT16), "fp16": types.FLOAT16, "fp32": types.FLOAT}[half]
+        self.cast_bf16 = half == "bf16" and not hasattr(types, "BFLOAT16")
+
+        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                      prefetch_queue_depth=2, exec_dynamic=True)
+        def pipe():
+            images, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
+                                                layout=["HWC", None], dtype=[types.UINT8 if scale == 255 else types.UINT16,
+                                                                             types.FLOAT])
+            if device_id is not None:
+                images = images.gpu()
+            if train:
+                images = fn.random_resized_crop(images, size=(img_size, img_size), random_area=list(crop_scale),
+                                                random_aspect_ratio=[3 / 4, 4 / 3], antialias=True)
+                mirror = fn.random.coin_flip(probability=hflip)
+            else:
+                if img_size != data.meta["size"]:
+                    images = fn.resize(images, size=(img_size, img_size), antialias=True)
+                mirror = 0
+            images = fn.crop_mirror_normalize(images, dtype=out_type, output_layout="CHW", mirror=mirror,
+                                              mean=[MEAN * scale], std=[STD * scale])
+            return images, labels
+
+        self.pipe = pipe()
+        self.pipe.build()
+        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.source.reset(list(self.sampler))
+        self.pipe.reset()
+        it = DALIGenericIterator([self.pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP,
+                                 auto_reset=False, prepare_first_batch=False)
+        for out in it:
+            x = out[0]["images"]
+            if self.cast_bf16:
+                x = x.to(torch.bfloat16)
+            if self.in_chans != 1:
+                x = x.expand(-1, self.in_chans, -1, -1)
+            yield (x, out[0]["labels"]) if self.with_labels else x

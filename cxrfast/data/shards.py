@@ -1,0 +1,102 @@
+"""Reading a prepared folder (see cxrfast.prepare): memory-mapped shards plus the index."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .direct import MEAN, STD, random_resized_crop, resize_square, sample_generator
+
+
+def is_prepared(folder: str | os.PathLike | None) -> bool:
+    return folder is not None and (Path(folder) / "meta.json").is_file() and (Path(folder) / "index.csv").is_file()
+
+
+class PreparedData:
+    """Shards (np.load mmap) and index rows, optionally one split; ``image(i)`` is a zero-copy view."""
+
+    def __init__(self, folder: str | os.PathLike, split: str | None = None):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.shards = [np.load(self.folder / name, mmap_mode="r") for name in self.meta["shards"]]
+        with open(self.folder / "index.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        if split is not None:
+            rows = [r for r in rows if r["split"] == split]
+        self.rows = rows
+        self.label_names: list[str] = list(self.meta.get("label_names", []))
+        self.locations = np.array([(int(r["shard"]), int(r["offset"])) for r in rows], np.int64).reshape(-1, 2)
+        if self.label_names:
+            self.labels = np.array([[float(r[f"label_{n}"]) if r[f"label_{n}"] != "" else np.nan
+                                     for n in self.label_names] for r in rows], np.float32).reshape(len(rows), -1)
+        else:
+            self.labels = None
+        self.patients = [r["patient_id"] or r["source"] for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, indices) -> "PreparedData":
+        """A view of some rows (shards shared, not reopened)."""
+        view = object.__new__(PreparedData)
+        view.folder, view.meta, view.shards, view.label_names = self.folder, self.meta, self.shards, self.label_names
+        view.rows = [self.rows[i] for i in indices]
+        view.locations = self.locations[list(indices)].reshape(-1, 2)
+        view.labels = None if self.labels is None else self.labels[list(indices)]
+        view.patients = [self.patients[i] for i in indices]
+        return view
+
+    @property
+    def scale(self) -> float:
+        return 255.0 if self.meta["dtype"] == "uint8" else 65535.0
+
+    def image(self, i: int) -> np.ndarray:
+        shard, offset = self.locations[i]
+        return self.shards[shard][offset]
+
+    def batch(self, indices: list[int]) -> np.ndarray:
+        """Gathers images (B, size, size) in the stored dtype."""
+        out = np.empty((len(indices), self.meta["size"], self.meta["size"]), self.shards[0].dtype if self.shards else np.uint8)
+        for k, i in enumerate(indices):
+            out[k] = self.image(i)
+        return out
+
+
+class PreparedDataset(Dataset):
+    """The CPU path over a prepared folder: (index, epoch) -> normalised (C, size, size) [, labels].
+
+    Same crops, flips and normalisation as the direct-from-file dataset (same seeding), so a
+    run gives the same augmentation whichever path feeds it.
+    """
+
+    def __init__(self, data: PreparedData, *, img_size: int, in_chans: int = 1, train: bool = True,
+                 crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, seed: int = 0,
+                 with_labels: bool = False):
+        self.data, self.img_size, self.in_chans, self.train = data, img_size, in_chans, train
+        self.crop_scale, self.hflip, self.seed = crop_scale, hflip, seed
+        self.with_labels = with_labels and data.labels is not None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        x = torch.from_numpy(np.asarray(self.data.image(index), dtype=np.float32) / self.data.scale)[None]
+        if self.train:
+            g = sample_generator(self.seed, epoch, index)
+            x = random_resized_crop(x, self.img_size, self.crop_scale, g)
+            if float(torch.rand(1, generator=g)) < self.hflip:
+                x = x.flip(-1)
+        elif x.shape[-1] != self.img_size:
+            x = resize_square(x, self.img_size)
+        x = (x - MEAN) / STD
+        if self.in_chans != 1:
+            x = x.expand(self.in_chans, -1, -1).contiguous()
+        if self.with_labels:
+            return x, torch.from_numpy(self.data.labels[index])
+        return x
