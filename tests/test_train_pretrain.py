@@ -138,3 +138,23 @@ def test_shipped_configs_parse():
     cfg, _ = config.parse(finetune.FinetuneConfig, ["--config", str(ROOT / "configs/finetune_vit_base.toml"),
                                                     "--epochs", "3"], "f", "")
     assert cfg.layer_decay == 0.75 and cfg.crop_scale == (0.5, 1.0) and cfg.epochs == 3
+
+
+@pytest.mark.parametrize("loader", ["cpu", "torch"])
+def test_pretrain_and_finetune_read_a_prepared_folder(tmp_path, data, loader):
+    from cxrfast.prepare import prepare
+
+    prepared = tmp_path / "prepared"
+    prepare(str(data), str(prepared), size=64, labels=str(data / "labels.csv"), workers=1,
+            split_fractions=(0.5, 0.25, 0.25))
+    out = tmp_path / "pt"
+    r = run(["--data", str(prepared), "--output_dir", str(out), "--max_steps", "2", "--loader", loader, *TINY])
+    assert f"loader {loader}" in r.stdout and len(losses(out)) == 2
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    ft = subprocess.run([sys.executable, "-m", "train.finetune", "--data", str(prepared), "--output_dir",
+                         str(tmp_path / "ft"), "--pretrained", json.loads((out / "summary.json").read_text())["checkpoint"],
+                         "--model", "vit_tiny", "--img_size", "64", "--batch_size", "2", "--epochs", "1",
+                         "--num_workers", "0", "--loader", loader], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+    assert ft.returncode == 0, ft.stderr[-2000:]
+    assert "3 labels ['Effusion', 'Nodule', 'Cardiomegaly']" in ft.stdout
