@@ -1,9 +1,11 @@
 """The hot ops of the ViT, behind one dispatch point.
 
-Models call ``cxrfast.ops`` for attention, LayerNorm and the MAE loss. Today each op has a
-plain torch implementation (the reference); the Triton kernels of ``kernels/`` plug in here,
-so the models never change. ``CXRFAST_OPS=torch`` forces the references; ``triton`` forces
-the kernels; ``auto`` (default) uses kernels on CUDA tensors where they exist.
+Models call ``cxrfast.ops`` for attention, (residual +) LayerNorm and the MAE loss. Each op
+has a plain torch implementation (the reference) and a Triton kernel in ``kernels/``.
+``CXRFAST_OPS=auto`` (default) uses the kernels on CUDA tensors and torch elsewhere;
+``torch`` forces the references; ``triton`` forces the kernels (on CPU that needs
+``TRITON_INTERPRET=1``, which is how the tests run them). Kernels are imported lazily, so
+importing cxrfast never touches Triton or a GPU.
 """
 from __future__ import annotations
 
@@ -30,14 +32,41 @@ def get_backend() -> str:
     return _backend
 
 
+def _use_kernel(t: torch.Tensor) -> bool:
+    """Kernels on CUDA tensors under 'auto'; everywhere under 'triton' (CPU needs
+    TRITON_INTERPRET=1); never under 'torch'."""
+    if _backend == "torch":
+        return False
+    return _backend == "triton" or t.is_cuda
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """Non-causal softmax attention; q, k, v are (B, H, N, D), returns (B, H, N, D)."""
+    if _use_kernel(q) and q.shape[2] <= 512 and 16 <= q.shape[-1] <= 256:
+        from kernels.attention import attention as kernel
+
+        return kernel(q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm over the last dimension."""
+    if _use_kernel(x) and x.shape[-1] <= 8192:
+        from kernels.layernorm import layer_norm as kernel
+
+        return kernel(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(x + residual), x + residual) in one pass: the pre-norm block's add + norm."""
+    if _use_kernel(x) and x.shape[-1] <= 8192:
+        from kernels.layernorm import layer_norm as kernel
+
+        return kernel(x, weight, bias, eps, residual=residual)
+    h = x + residual
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -67,6 +96,10 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
     """Mean squared error over masked patches (mask: (B, L), 1 = masked), as in
     facebookresearch/mae; with ``norm_pix`` each target patch is normalised by its own mean
     and unbiased variance: (t - mean) / sqrt(var + eps)."""
+    if _use_kernel(pred):
+        from kernels.mae_loss import mae_loss as kernel
+
+        return kernel(pred, imgs, mask, patch_size, norm_pix, eps)
     target = patchify(imgs, patch_size).to(pred.dtype)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)

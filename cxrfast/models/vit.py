@@ -117,8 +117,10 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # The residual add before norm2 and norm2 itself are one fused op (one pass over x).
+        y, x = ops.add_layer_norm(self.drop_path(self.attn(self.norm1(x))), x, self.norm2.weight, self.norm2.bias,
+                                  self.norm2.eps)
+        return x + self.drop_path(self.mlp(y))
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:

@@ -1,0 +1,275 @@
+"""Masked-patch attention for the short sequences of MAE: non-causal softmax attention with
+the whole key sequence in one tile (no online-softmax loop), forward and backward.
+
+Modes (one kernel, addressing chosen per mode):
+- dense: q, k, v (B, H, N, D);
+- key padding: dense plus ``key_padding_mask`` (B, N), True = a real token to attend to;
+- varlen: q, k, v (total_tokens, H, D) with ``cu_seqlens`` (B + 1,) int32 offsets, like
+  flash-attn's varlen API (sequences of different lengths packed without padding).
+
+Design limits: sequence length <= 512 (BLOCK_N = next power of two >= N holds every key);
+head dims 16-256 (32, 64, 80, 128 are the tested ones; 80 is padded to 128 in registers);
+fp32, bf16, fp16. Each program handles BLOCK_M queries of one (sequence, head) against all
+its keys. Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
+form: one kernel for dQ (per query block), one for dK/dV (per key block, looping over the
+query blocks), both recomputing P from the saved log-sum-exp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SEQLEN = 512
+
+
+@triton.jit
+def _seq(CU, b, N, VARLEN: tl.constexpr):
+    if VARLEN:
+        start = tl.load(CU + b)
+        n = tl.load(CU + b + 1) - start
+    else:
+        start = 0
+        n = N
+    return start, n
+
+
+@triton.jit
+def _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM: tl.constexpr):
+    valid = offs_n < n
+    if HAS_KPM:
+        valid = valid & (tl.load(KPM + b * stride_kpm + offs_n, mask=offs_n < n, other=0) != 0)
+    return valid
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); LSE: fp32, see _lse_base
+              sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, stride_kpm,
+              H, N, D, T, scale,
+              VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = (offs_m < n)[:, None] & dmask[None, :]
+    kmask = (offs_n < n)[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + (start + offs_m)[:, None] * sq_n + offs_d[None, :], mask=qmask, other=0.0)
+    k = tl.load(K + b * sk_b + h * sk_h + (start + offs_n)[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + (start + offs_n)[:, None] * sv_n + offs_d[None, :], mask=kmask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale
+    valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    l = tl.where(l == 0.0, 1.0, l)
+    o = tl.dot(p.to(v.dtype), v) / l[:, None]
+    tl.store(O + b * so_b + h * so_h + (start + offs_m)[:, None] * so_n + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=qmask)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    tl.store(LSE + lse_base + offs_m, m + tl.log(l), mask=offs_m < n)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,
+                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
+                 sdq_b, sdq_h, sdq_n,
+                 H, N, D, T, scale,
+                 VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = (offs_m < n)[:, None] & dmask[None, :]
+    kmask = (offs_n < n)[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + (start + offs_m)[:, None] * sq_n + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * sd_b + h * sd_h + (start + offs_m)[:, None] * sd_n + offs_d[None, :], mask=qmask, other=0.0)
+    k = tl.load(K + b * sk_b + h * sk_h + (start + offs_n)[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + (start + offs_n)[:, None] * sv_n + offs_d[None, :], mask=kmask, other=0.0)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
+    delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale
+    valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
+    p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k) * scale
+    tl.store(DQ + b * sdq_b + h * sdq_h + (start + offs_m)[:, None] * sdq_n + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
+                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
+                   sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
+                   H, N, D, T, scale,
+                   VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kmask = (offs_n < n)[:, None] & dmask[None, :]
+    k = tl.load(K + b * sk_b + h * sk_h + (start + offs_n)[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + (start + offs_n)[:, None] * sv_n + offs_d[None, :], mask=kmask, other=0.0)
+    valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, n, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qmask = (offs_m < n)[:, None] & dmask[None, :]
+        q = tl.load(Q + b * sq_b + h * sq_h + (start + offs_m)[:, None] * sq_n + offs_d[None, :], mask=qmask,
+                    other=0.0)
+        do = tl.load(DO + b * sd_b + h * sd_h + (start + offs_m)[:, None] * sd_n + offs_d[None, :], mask=qmask,
+                     other=0.0)
+        lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
+        delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        p = tl.where(valid[None, :] & (offs_m < n)[:, None], tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + b * sdk_b + h * sdk_h + (start + offs_n)[:, None] * sdk_n + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + b * sdv_b + h * sdv_h + (start + offs_n)[:, None] * sdv_n + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides; varlen tensors (T, H, D) have no batch stride."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _blocks(max_n: int, d: int) -> tuple[int, int, int, int]:
+    if max_n > MAX_SEQLEN:
+        raise ValueError(f"sequence length {max_n} exceeds the kernel's limit {MAX_SEQLEN}")
+    if not 16 <= d <= 256:
+        raise ValueError(f"head dim {d} outside the kernel's range 16-256")
+    block_n = max(16, triton.next_power_of_2(max_n))
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = min(block_n, 64 if block_n <= 128 else 32 if block_n <= 256 else 16)
+    warps = 4 if block_n * block_d <= 64 * 128 else 8
+    return block_m, block_n, block_d, warps
+
+
+class AttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        varlen = cu_seqlens is not None
+        if varlen:
+            t_total, h, d = q.shape
+            batch, n = cu_seqlens.numel() - 1, max_seqlen
+            lse = torch.empty(h, t_total, dtype=torch.float32, device=q.device)
+        else:
+            batch, h, n, d = q.shape
+            t_total = batch * n
+            lse = torch.empty(batch, h, n, dtype=torch.float32, device=q.device)
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
+        cu = cu_seqlens if varlen else q
+        block_m, block_n, block_d, warps = _blocks(n, d)
+        grid = (triton.cdiv(n, block_m), batch * h)
+        _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                        *_strides(o, varlen), kpm.stride(0) if key_padding_mask is not None else 0,
+                        h, n, d, t_total, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+        ctx.save_for_backward(q, k, v, o, lse, kpm if key_padding_mask is not None else None,
+                              cu_seqlens if varlen else None)
+        ctx.meta = (varlen, key_padding_mask is not None, batch, h, n, d, t_total, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, kpm, cu = ctx.saved_tensors
+        varlen, has_kpm, batch, h, n, d, t_total, scale = ctx.meta
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), laid out like LSE
+        delta = delta.transpose(0, 1).contiguous() if varlen else delta.contiguous()
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        kpm_arg = kpm if has_kpm else q
+        cu_arg = cu if varlen else q
+        block_m, block_n, block_d, warps = _blocks(n, d)
+        common = dict(VARLEN=varlen, HAS_KPM=has_kpm, BLOCK_D=block_d, num_warps=warps)
+        strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+                   kpm.stride(0) if has_kpm else 0)
+        _attn_bwd_dq[(triton.cdiv(n, block_m), batch * h)](q, k, v, do, dq, lse, delta, kpm_arg, cu_arg, *strides,
+                                                          *_strides(dq, varlen), h, n, d, t_total, scale,
+                                                          BLOCK_M=block_m, BLOCK_N=block_n, **common)
+        bn = min(block_n, 64)
+        bm = 16 if block_d > 64 else 32
+        _attn_bwd_dkdv[(triton.cdiv(n, bn), batch * h)](q, k, v, do, dk, dv, lse, delta, kpm_arg, cu_arg, *strides,
+                                                       *_strides(dk, varlen), *_strides(dv, varlen), h, n, d, t_total,
+                                                       scale, BLOCK_M=bm, BLOCK_N=bn, **common)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+              max_seqlen: int | None = None, key_padding_mask: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """Softmax attention over short sequences (N <= 512), forward and backward.
+
+    Dense: q, k, v (B, H, N, D) -> (B, H, N, D); ``key_padding_mask`` (B, N) bool, True =
+    attend. Varlen: q, k, v (total, H, D) with ``cu_seqlens`` (B + 1,) int32 and
+    ``max_seqlen`` (a Python int; computed with a device sync when omitted). ``scale``
+    defaults to 1/sqrt(D).
+    """
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if cu_seqlens is not None:
+        if q.ndim != 3 or key_padding_mask is not None:
+            raise ValueError("varlen mode takes (total, H, D) tensors and no key_padding_mask")
+        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host-device sync
+    elif q.ndim != 4:
+        raise ValueError("dense mode takes (B, H, N, D) tensors")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError("q, k and v must have the same shape")
+    if key_padding_mask is not None and key_padding_mask.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"key_padding_mask must be (B, N) = {(q.shape[0], q.shape[2])}")
+    return AttentionFn.apply(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale)
+
+
+def attention_ref(q, k, v, *, cu_seqlens=None, key_padding_mask=None, scale=None, upcast=False):
+    """Plain torch reference (explicit softmax; masked rows give 0), all three modes."""
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if cu_seqlens is not None:
+        out = []
+        for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            qi, ki, vi = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+            out.append(attention_ref(qi, ki, vi, scale=scale)[0].transpose(0, 1))
+        return torch.cat(out).to(dtype)
+    s = (q @ k.transpose(-2, -1)) * scale
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with every key masked
+    return (p @ v).to(dtype)

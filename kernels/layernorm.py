@@ -1,0 +1,160 @@
+"""Fused (residual +) LayerNorm over the last dimension: Triton kernels, autograd Function,
+torch reference.
+
+Design limits: hidden size N <= 8192 (one row per program, the row held in registers as a
+power-of-two block, any N including non-powers of two); inputs fp32, bf16 or fp16;
+statistics, dW and dB always accumulated in fp32. With ``residual``, ``h = x + residual``
+is formed, normalised and returned in the same pass: ``(layer_norm(h), h)`` — the pre-norm
+transformer pattern, saving one read and one write of the activations.
+
+Backward: one program per block of rows computes dx for its rows and fp32 partial sums of
+dW and dB; the partials (programs x N) are summed in fp32 by torch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_N = 8192
+
+
+@triton.jit
+def _ln_fwd(X, R, Y, H, W, B, MEAN, RSTD,  # X, R, Y, H: (M, N) rows; W, B: (N,); MEAN, RSTD: (M,) fp32
+            stride_x, stride_r, stride_y, stride_h, N, eps,
+            HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(H + row * stride_h + cols, x.to(H.dtype.element_ty), mask=mask)
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _ln_bwd(X, DY, DH, DX, W, MEAN, RSTD, DW_PART, DB_PART,  # X: saved input (h with residual), (M, N)
+            stride_x, stride_dy, stride_dh, stride_dx, M, N, rows_per_program,
+            HAS_DH: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    start = pid * rows_per_program
+    for row in range(start, tl.minimum(start + rows_per_program, M)):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / N
+        c2 = tl.sum(wdy, axis=0) / N
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        if HAS_DH:
+            dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    tl.store(DW_PART + pid * N + cols, dw, mask=mask)
+    tl.store(DB_PART + pid * N + cols, db, mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _block(n: int) -> tuple[int, int]:
+    if n > MAX_N:
+        raise ValueError(f"hidden size {n} exceeds the kernel's limit {MAX_N}")
+    block = triton.next_power_of_2(n)
+    return block, min(max(block // 256, 1), 16)
+
+
+def _forward(x, weight, bias, eps, residual):
+    shape = x.shape
+    x2 = _rows(x)
+    m, n = x2.shape
+    r2 = _rows(residual) if residual is not None else x2
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if residual is not None else x2
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    block, warps = _block(n)
+    _ln_fwd[(m,)](x2, r2, y, h, weight, bias, mean, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
+                  n, eps, HAS_RES=residual is not None, BLOCK_N=block, num_warps=warps)
+    return y.view(shape), h.view(shape), mean, rstd
+
+
+def _backward(dy, dh, saved, weight, mean, rstd):
+    shape = dy.shape
+    dy2 = _rows(dy)
+    x2 = _rows(saved)
+    m, n = x2.shape
+    dh2 = _rows(dh) if dh is not None else dy2
+    dx = torch.empty_like(x2)
+    programs = max(1, min(m, 1024 if x2.is_cuda else 8))
+    rows_per_program = triton.cdiv(m, programs)
+    programs = triton.cdiv(m, rows_per_program)
+    dw_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device)
+    db_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device)
+    block, warps = _block(n)
+    _ln_bwd[(programs,)](x2, dy2, dh2, dx, weight, mean, rstd, dw_part, db_part, x2.stride(0), dy2.stride(0),
+                         dh2.stride(0), dx.stride(0), m, n, rows_per_program, HAS_DH=dh is not None,
+                         BLOCK_N=block, num_warps=warps)
+    return dx.view(shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+
+
+class LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, residual):
+        y, h, mean, rstd = _forward(x, weight, bias, eps, residual)
+        ctx.save_for_backward(h, weight, mean, rstd)
+        ctx.has_residual = residual is not None
+        if residual is not None:
+            return y, h
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _backward(dy, dh if ctx.has_residual else None, h, weight, mean, rstd)
+        return dx, dw, db, None, dx if ctx.has_residual else None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
+               residual: torch.Tensor | None = None):
+    """LayerNorm of x (or of h = x + residual, returning (LN(h), h)) over the last dim.
+
+    x, residual: (..., N) fp32/bf16/fp16; weight, bias: (N,). Statistics in fp32.
+    """
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        raise ValueError("weight and bias must be (N,) for x of shape (..., N)")
+    return LayerNormFn.apply(x, weight, bias, eps, residual)
+
+
+def layer_norm_ref(x, weight, bias, eps=1e-6, residual=None, upcast=False):
+    """Plain torch reference (optionally computed in fp32 and cast back)."""
+    dtype = x.dtype
+    if upcast:
+        x, weight, bias = x.float(), weight.float(), bias.float()
+        residual = residual.float() if residual is not None else None
+    h = x + residual if residual is not None else x
+    y = torch.nn.functional.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    if residual is not None:
+        return y.to(dtype), h.to(dtype)
+    return y.to(dtype)

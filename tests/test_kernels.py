@@ -1,0 +1,183 @@
+"""Triton kernels against float64 torch references, on fresh random inputs with poisoned
+outputs; on CPU through the Triton interpreter (fp32), on GPU also in bf16/fp16 against
+torch's own same-dtype error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.attention import attention, attention_ref
+from kernels.layernorm import layer_norm, layer_norm_ref
+from kernels.mae_loss import mae_loss, mae_loss_ref
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer a kernel allocates starts as NaN: an element it forgets to write shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def _leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_()
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (13, 193), (5, 768), (4, 1031), (2, 2048)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layernorm_fp32_against_float64(rows, n, residual):
+    x = torch.randn(rows, 3, n, device=DEV) * 3 + 1
+    r = torch.randn(rows, 3, n, device=DEV) if residual else None
+    w, b = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    ins = [_leaf(x), _leaf(w), _leaf(b)] + ([_leaf(r)] if residual else [])
+    ref_ins = [_leaf(t, torch.float64) for t in ins]
+    out = layer_norm(ins[0], ins[1], ins[2], 1e-6, ins[3] if residual else None)
+    ref = layer_norm_ref(ref_ins[0], ref_ins[1], ref_ins[2], 1e-6, ref_ins[3] if residual else None)
+    outs, refs = (out, ref) if residual else ((out,), (ref,))
+    for o, rr in zip(outs, refs):
+        assert not torch.isnan(o).any()
+        torch.testing.assert_close(o.double(), rr, atol=1e-5, rtol=1e-5)
+    gos = [torch.randn_like(o) for o in outs]
+    for g, gr in zip(_grads(outs, ins, gos), _grads(refs, ref_ins, [t.double() for t in gos])):
+        assert not torch.isnan(g).any()
+        torch.testing.assert_close(g.double(), gr, atol=2e-4 * max(1, n ** 0.5), rtol=1e-4)
+
+
+def _attn_case(mode, n, d, b=2, h=3):
+    if mode == "varlen":
+        lens = torch.randint(1, n + 1, (b + 1,))
+        lens[0] = n
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = lens.cumsum(0)
+        q, k, v = (torch.randn(int(cu[-1]), h, d, device=DEV) for _ in range(3))
+        return (q, k, v), dict(cu_seqlens=cu.to(DEV), max_seqlen=n), dict(cu_seqlens=cu)
+    q, k, v = (torch.randn(b, h, n, d, device=DEV) for _ in range(3))
+    if mode == "mask":
+        kpm = torch.rand(b, n, device=DEV) < 0.6
+        kpm[0] = True
+        kpm[-1] = False  # a sequence with nothing to attend to: zeros, not NaN
+        return (q, k, v), dict(key_padding_mask=kpm), dict(key_padding_mask=kpm)
+    return (q, k, v), {}, {}
+
+
+@pytest.mark.parametrize("mode", ["dense", "mask", "varlen"])
+@pytest.mark.parametrize("n,d", [(1, 32), (17, 64), (50, 64), (37, 80), (23, 128)])
+def test_attention_fp32_against_float64(mode, n, d):
+    (q, k, v), kw, ref_kw = _attn_case(mode, n, d)
+    ins = [_leaf(t) for t in (q, k, v)]
+    ref_ins = [_leaf(t, torch.float64) for t in (q, k, v)]
+    out = attention(*ins, **kw)
+    ref = attention_ref(*ref_ins, **{k_: (v_.cpu() if k_ == "cu_seqlens" else v_) for k_, v_ in ref_kw.items()})
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    go = torch.randn_like(out)
+    for g, gr in zip(_grads(out, ins, go), _grads(ref, ref_ins, go.double())):
+        assert not torch.isnan(g).any()
+        torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
+
+
+def test_attention_on_a_permuted_qkv_view():
+    """The models pass q, k, v as views of one qkv tensor: strided, not dense."""
+    qkv = torch.randn(2, 19, 3, 4, 32, device=DEV).permute(2, 0, 3, 1, 4)
+    ins = [_leaf(qkv)]
+    q, k, v = ins[0][0], ins[0][1], ins[0][2]
+    out = attention(q, k, v)
+    ref_leaf = _leaf(qkv, torch.float64)
+    ref = attention_ref(ref_leaf[0], ref_leaf[1], ref_leaf[2])
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    go = torch.randn_like(out)
+    (g,), (gr,) = _grads(out, ins, go), _grads(ref, [ref_leaf], go.double())
+    torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("c,p,hw", [(1, 16, (32, 48)), (3, 4, (12, 8)), (1, 5, (15, 10)), (2, 3, (9, 9)), (1, 14, (28, 28))])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_fp32_against_float64(c, p, hw, norm_pix):
+    b = 3
+    length = (hw[0] // p) * (hw[1] // p)
+    imgs = torch.randn(b, c, *hw, device=DEV)
+    pred = torch.randn(b, length, p * p * c, device=DEV)
+    mask = (torch.rand(b, length, device=DEV) < 0.7).float()
+    mask[0, 0] = 1
+    ins, ref_ins = [_leaf(pred)], [_leaf(pred, torch.float64)]
+    out = mae_loss(ins[0], imgs, mask, p, norm_pix)
+    ref = mae_loss_ref(ref_ins[0], imgs.double(), mask.double(), p, norm_pix)
+    assert abs(out.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+    (g,), (gr,) = _grads(out, ins, torch.tensor(1.7, device=DEV)), _grads(ref, ref_ins, torch.tensor(1.7, dtype=torch.float64))
+    assert not torch.isnan(g).any()
+    torch.testing.assert_close(g.double(), gr, atol=1e-7, rtol=1e-5)
+
+
+def test_ops_dispatch_switch(monkeypatch):
+    from cxrfast import ops
+
+    calls = []
+    import kernels.layernorm as kl
+
+    monkeypatch.setattr(kl, "layer_norm", lambda *a, **k: calls.append(1) or layer_norm_ref(*a, **k))
+    x, w, b = torch.randn(4, 8), torch.ones(8), torch.zeros(8)
+    ops.set_backend("torch")
+    ops.layer_norm(x, w, b)
+    assert not calls
+    ops.set_backend("triton")
+    try:
+        ops.layer_norm(x, w, b)
+    finally:
+        ops.set_backend("auto")
+    assert calls == [1]
+    with pytest.raises(ValueError):
+        ops.set_backend("cuda")
+
+
+# ---- GPU: bf16 / fp16 error no worse than 2x torch's own same-dtype error (+ small atol) ----
+
+def _fair(kernel_out, torch_out, fp32_ref, atol):
+    err_k = (kernel_out.float() - fp32_ref).abs().max().item()
+    err_t = (torch_out.float() - fp32_ref).abs().max().item()
+    assert err_k <= 2 * err_t + atol, (err_k, err_t)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [768, 512, 1024, 1000])
+def test_layernorm_half_precision(dtype, n):
+    x, r = torch.randn(256 * 50, n, device="cuda", dtype=dtype), torch.randn(256 * 50, n, device="cuda", dtype=dtype)
+    w, b = torch.randn(n, device="cuda", dtype=dtype), torch.randn(n, device="cuda", dtype=dtype)
+    y, h = layer_norm(x, w, b, 1e-6, r)
+    ref_y, _ = layer_norm_ref(x, w, b, 1e-6, r, upcast=True)
+    torch_y, _ = layer_norm_ref(x, w, b, 1e-6, r)
+    _fair(y, torch_y, ref_y.float(), 1e-2)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d", [(50, 64), (197, 64), (50, 80), (197, 128)])
+def test_attention_half_precision(dtype, n, d):
+    q, k, v = (torch.randn(64, 12, n, d, device="cuda", dtype=dtype) for _ in range(3))
+    ins = [_leaf(t) for t in (q, k, v)]
+    out = attention(*ins)
+    ref = attention_ref(q.float(), k.float(), v.float())
+    torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    _fair(out, torch_out, ref, 1e-3)
+    go = torch.randn_like(out)
+    g = _grads(out, ins, go)
+    ref_ins = [_leaf(t, torch.float32) for t in (q, k, v)]
+    gr = _grads(attention_ref(*ref_ins), ref_ins, go.float())
+    tin = [_leaf(t) for t in (q, k, v)]
+    gt = _grads(torch.nn.functional.scaled_dot_product_attention(*tin), tin, go)
+    for a, t_, r_ in zip(g, gt, gr):
+        _fair(a, t_, r_, 1e-2)
