@@ -57,6 +57,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for bench in session.benchmarks:
         groups.setdefault(bench.group or "", []).append(bench)
     terminalreporter.write_sep("=", "time relative to cxrfast (median; >1 means cxrfast is faster)")
+    markdown = ["| group | entry | median ms | x cxrfast | extra |", "|---|---|---:|---:|---|"]
     for group, benches in groups.items():
         ours = [b for b in benches if b.name.split("[")[0].endswith("cxrfast") or "cxrfast" in b.name]
         if not ours:
@@ -67,3 +68,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             extra = "".join(f"  {k}={v}" for k, v in b.extra_info.items())
             terminalreporter.write_line(
                 f"  {b.name:<52} median {b.stats.median * 1e3:9.2f} ms   x{b.stats.median / base:6.2f}{extra}")
+            markdown.append(f"| {group} | {b.name} | {b.stats.median * 1e3:.3f} | {b.stats.median / base:.2f} | {extra.strip()} |")
+    table_path = os.environ.get("CXRFAST_BENCH_MD")
+    if table_path:  # bench/gpu_check.sh collects these into one table
+        with open(table_path, "a") as f:
+            f.write("\n".join(markdown) + "\n")

@@ -1,0 +1,55 @@
+"""GPU loading from prepared shards at 224: the plain-torch GPU path (and DALI when
+installed) in images/s per GPU, and the direct-from-DICOM path (CPU decode) for reference.
+Skipped without CUDA. Run: pytest bench/test_bench_gpu_loader.py --benchmark-only"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("GPU loader benchmarks need CUDA", allow_module_level=True)
+
+from cxrfast.data import ResumableSampler, dali  # noqa: E402
+from cxrfast.data.gpu_torch import TorchBatchLoader  # noqa: E402
+from cxrfast.data.shards import PreparedData  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpu_shards")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8192, 256, 256), dtype=np.uint8)
+    np.save(folder / "shard_00000.npy", images)
+    import csv
+    import json
+
+    with open(folder / "index.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["shard", "offset", "source", "patient_id", "split"])
+        w.writerows([[0, i, f"{i}.png", f"p{i}", "train"] for i in range(len(images))])
+    (folder / "meta.json").write_text(json.dumps({"size": 256, "dtype": "uint8", "label_names": [],
+                                                  "shards": ["shard_00000.npy"]}))
+    return PreparedData(folder)
+
+
+@pytest.mark.parametrize("backend", ["cxrfast torch GPU path", "DALI"])
+def test_gpu_loader_images_per_second(benchmark, shards, backend):
+    benchmark.group = "GPU loading from prepared 256 shards -> 224 bf16 (crop, flip, normalise), batch 256"
+    sampler = ResumableSampler(len(shards), seed=0)
+    if backend == "DALI":
+        if not dali.available():
+            pytest.skip("DALI not installed")
+        loader = dali.DALILoader(shards, sampler, batch_size=256, img_size=224, device_id=0)
+    else:
+        loader = TorchBatchLoader(shards, sampler, batch_size=256, img_size=224, device="cuda")
+
+    def epoch():
+        n = 0
+        for x in loader:
+            n += x.shape[0]
+        torch.cuda.synchronize()
+        return n
+    n = benchmark.pedantic(epoch, rounds=3, iterations=1, warmup_rounds=1)
+    if benchmark.stats:
+        benchmark.extra_info["img/s"] = round(n / benchmark.stats.stats.median)
