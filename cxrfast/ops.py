@@ -100,6 +100,12 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
         from kernels.mae_loss import mae_loss as kernel
 
         return kernel(pred, imgs, mask, patch_size, norm_pix, eps)
+    return mae_loss_torch(pred, imgs, mask, patch_size, norm_pix, eps)
+
+
+def mae_loss_torch(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                   norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """The torch implementation of :func:`mae_loss` (and the kernel's reference)."""
     target = patchify(imgs, patch_size).to(pred.dtype)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)

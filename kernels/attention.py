@@ -45,6 +45,12 @@ def _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _tile(PTR, b, h, start, offs, offs_d, s_b, s_h, s_n, mask):
+    """A (rows, head dim) tile of one sequence and head; masked lanes read 0."""
+    return tl.load(PTR + b * s_b + h * s_h + (start + offs)[:, None] * s_n + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); LSE: fp32, see _lse_base
               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, stride_kpm,
               H, N, D, T, scale,
@@ -61,9 +67,9 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); L
     dmask = offs_d < D
     qmask = (offs_m < n)[:, None] & dmask[None, :]
     kmask = (offs_n < n)[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + (start + offs_m)[:, None] * sq_n + offs_d[None, :], mask=qmask, other=0.0)
-    k = tl.load(K + b * sk_b + h * sk_h + (start + offs_n)[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + (start + offs_n)[:, None] * sv_n + offs_d[None, :], mask=kmask, other=0.0)
+    q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+    k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+    v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
     s = tl.dot(q, tl.trans(k)) * scale
     valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
     s = tl.where(valid[None, :], s, float("-inf"))
@@ -97,10 +103,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,
     dmask = offs_d < D
     qmask = (offs_m < n)[:, None] & dmask[None, :]
     kmask = (offs_n < n)[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + (start + offs_m)[:, None] * sq_n + offs_d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b * sd_b + h * sd_h + (start + offs_m)[:, None] * sd_n + offs_d[None, :], mask=qmask, other=0.0)
-    k = tl.load(K + b * sk_b + h * sk_h + (start + offs_n)[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + (start + offs_n)[:, None] * sv_n + offs_d[None, :], mask=kmask, other=0.0)
+    q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+    do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
+    k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+    v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
     lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
     lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
     delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
@@ -130,8 +136,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     kmask = (offs_n < n)[:, None] & dmask[None, :]
-    k = tl.load(K + b * sk_b + h * sk_h + (start + offs_n)[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + (start + offs_n)[:, None] * sv_n + offs_d[None, :], mask=kmask, other=0.0)
+    k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+    v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
     valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
     lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -139,10 +145,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
     for start_m in range(0, n, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qmask = (offs_m < n)[:, None] & dmask[None, :]
-        q = tl.load(Q + b * sq_b + h * sq_h + (start + offs_m)[:, None] * sq_n + offs_d[None, :], mask=qmask,
-                    other=0.0)
-        do = tl.load(DO + b * sd_b + h * sd_h + (start + offs_m)[:, None] * sd_n + offs_d[None, :], mask=qmask,
-                     other=0.0)
+        q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+        do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
         lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
         delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale

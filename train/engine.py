@@ -93,6 +93,30 @@ def launch(cfg: LoopConfig, body: Callable[[runtime.Runtime], dict]) -> dict:
         runtime.teardown()
 
 
+def start(cfg: LoopConfig, rt: runtime.Runtime) -> Path:
+    """The output folder (made, with the resolved config, by rank 0) and per-rank seeding."""
+    out = Path(cfg.output_dir)
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, out / "config.json")
+    runtime.seed_everything(cfg.seed + rt.rank)
+    return out
+
+
+def prepared_input(cfg: ImageConfig, prepared, rt: runtime.Runtime, with_labels: bool):
+    """(dataset, backend name, GPU batch factory or None) for training on prepared shards."""
+    from cxrfast.data import loaders
+    from cxrfast.data.shards import PreparedDataset
+
+    dataset = PreparedDataset(prepared, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
+                              crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, with_labels=with_labels)
+    backend = loaders.choose(cfg.loader, rt.device)
+    batches = loaders.batch_factory(backend, prepared, batch_size=cfg.batch_size, img_size=cfg.img_size, train=True,
+                                    crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, device=rt.device,
+                                    in_chans=cfg.in_chans, with_labels=with_labels)
+    return dataset, backend, batches
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(b, device) for b in batch)

@@ -27,7 +27,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from cxrfast.data import loaders
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
@@ -126,25 +125,16 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> torch.nn.Module:
 
 
 def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
-    out = Path(cfg.output_dir)
-    if rt.main:
-        out.mkdir(parents=True, exist_ok=True)
-        config.save(cfg, out / "config.json")
-    runtime.seed_everything(cfg.seed + rt.rank)
+    out = engine.start(cfg, rt)
     batches = None
     if is_prepared(cfg.data):
         names, parts = labelled.load_prepared(cfg.data, cfg.label_fraction, cfg.seed)
         if not len(parts["train"]):
             raise SystemExit("error: the training split is empty")
-        dataset = PreparedDataset(parts["train"], img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
-                                  crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, with_labels=True)
+        dataset, _, batches = engine.prepared_input(cfg, parts["train"], rt, with_labels=True)
         val = PreparedDataset(parts["val"], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
                               with_labels=True) if len(parts["val"]) else None
         val_labels = parts["val"].labels
-        backend = loaders.choose(cfg.loader, rt.device)
-        batches = loaders.batch_factory(backend, parts["train"], batch_size=cfg.batch_size, img_size=cfg.img_size,
-                                        train=True, crop_scale=tuple(cfg.crop_scale), seed=cfg.seed,
-                                        device=rt.device, in_chans=cfg.in_chans, with_labels=True)
         counts = {k: len(v) for k, v in parts.items()}
     else:
         if cfg.labels is None:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from cxrfast.data import find_images, loaders
+from cxrfast.data import find_images
 from cxrfast.data.direct import MEAN, STD, ImageDataset
 from cxrfast.data.shards import PreparedData, PreparedDataset, is_prepared
 from cxrfast.models import mae
@@ -86,20 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
-    out = Path(cfg.output_dir)
-    if rt.main:
-        out.mkdir(parents=True, exist_ok=True)
-        config.save(cfg, out / "config.json")
-    runtime.seed_everything(cfg.seed + rt.rank)
+    out = engine.start(cfg, rt)
     batches = None
     if is_prepared(cfg.data):  # prepared shards: memmap, augmentation by the chosen backend
         prepared = PreparedData(cfg.data)
-        dataset = PreparedDataset(prepared, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
-                                  crop_scale=tuple(cfg.crop_scale), seed=cfg.seed)
-        backend = loaders.choose(cfg.loader, rt.device)
-        batches = loaders.batch_factory(backend, prepared, batch_size=cfg.batch_size, img_size=cfg.img_size,
-                                        train=True, crop_scale=tuple(cfg.crop_scale), seed=cfg.seed,
-                                        device=rt.device, in_chans=cfg.in_chans, with_labels=False)
+        dataset, backend, batches = engine.prepared_input(cfg, prepared, rt, with_labels=False)
         preview = PreparedDataset(prepared.subset(range(min(8, len(prepared)))), img_size=cfg.img_size,
                                   in_chans=cfg.in_chans, train=False)
         logs.announce(f"prepared data: {len(prepared)} images, loader {backend}", rt.main)
