@@ -53,3 +53,31 @@ def test_gpu_loader_images_per_second(benchmark, shards, backend):
     n = benchmark.pedantic(epoch, rounds=3, iterations=1, warmup_rounds=1)
     if benchmark.stats:
         benchmark.extra_info["img/s"] = round(n / benchmark.stats.stats.median)
+
+
+@pytest.mark.parametrize("path", ["cxrfast direct-DICOM GPU path", "cxrfast CPU path (read_many)"])
+def test_direct_dicom_sv1(benchmark, rg1, path):
+    """SV1 chest radiographs straight from DICOM to 224x224 display tensors on the GPU."""
+    from cxrfast import dicom
+    from cxrfast.data.dicom_gpu import DicomReader
+
+    benchmark.group = "direct DICOM (RG1 SV1, 8 files) -> 224x224 display on the GPU" + \
+        (" (DALI decode)" if dali.available() else " (no DALI: CPU decode, GPU display)")
+    paths = [rg1["paths"]["sv1"]] * 8
+    if path.startswith("cxrfast direct"):
+        reader = DicomReader("cuda", size=(224, 224))
+
+        def run():
+            out = reader(paths)
+            torch.cuda.synchronize()
+            return out
+    else:
+        def run():
+            imgs = dicom.read_many(paths, size=(224, 224), dtype="float32")
+            out = [torch.from_numpy(i.pixels).cuda(non_blocking=True) for i in imgs]
+            torch.cuda.synchronize()
+            return out
+    out = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    assert len(out) == 8 and out[0].shape == (224, 224)
+    if benchmark.stats:
+        benchmark.extra_info["img/s"] = round(8 / benchmark.stats.stats.median)

@@ -202,6 +202,30 @@ PYBIND11_MODULE(_dicom, m) {
              Rendered r = nogil([&] { return render(h, px, o); });
              return to_array(std::move(r), true);
            })
+      .def("display_lut",
+           [](const Parsed& p, py::object value_range) {
+             bool has = !value_range.is_none();
+             int64_t lo = 0, hi = 0;
+             if (has) {
+               auto t = value_range.cast<std::pair<int64_t, int64_t>>();
+               lo = t.first;
+               hi = t.second;
+             }
+             DisplayLut lut = nogil([&] { return display_lut(p.ds.header, has, lo, hi); });
+             py::array_t<float> values(py::ssize_t(lut.values.size()));
+             std::copy(lut.values.begin(), lut.values.end(), values.mutable_data());
+             return py::make_tuple(values, lut.shift, lut.mask, lut.needs_range);
+           },
+           py::arg("value_range") = py::none())
+      .def("needs_range",
+           [](const Parsed& p) {
+             // True when the display LUT depends on the image's own stored value range.
+             try {
+               return display_lut(p.ds.header, true, 0, 0).needs_range;
+             } catch (const Error&) {
+               return false;
+             }
+           })
       .def("frame_spans",
            [](const Parsed& p) {
              // (offset, length) into the parsed buffer for single-fragment frames, bytes otherwise.

@@ -403,3 +403,38 @@ Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& op
 }
 
 }  // namespace cxr
+
+namespace cxr {
+
+DisplayLut display_lut(const Header& h, bool has_range, int64_t lo, int64_t hi) {
+  if (h.samples_per_pixel != 1) throw Error(ErrorKind::Unsupported, "display LUT for colour images");
+  StoredBits sb = stored_bits(h);
+  if (sb.bits > 16) throw Error(ErrorKind::Unsupported, "display LUT for Bits Stored above 16");
+  RenderOptions opt;
+  opt.mode = OutputMode::Display;
+  opt.dtype = DType::F32;
+  Mapper map(h, opt, DType::F32);
+  if (map.needs_range()) {
+    if (!has_range) throw Error(ErrorKind::Invalid, "this image has no window: its display LUT needs the stored value range");
+    double mlo = map.modality(lo), mhi = map.modality(hi);
+    if (h.has_modality_lut && hi - lo <= 65536) {
+      for (int64_t v = lo; v <= hi; ++v) {
+        double m = map.modality(v);
+        mlo = std::min(mlo, m);
+        mhi = std::max(mhi, m);
+      }
+    }
+    map.set_range(std::min(mlo, mhi), std::max(mlo, mhi));
+  }
+  DisplayLut out;
+  out.shift = sb.shift;
+  out.mask = sb.mask;
+  out.needs_range = map.needs_range();
+  out.values.resize(size_t(1) << sb.bits);
+  StoredBits unshifted = sb;
+  unshifted.shift = 0;
+  for (uint32_t i = 0; i < out.values.size(); ++i) out.values[i] = float(map(unshifted.value(i)));
+  return out;
+}
+
+}  // namespace cxr

@@ -259,3 +259,24 @@ def read_many(
             if isinstance(res, DicomError):
                 raise res
     return results  # type: ignore[return-value]
+
+
+def display_lut(src: Source, value_range: tuple[int, int] | None = None) -> tuple[np.ndarray, int, int]:
+    """The display pipeline of a grey image as a float32 table over its stored bits.
+
+    Returns (lut, shift, mask): the display value in [0, 1] of a raw sample word ``r`` is
+    ``lut[(r >> shift) & mask]`` - exactly what :func:`read` computes, so a GPU can apply
+    VOI and MONOCHROME1 with the same numbers. Images without a VOI window use their own
+    min/max: pass ``value_range`` = (min, max) of the sign-extended stored values.
+    """
+    parsed = _parse(src, header_only=True)
+    try:
+        values, shift, mask, _ = parsed.display_lut(value_range)
+    except _dicom.NativeError as exc:
+        raise from_native(_name(src), *exc.args) from None
+    return values, shift, mask
+
+
+def needs_value_range(src: Source) -> bool:
+    """True when the image has no VOI window, so its display depends on its min/max."""
+    return bool(_parse(src, header_only=True).needs_range())

@@ -157,6 +157,17 @@ struct Rendered {
 
 Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& opt);
 
+// The display pipeline as a table over the stored bits (Bits Stored <= 16, grey): index with
+// (raw >> shift) & mask; values in [0, 1] are exactly what render() computes per pixel. Images
+// without a VOI window need the stored value range [lo, hi] (the min/max window).
+struct DisplayLut {
+  std::vector<float> values;
+  int shift = 0;
+  uint32_t mask = 0;
+  bool needs_range = false;
+};
+DisplayLut display_lut(const Header& h, bool has_range, int64_t lo, int64_t hi);
+
 // A file's bytes, read without zero-filling the buffer first.
 struct FileBytes {
   std::unique_ptr<uint8_t[]> bytes;
