@@ -26,7 +26,8 @@ def available() -> bool:
 
 
 class _Source:
-    """Batch-wise callable for external_source: images (HWC) and labels of the next batch."""
+    """Batch-wise callable for external_source: images (HWC views of the memmapped shards) and
+    labels of the next batch, in the sampler's order."""
 
     def __init__(self, data: PreparedData, batch_size: int, num_labels: int):
         self.data, self.batch_size, self.num_labels = data, batch_size, num_labels
@@ -41,7 +42,7 @@ class _Source:
             raise StopIteration
         chunk = self.keys[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
-        images = self.data.batch([i for i, _ in chunk])
+        images = [self.data.image(i) for i, _ in chunk]  # views into the memmap: no copy on our side
         labels = [self.data.labels[i] if self.data.labels is not None else np.zeros(self.num_labels, np.float32)
                   for i, _ in chunk]
         return [img[:, :, None] for img in images], labels
