@@ -195,7 +195,7 @@ class Preparer:
 
 def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels: str | None = None,
             label_format: str = "auto", uncertain: str = "ones", workers: int | None = None,
-            shard_gb: float = 1.0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> dict:
+            shard_gb: float = 2.0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> dict:
     """Prepares ``src`` into ``out``; returns the meta dict. Reruns skip finished shards."""
     out_dir = Path(out)
     (out_dir / "parts").mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--uncertain", default="ones", choices=["ones", "zeros", "ignore"],
                         help="CheXpert/MIMIC -1 labels: ones, zeros or ignore (NaN)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
-    parser.add_argument("--shard-gb", type=float, default=1.0, help="shard size in GiB (default 1)")
+    parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GiB (default 2)")
     parser.add_argument("--split-fractions", default="0.7,0.1,0.2", help="patient-level train,val,test fractions")
     args = parser.parse_args(argv)
     fractions = tuple(float(x) for x in args.split_fractions.split(","))
