@@ -151,3 +151,21 @@ def test_prepared_labels_stay_aligned_through_every_loader(random_data):
         for x, y in loader:
             means = x.float().mean((1, 2, 3)) * 0.25 + 0.5
             assert torch.equal(y[:, 0] > 0.5, means * 255 > float(brightness.mean()))
+
+
+@needs_dali
+def test_dali_parallel_workers_follow_the_sampler(random_data):
+    """Worker processes recompute each epoch's order: same batches as the in-process source,
+    including a resumed first epoch."""
+    s = ResumableSampler(len(random_data), seed=4)
+    s.set_epoch(2, start=16)
+    args = dict(batch_size=8, img_size=48, train=False, device_id=None, half="fp32", with_labels=True, num_threads=1)
+    parallel = dali_backend.DALILoader(random_data, s, py_workers=2, **args)
+    serial = dali_backend.DALILoader(random_data, s, **args)
+    for epoch in (2, 3):
+        if epoch == 3:
+            s.set_epoch(3)
+        a, b = list(parallel), list(serial)
+        assert len(a) == len(b) == len(s) // 8
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -113,7 +113,7 @@ def prepared_input(cfg: ImageConfig, prepared, rt: runtime.Runtime, with_labels:
     backend = loaders.choose(cfg.loader, rt.device)
     batches = loaders.batch_factory(backend, prepared, batch_size=cfg.batch_size, img_size=cfg.img_size, train=True,
                                     crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, device=rt.device,
-                                    in_chans=cfg.in_chans, with_labels=with_labels)
+                                    in_chans=cfg.in_chans, with_labels=with_labels, num_workers=cfg.num_workers)
     return dataset, backend, batches
 
 

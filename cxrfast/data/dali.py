@@ -1,7 +1,8 @@
 """The DALI pipeline: prepared shards -> random resized crop, flip, normalise -> NCHW tensors.
 
-Samples come from the memmapped shards through ``fn.external_source`` in the order of the
-resumable, rank-sharded sampler (so sharding, per-epoch shuffling and mid-epoch resume work
+Samples come from the memmapped shards through ``fn.external_source`` - in batches from the
+training process, or per sample from parallel worker processes (``py_workers``) - in the
+order of the resumable, rank-sharded sampler (so sharding, per-epoch shuffling and mid-epoch resume work
 as in the other paths); cropping, flipping and normalisation run in DALI, on the GPU when
 ``device_id`` is a GPU and on the CPU with ``device_id=None`` (how the tests run it).
 DALI's own random generator draws the crops: the statistics match the torch paths, the
@@ -48,13 +49,59 @@ class _Source:
         return [img[:, :, None] for img in images], labels
 
 
+class _ParallelSource:
+    """Per-sample source for DALI's parallel external_source (worker processes).
+
+    Picklable: it carries the folder path, the (shard, offset) of each sample and the sampler
+    parameters, never the memmaps (each worker opens its own). The sample order of an epoch
+    is recomputed in the worker from the sampler's seed and the epoch number, so no state has
+    to reach the workers once they run: epoch = first epoch + DALI's epoch index.
+    """
+
+    def __init__(self, data: PreparedData, sampler: ResumableSampler, num_labels: int):
+        self.folder = str(data.folder)
+        self.shard_names = list(data.meta["shards"])
+        self.locations = data.locations
+        self.labels = data.labels
+        self.num_labels = num_labels
+        self.sampler_args = dict(size=sampler.size, rank=sampler.rank, world_size=sampler.world_size,
+                                 seed=sampler.seed, shuffle=sampler.shuffle)
+        self.first_epoch, self.start = sampler.epoch, sampler.start
+        self._shards = None
+        self._order: dict[int, list[tuple[int, int]]] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_shards"], state["_order"] = None, {}
+        return state
+
+    def _keys(self, epoch_idx: int) -> list[tuple[int, int]]:
+        if epoch_idx not in self._order:
+            s = ResumableSampler(**self.sampler_args)
+            s.set_epoch(self.first_epoch + epoch_idx, self.start if epoch_idx == 0 else 0)
+            self._order = {epoch_idx: list(s)}
+        return self._order[epoch_idx]
+
+    def __call__(self, info):
+        keys = self._keys(info.epoch_idx)
+        if info.idx_in_epoch >= len(keys):
+            raise StopIteration
+        if self._shards is None:
+            self._shards = [np.load(f"{self.folder}/{name}", mmap_mode="r") for name in self.shard_names]
+        index = keys[info.idx_in_epoch][0]
+        shard, offset = self.locations[index]
+        image = self._shards[shard][offset][:, :, None]
+        label = self.labels[index] if self.labels is not None else np.zeros(self.num_labels, np.float32)
+        return image, label
+
+
 class DALILoader:
     """Iterates (images,) or (images, labels) batches as torch tensors, one epoch per iteration."""
 
     def __init__(self, data: PreparedData, sampler: ResumableSampler, *, batch_size: int, img_size: int,
                  train: bool = True, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, seed: int = 0,
                  device_id: int | None = 0, half: str = "bf16", in_chans: int = 1, with_labels: bool = False,
-                 num_threads: int = 4):
+                 num_threads: int = 4, py_workers: int = 0):
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
@@ -63,16 +110,20 @@ class DALILoader:
         self.with_labels = with_labels and data.labels is not None
         num_labels = len(data.label_names)
         self.source = _Source(data, batch_size, num_labels)
+        self.parallel = py_workers > 0
+        # parallel: worker processes read the memmap per sample (spawned: CUDA-safe)
+        extra = dict(py_num_workers=py_workers, py_start_method="spawn") if self.parallel else {}
+        source_args = (dict(source=_ParallelSource(data, sampler, num_labels), batch=False, parallel=True)
+                       if self.parallel else dict(source=self.source, batch=True))
         scale = data.scale
         out_type = {"bf16": getattr(types, "BFLOAT16", types.FLOAT16), "fp16": types.FLOAT16, "fp32": types.FLOAT}[half]
         self.cast_bf16 = half == "bf16" and not hasattr(types, "BFLOAT16")
 
         @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                      prefetch_queue_depth=2, exec_dynamic=True)
+                      prefetch_queue_depth=2, exec_dynamic=True, **extra)
         def pipe():
-            images, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
-                                                layout=["HWC", None], dtype=[types.UINT8 if scale == 255 else types.UINT16,
-                                                                             types.FLOAT])
+            images, labels = fn.external_source(**source_args, num_outputs=2, layout=["HWC", None],
+                                                dtype=[types.UINT8 if scale == 255 else types.UINT16, types.FLOAT])
             if device_id is not None:
                 images = images.gpu()
             if train:
@@ -90,6 +141,7 @@ class DALILoader:
         self.pipe = pipe()
         self.pipe.build()
         self.in_chans = in_chans
+        self._iterator = None
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
@@ -97,10 +149,16 @@ class DALILoader:
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.source.reset(list(self.sampler))
-        self.pipe.reset()
-        it = DALIGenericIterator([self.pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP,
-                                 auto_reset=False, prepare_first_batch=False)
+        if self.parallel:  # one iterator for the run; each epoch's order is computed in the workers
+            if self._iterator is None:
+                self._iterator = DALIGenericIterator([self.pipe], ["images", "labels"], auto_reset=True,
+                                                     last_batch_policy=LastBatchPolicy.DROP)
+            it = self._iterator
+        else:  # the batch source is told each epoch's order before the pipeline is restarted
+            self.source.reset(list(self.sampler))
+            self.pipe.reset()
+            it = DALIGenericIterator([self.pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP,
+                                     auto_reset=False, prepare_first_batch=False)
         for out in it:
             x = out[0]["images"]
             if self.cast_bf16:

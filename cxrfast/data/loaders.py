@@ -28,7 +28,7 @@ def choose(requested: str, device: torch.device) -> str:
 
 def batch_factory(backend: str, data: PreparedData, *, batch_size: int, img_size: int, train: bool,
                   crop_scale: tuple[float, float], seed: int, device: torch.device, in_chans: int,
-                  with_labels: bool) -> Callable[[ResumableSampler], Iterable] | None:
+                  with_labels: bool, num_workers: int = 0) -> Callable[[ResumableSampler], Iterable] | None:
     """A function sampler -> batches for the GPU backends; None for 'cpu' (the engine's DataLoader)."""
     if backend == "cpu":
         return None
@@ -45,6 +45,6 @@ def batch_factory(backend: str, data: PreparedData, *, batch_size: int, img_size
         if "loader" not in cache:  # one pipeline per run; each iteration follows the sampler
             cache["loader"] = dali.DALILoader(data, sampler, batch_size=batch_size, img_size=img_size, train=train,
                                               crop_scale=crop_scale, seed=seed, device_id=device_id, half=half,
-                                              in_chans=in_chans, with_labels=with_labels)
+                                              in_chans=in_chans, with_labels=with_labels, py_workers=num_workers)
         return cache["loader"]
     return make
