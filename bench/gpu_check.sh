@@ -11,7 +11,15 @@ table=$(mktemp)
 status=0
 
 pip install --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "build failed"; pip install --no-deps --no-build-isolation -e .; exit 1; }
-pip install --no-deps pytest-benchmark >/dev/null 2>&1 || true  # present on the device, or carried as a wheel
+if ! python -c "import pytest_benchmark" 2>/dev/null; then
+  # The device has no network: carry the wheels in an untracked folder, e.g.
+  #   pip download -d bench/wheels pytest-benchmark py-cpuinfo
+  if ls bench/wheels/*.whl >/dev/null 2>&1; then
+    pip install --no-index --no-deps bench/wheels/*.whl >/dev/null
+  else
+    echo "pytest-benchmark is missing: put its wheel (and py-cpuinfo's) in bench/wheels/"; exit 1
+  fi
+fi
 
 card=$(python -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null || echo "no GPU")
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
