@@ -176,9 +176,11 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
         final = save_model(out / "final.pth", model, cfg, names, None)
         if val is None:  # no validation split to choose by: the final model is the one to use
             save_model(out / "best.pth", model, cfg, names, None)
+        elif best["epoch"] == 0:  # stopped (max_steps) before any epoch ended: judge the final model
+            on_epoch_end(summary["epochs_done"], summary["steps"])
         summary.update(best_val_mean_auroc=best["mean_auroc"], best_epoch=best["epoch"])
-        print(f"\nfine-tuning done: {summary['steps']} steps; best validation mean AUROC "
-              f"{best['mean_auroc']:.4f} (epoch {best['epoch']})\n"
+        judged = f"{best['mean_auroc']:.4f} (epoch {best['epoch']})" if best["mean_auroc"] >= 0 else "n/a (no validation split)"
+        print(f"\nfine-tuning done: {summary['steps']} steps; best validation mean AUROC {judged}\n"
               f"  best model:  {out / 'best.pth'}\n  final model: {final}\n"
               f"  metrics:     {out / 'metrics.jsonl'}\n"
               f"  evaluate:    python -m train.evaluate --checkpoint {out / 'best.pth'}")
