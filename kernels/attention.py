@@ -10,7 +10,8 @@ Modes (one kernel, addressing chosen per mode):
 Design limits: sequence length <= 512 (BLOCK_N = next power of two >= N holds every key);
 head dims 16-256 (32, 64, 80, 128 are the tested ones; 80 is padded to 128 in registers);
 fp32, bf16, fp16. Each program handles BLOCK_M queries of one (sequence, head) against all
-its keys. Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
+its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
+Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
 form: one kernel for dQ (per query block), one for dK/dV (per key block, looping over the
 query blocks), both recomputing P from the saved log-sum-exp.
 """
@@ -51,15 +52,25 @@ def _tile(PTR, b, h, start, offs, offs_d, s_b, s_h, s_n, mask):
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); LSE: fp32, see _lse_base
+def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); LSE: fp32 (B*H*N or H*T)
               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, stride_kpm,
-              H, N, D, T, scale,
-              VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+              H, N, D, T, BH, scale,
+              VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PACK: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    # Short sequences share a program: PACK consecutive (sequence, head) pairs, one after another.
+    for g in tl.static_range(PACK):
+        bh = tl.program_id(1) * PACK + g
+        if bh < BH:
+            _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                          so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, bh // H, bh % H, tl.program_id(0),
+                          VARLEN, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                  so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, b, h, pid_m,
+                  VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start, n = _seq(CU, b, N, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -197,11 +208,12 @@ class AttentionFn(torch.autograd.Function):
         kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
         cu = cu_seqlens if varlen else q
         block_m, block_n, block_d, warps = _blocks(n, d)
-        grid = (triton.cdiv(n, block_m), batch * h)
+        pack = 4 if block_n <= 32 else 2 if block_n <= 64 else 1
+        grid = (triton.cdiv(n, block_m), triton.cdiv(batch * h, pack))
         _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                         *_strides(o, varlen), kpm.stride(0) if key_padding_mask is not None else 0,
-                        h, n, d, t_total, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
-                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+                        h, n, d, t_total, batch * h, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
+                        PACK=pack, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
         ctx.save_for_backward(q, k, v, o, lse, kpm if key_padding_mask is not None else None,
                               cu_seqlens if varlen else None)
         ctx.meta = (varlen, key_padding_mask is not None, batch, h, n, d, t_total, scale)
