@@ -55,7 +55,7 @@ def _tile(PTR, b, h, start, offs, offs_d, s_b, s_h, s_n, mask):
 def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); LSE: fp32 (B*H*N or H*T)
               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, stride_kpm,
               H, N, D, T, BH, scale,
-              VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PACK: tl.constexpr,
+              VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PACK: tl.constexpr, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Short sequences share a program: PACK consecutive (sequence, head) pairs, one after another.
     for g in tl.static_range(PACK):
@@ -63,13 +63,13 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); L
         if bh < BH:
             _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                           so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, bh // H, bh % H, tl.program_id(0),
-                          VARLEN, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D)
+                          VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
 def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                   so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, b, h, pid_m,
-                  VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+                  VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start, n = _seq(CU, b, N, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,7 +81,7 @@ def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, 
     q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
     k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
     v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
-    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
     s = tl.where(valid[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
@@ -89,7 +89,7 @@ def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, 
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, axis=1)
     l = tl.where(l == 0.0, 1.0, l)
-    o = tl.dot(p.to(v.dtype), v) / l[:, None]
+    o = tl.dot(p.to(v.dtype), v, input_precision=PREC) / l[:, None]
     tl.store(O + b * so_b + h * so_h + (start + offs_m)[:, None] * so_n + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=qmask)
     lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
@@ -101,7 +101,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,
                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
                  sdq_b, sdq_h, sdq_n,
                  H, N, D, T, scale,
-                 VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+                 VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -121,12 +121,12 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,
     lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
     lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
     delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
     p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k) * scale
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
     tl.store(DQ + b * sdq_b + h * sdq_h + (start + offs_m)[:, None] * sdq_n + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qmask)
 
@@ -136,7 +136,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
                    sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
                    H, N, D, T, scale,
-                   VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+                   VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -160,16 +160,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
         do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
         lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
         delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         p = tl.where(valid[None, :] & (offs_m < n)[:, None], tl.exp(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     tl.store(DK + b * sdk_b + h * sdk_h + (start + offs_n)[:, None] * sdk_n + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + b * sdv_b + h * sdv_h + (start + offs_n)[:, None] * sdv_n + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+def _precision(t: torch.Tensor):
+    """fp32 inputs multiply in full fp32 ("ieee", not TF32) so fp32 stays an exact reference
+    mode on GPUs too; half inputs use the tensor cores as they are."""
+    return "ieee" if t.dtype == torch.float32 else None
 
 
 def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -213,7 +219,8 @@ class AttentionFn(torch.autograd.Function):
         _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                         *_strides(o, varlen), kpm.stride(0) if key_padding_mask is not None else 0,
                         h, n, d, t_total, batch * h, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
-                        PACK=pack, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+                        PACK=pack, PREC=_precision(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                        num_warps=warps)
         ctx.save_for_backward(q, k, v, o, lse, kpm if key_padding_mask is not None else None,
                               cu_seqlens if varlen else None)
         ctx.meta = (varlen, key_padding_mask is not None, batch, h, n, d, t_total, scale)
@@ -230,7 +237,7 @@ class AttentionFn(torch.autograd.Function):
         kpm_arg = kpm if has_kpm else q
         cu_arg = cu if varlen else q
         block_m, block_n, block_d, warps = _blocks(n, d)
-        common = dict(VARLEN=varlen, HAS_KPM=has_kpm, BLOCK_D=block_d, num_warps=warps)
+        common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q), BLOCK_D=block_d, num_warps=warps)
         strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
                    kpm.stride(0) if has_kpm else 0)
         _attn_bwd_dq[(triton.cdiv(n, block_m), batch * h)](q, k, v, do, dq, lse, delta, kpm_arg, cu_arg, *strides,
