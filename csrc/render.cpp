@@ -333,6 +333,20 @@ void value_range(const StoredPixels& px, const StoredBits& sb, int64_t& lo, int6
   }
 }
 
+// The min/max window: the modality values the stored range [lo, hi] maps to (a Modality LUT
+// need not be monotonic, so every stored value in the range is looked at).
+void set_stored_range(Mapper& map, const Header& h, int64_t lo, int64_t hi) {
+  double mlo = map.modality(lo), mhi = map.modality(hi);
+  if (h.has_modality_lut && hi - lo <= 65536) {
+    for (int64_t v = lo; v <= hi; ++v) {
+      double m = map.modality(v);
+      mlo = std::min(mlo, m);
+      mhi = std::max(mhi, m);
+    }
+  }
+  map.set_range(std::min(mlo, mhi), std::max(mlo, mhi));
+}
+
 }  // namespace
 
 Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& opt) {
@@ -361,15 +375,7 @@ Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& op
   if (map.needs_range() && px.count() > 0) {
     int64_t lo = 0, hi = 0;
     with_raw(px, [&](auto raw) { value_range<decltype(raw)>(px, sb, lo, hi); });
-    double mlo = map.modality(lo), mhi = map.modality(hi);
-    if (h.has_modality_lut && hi - lo <= 65536) {
-      for (int64_t v = lo; v <= hi; ++v) {
-        double m = map.modality(v);
-        mlo = std::min(mlo, m);
-        mhi = std::max(mhi, m);
-      }
-    }
-    map.set_range(std::min(mlo, mhi), std::max(mlo, mhi));
+    set_stored_range(map, h, lo, hi);
   }
 
   size_t count = size_t(r.frames) * r.rows * r.columns * r.samples;
@@ -416,15 +422,7 @@ DisplayLut display_lut(const Header& h, bool has_range, int64_t lo, int64_t hi) 
   Mapper map(h, opt, DType::F32);
   if (map.needs_range()) {
     if (!has_range) throw Error(ErrorKind::Invalid, "this image has no window: its display LUT needs the stored value range");
-    double mlo = map.modality(lo), mhi = map.modality(hi);
-    if (h.has_modality_lut && hi - lo <= 65536) {
-      for (int64_t v = lo; v <= hi; ++v) {
-        double m = map.modality(v);
-        mlo = std::min(mlo, m);
-        mhi = std::max(mhi, m);
-      }
-    }
-    map.set_range(std::min(mlo, mhi), std::max(mlo, mhi));
+    set_stored_range(map, h, lo, hi);
   }
   DisplayLut out;
   out.shift = sb.shift;
