@@ -169,3 +169,15 @@ def test_dali_parallel_workers_follow_the_sampler(random_data):
         assert len(a) == len(b) == len(s) // 8
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_batch_loader_thread_ends_when_the_consumer_stops_early(random_data):
+    import threading
+
+    before = threading.active_count()
+    loader = TorchBatchLoader(random_data, ResumableSampler(len(random_data)), batch_size=4, img_size=48,
+                              train=False, device="cpu", out_dtype=torch.float32, prefetch=1)
+    it = iter(loader)
+    next(it)
+    it.close()  # what a `break` out of the training loop does
+    assert threading.active_count() == before

@@ -44,18 +44,34 @@ class TorchBatchLoader:
             yield chunk, host.pin_memory() if pin else host
 
     def _prefetched(self):
-        """Gathers the next batches from the memmap in a thread while the GPU works."""
+        """Gathers the next batches from the memmap in a thread while the GPU works; the
+        thread ends with the epoch, or as soon as the consumer stops early (max_steps)."""
         q: queue.Queue = queue.Queue(self.prefetch)
-        done = object()
+        done, stop = object(), threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def work():
             for item in self._host_batches():
-                q.put(item)
-            q.put(done)
+                if not put(item):
+                    return
+            put(done)
 
-        threading.Thread(target=work, daemon=True).start()
-        while (item := q.get()) is not done:
-            yield item
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while (item := q.get()) is not done:
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
     def transform(self, chunk: list[tuple[int, int]], host: torch.Tensor) -> torch.Tensor:
         x = host.to(self.device, non_blocking=True)[:, None].float() / self.data.scale
