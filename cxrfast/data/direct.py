@@ -52,7 +52,10 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], 
     (C, H, W) -> (C, size, size)."""
     top, left, ch, cw = crop_box(x.shape[1], x.shape[2], scale, g)
     crop = x[:, top:top + ch, left:left + cw]
-    return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    # Antialiasing only changes a downscale; upscaling (most crops) takes the faster kernel,
+    # which gives the same values to float rounding.
+    shrink = ch > size or cw > size
+    return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=shrink, align_corners=False)[0]
 
 
 def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
