@@ -13,11 +13,30 @@ if os.environ.get("CXRFAST_SANITIZE"):
     extra_compile_args = flags
     extra_link_args = flags
 
+def _has_zlib() -> bool:
+    """zlib (for deflated transfer syntax) is optional: a machine without its headers still
+    builds the reader, which then raises UnsupportedFeature on deflated files."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "z.cpp")
+        with open(src, "w") as f:
+            f.write("#include <zlib.h>\nint main() { return zlibVersion() == nullptr; }\n")
+        return subprocess.run([cxx, src, "-lz", "-o", os.path.join(tmp, "z")], capture_output=True).returncode == 0
+
+
+zlib = _has_zlib()
 ext = Pybind11Extension(
     "cxrfast._dicom",
     sources,
     include_dirs=["csrc/include"],
-    libraries=["z"],
+    libraries=["z"] if zlib else [],
+    define_macros=[] if zlib else [("CXRFAST_NO_ZLIB", "1")],
     cxx_std=17,
     extra_compile_args=extra_compile_args,
     extra_link_args=extra_link_args,

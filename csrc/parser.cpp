@@ -1,6 +1,8 @@
 // DICOM Part 10 parsing (PS3.10 7.1, PS3.5 7): preamble, file meta, the three data set
 // encodings plus deflate, sequences of defined and undefined length, encapsulated pixel data.
+#ifndef CXRFAST_NO_ZLIB
 #include <zlib.h>
+#endif
 
 #include <cerrno>
 #include <cstdio>
@@ -378,6 +380,11 @@ const SyntaxInfo kSyntaxes[] = {
 };
 
 std::vector<uint8_t> inflate_raw(const uint8_t* data, size_t size) {
+#ifdef CXRFAST_NO_ZLIB
+  (void)data;
+  (void)size;
+  throw Error(ErrorKind::Unsupported, "deflated transfer syntax: this build of cxrfast has no zlib");
+#else
   std::vector<uint8_t> out;
   z_stream zs;
   std::memset(&zs, 0, sizeof zs);
@@ -403,6 +410,7 @@ std::vector<uint8_t> inflate_raw(const uint8_t* data, size_t size) {
   if (rc != Z_STREAM_END) throw Error(ErrorKind::Truncated, "deflated data set ends early");
   out.resize(total);
   return out;
+#endif
 }
 
 }  // namespace
