@@ -12,10 +12,10 @@ status=0
 
 pip install --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "build failed"; pip install --no-deps --no-build-isolation -e .; exit 1; }
 if ! python -c "import pytest_benchmark" 2>/dev/null; then
-  # The device has no network: carry the wheels in an untracked folder, e.g.
-  #   pip download -d bench/wheels pytest-benchmark py-cpuinfo
-  if ls bench/wheels/*.whl >/dev/null 2>&1; then
-    pip install --no-index --no-deps bench/wheels/*.whl >/dev/null
+  # The device has no network: carry the two wheels in an untracked folder, made with
+  #   pip download --no-deps -d bench/wheels pytest-benchmark py-cpuinfo
+  if ls bench/wheels/pytest_benchmark-*.whl >/dev/null 2>&1; then
+    pip install --no-index --no-deps bench/wheels/pytest_benchmark-*.whl bench/wheels/py_cpuinfo-*.whl >/dev/null
   else
     echo "pytest-benchmark is missing: put its wheel (and py-cpuinfo's) in bench/wheels/"; exit 1
   fi
