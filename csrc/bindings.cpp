@@ -116,8 +116,8 @@ RenderOptions make_options(const std::string& output, const std::string& dtype, 
 
 // Hands the rendered buffer to numpy without a copy; shape (frames?, rows, cols, samples?).
 py::array to_array(Rendered&& r, bool keep_frame_axis) {
-  auto* holder = new std::vector<uint8_t>(std::move(r.data));
-  py::capsule owner(holder, [](void* p) { delete static_cast<std::vector<uint8_t>*>(p); });
+  auto* holder = new Bytes(std::move(r.data));
+  py::capsule owner(holder, [](void* p) { delete static_cast<Bytes*>(p); });
   std::vector<py::ssize_t> shape;
   if (keep_frame_axis || r.frames != 1) shape.push_back(r.frames);
   shape.push_back(r.rows);

@@ -149,10 +149,27 @@ struct RenderOptions {
 };
 
 // numpy-style dtype codes: 'u1','i1','u2','i2','u4','i4','f4'.
+// An output buffer that is not zero-filled when allocated: render() writes every byte, and
+// an extra pass over a multi-megabyte image is measurable.
+class Bytes {
+ public:
+  void resize(size_t n) {
+    p_.reset(new uint8_t[n ? n : 1]);
+    n_ = n;
+  }
+  uint8_t* data() { return p_.get(); }
+  const uint8_t* data() const { return p_.get(); }
+  size_t size() const { return n_; }
+
+ private:
+  std::unique_ptr<uint8_t[]> p_;
+  size_t n_ = 0;
+};
+
 struct Rendered {
   std::string dtype;
   int frames = 0, rows = 0, columns = 0, samples = 1;
-  std::vector<uint8_t> data;
+  Bytes data;
 };
 
 Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& opt);
