@@ -146,6 +146,17 @@ std::unique_ptr<Parsed> parse_buffer(py::buffer buf, bool header_only) {
 std::unique_ptr<Parsed> parse_path(const std::string& path, bool header_only) {
   auto p = std::make_unique<Parsed>();
   p->ds = nogil([&] {
+    if (header_only) {
+      // Headers nearly always end within the first 64 KiB: read only that, unless the
+      // parse runs out of bytes before Pixel Data (then read the whole file, below).
+      p->file = std::make_unique<FileBytes>(read_file(path, size_t(1) << 16));
+      if (p->file->whole) return Dataset::parse(p->file->data(), p->file->size(), true);
+      try {
+        Dataset ds = Dataset::parse(p->file->data(), p->file->size(), true);
+        if (ds.header.has_pixel_data) return ds;
+      } catch (const Error&) {
+      }
+    }
     p->file = std::make_unique<FileBytes>(read_file(path));
     return Dataset::parse(p->file->data(), p->file->size(), header_only);
   });

@@ -4,6 +4,7 @@
 #include <zlib.h>
 #endif
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -483,7 +484,7 @@ Dataset Dataset::parse(const uint8_t* data, size_t size, bool header_only) {
 
 int64_t frame_count(const Header& h) { return h.number_of_frames < 1 ? 1 : h.number_of_frames; }
 
-FileBytes read_file(const std::string& path) {
+FileBytes read_file(const std::string& path, size_t max_bytes) {
   FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw Error(ErrorKind::Io, std::string("cannot open file: ") + std::strerror(errno));
   FileBytes out;
@@ -492,6 +493,8 @@ FileBytes read_file(const std::string& path) {
     throw Error(ErrorKind::Io, "cannot read file (not seekable)");
   }
   out.length = size_t(std::ftell(f));
+  out.whole = out.length <= max_bytes;
+  out.length = std::min(out.length, max_bytes);
   std::rewind(f);
   out.bytes.reset(new uint8_t[out.length ? out.length : 1]);
   size_t got = out.length ? std::fread(out.bytes.get(), 1, out.length, f) : 0;

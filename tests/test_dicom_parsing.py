@@ -185,3 +185,30 @@ def test_library_codecs_jpeg_ls_and_j2k():
                     ("1.2.840.10008.1.2.4.90", lambda x: imagecodecs.jpeg2k_encode(x, level=0, codecformat="J2K"))]:
         data = make_encapsulated([enc(a)], transfer_syntax=ts, rows=16, columns=20, bits_stored=12)
         np.testing.assert_array_equal(dicom.read(data, output="stored").pixels, a)
+
+
+@pytest.mark.parametrize("case", ["plain", "big_private_before_pixels", "deflated", "no_pixel_data"])
+def test_header_from_a_file_prefix_equals_header_from_all_bytes(tmp_path, case):
+    """read_header(path) reads the first 64 KiB and falls back to the whole file when the
+    header does not end there; the answer never depends on that."""
+    rng = np.random.default_rng()
+    a = rng.integers(0, 4096, (300, 300)).astype(np.uint16)
+    ds = base_dataset(a, "MONOCHROME2", 12)
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ts = ExplicitVRLittleEndian
+    if case == "big_private_before_pixels":
+        ds.add_new(0x00291010, "OB", rng.integers(0, 256, 100_000).astype(np.uint8).tobytes())
+    elif case == "deflated":
+        ds.add_new(0x00291010, "OB", rng.integers(0, 256, 100_000).astype(np.uint8).tobytes())
+        ts = DeflatedExplicitVRLittleEndian
+    elif case == "no_pixel_data":
+        del ds.PixelData
+        ds.add_new(0x00291010, "OB", bytes(100_000))
+    data = write(ds, ts)
+    path = tmp_path / "f.dcm"
+    path.write_bytes(data)
+    assert len(data) > 1 << 16
+    from_path, from_bytes = dicom.read_header(path), dicom.read_header(data)
+    assert from_path == from_bytes
+    assert from_path["has_pixel_data"] == (case != "no_pixel_data")
+    assert from_path["window"] == (2048.0, 4096.0) and from_path["rows"] == 300

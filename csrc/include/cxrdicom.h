@@ -189,9 +189,11 @@ DisplayLut display_lut(const Header& h, bool has_range, int64_t lo, int64_t hi);
 struct FileBytes {
   std::unique_ptr<uint8_t[]> bytes;
   size_t length = 0;
+  bool whole = true;
   const uint8_t* data() const { return bytes.get(); }
   size_t size() const { return length; }
 };
-FileBytes read_file(const std::string& path);
+// Reads the first max_bytes (default: all) of a file; `whole` says whether that is all of it.
+FileBytes read_file(const std::string& path, size_t max_bytes = SIZE_MAX);
 
 }  // namespace cxr
