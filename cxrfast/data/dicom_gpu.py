@@ -111,23 +111,21 @@ class DicomReader:
             if k in gpu:
                 raw, shifted = gpu[k].to(torch.int32), False
             else:  # stored values, already masked, shifted and sign-extended
-                stored = dicom.read(p, output="stored", frame=0 if dicom.read_header(p)["number_of_frames"] > 1 else None)
+                stored = dicom.read(p, output="stored", frame=0)
                 raw, shifted = torch.from_numpy(stored.pixels.astype(np.int32)).to(self.device), True
             out.append(self.display(p, raw, shifted))
         return out
 
     def display(self, path: str, raw: torch.Tensor, shifted: bool) -> torch.Tensor:
         """Stored samples -> display values on the device, through the CPU path's own LUT."""
-        meta = dicom.read_header(path)
-        bits, signed = meta["bits_stored"], meta["pixel_representation"] == 1
-        value_range = None
-        if dicom.needs_value_range(path):
-            _, shift, mask = dicom.display_lut(path, (0, 0))
+        lut, shift, mask = dicom.display_lut(path, (0, 0))  # the range is ignored when a window is given
+        if dicom.needs_value_range(path):  # no window: the table depends on the image's min/max
+            meta = dicom.read_header(path)
+            bits, signed = meta["bits_stored"], meta["pixel_representation"] == 1
             v = raw if shifted else (raw >> shift) & mask
             if signed and not shifted:
                 v = torch.where(v >= 1 << (bits - 1), v - (1 << bits), v)
-            value_range = (int(v.min()), int(v.max()))  # host-device sync: the LUT depends on them
-        lut, shift, mask = dicom.display_lut(path, value_range)
+            lut, _, _ = dicom.display_lut(path, (int(v.min()), int(v.max())))  # host-device sync
         table = torch.from_numpy(lut).to(self.device)
         index = (raw & mask) if shifted else (raw >> shift) & mask
         img = table[index.long()]

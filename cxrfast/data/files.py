@@ -56,7 +56,7 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        img = dicom.read(path, dtype="float32", size=size, frame=0 if _multiframe(path) else None).pixels
+        img = dicom.read(path, dtype="float32", size=size, frame=0).pixels  # frame 0 also of multi-frame files
         return img if img.ndim == 2 else img.mean(axis=-1)
     from PIL import Image
 
@@ -71,10 +71,3 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
         im2 = Image.fromarray(arr, mode="F").resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
         arr = np.asarray(im2, dtype=np.float32)
     return np.clip(arr, 0.0, 1.0)
-
-
-def _multiframe(path: Path) -> bool:
-    try:
-        return dicom.read_header(path)["number_of_frames"] > 1
-    except dicom.DicomError:
-        return False
