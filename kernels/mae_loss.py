@@ -18,8 +18,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _patch_target(IMG, b, l, stride_ib, stride_ic, stride_ih, stride_iw, GW, C, PATCH, P, eps,
-                  NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr):
+def _residual(PRED, IMG, pid, stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw,
+              L, GW, C, PATCH, P, eps, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr):
+    """pred - target for patch ``pid`` (= b * L + l), 0 past P; the target is gathered from
+    the image by index arithmetic and normalised in registers."""
+    b = pid // L
+    l = pid % L
     j = tl.arange(0, BLOCK_P)
     valid = j < P
     gh = l // GW
@@ -34,7 +38,8 @@ def _patch_target(IMG, b, l, stride_ib, stride_ic, stride_ih, stride_iw, GW, C, 
         tc = tl.where(valid, t - mean, 0.0)
         var = tl.sum(tc * tc, axis=0) / (P - 1)
         t = tc / tl.sqrt(var + eps)
-    return t, j, valid
+    p = tl.load(PRED + b * stride_pb + l * stride_pl + j, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(valid, p - t, 0.0), b, l, j, valid
 
 
 @triton.jit
@@ -42,14 +47,9 @@ def _mae_fwd(PRED, IMG, MASK, LOSS,  # PRED (B, L, P); IMG (B, C, H, W); MASK (B
              stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw,
              L, GW, C, PATCH, P, eps, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
-    b = pid // L
-    l = pid % L
-    t, j, valid = _patch_target(IMG, b, l, stride_ib, stride_ic, stride_ih, stride_iw, GW, C, PATCH, P, eps,
-                                NORM_PIX, BLOCK_P)
-    p = tl.load(PRED + b * stride_pb + l * stride_pl + j, mask=valid, other=0.0).to(tl.float32)
-    d = tl.where(valid, p - t, 0.0)
-    m = tl.load(MASK + pid)
-    tl.store(LOSS + pid, tl.sum(d * d, axis=0) / P * m)
+    d, b, l, j, valid = _residual(PRED, IMG, pid, stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw,
+                                  L, GW, C, PATCH, P, eps, NORM_PIX, BLOCK_P)
+    tl.store(LOSS + pid, tl.sum(d * d, axis=0) / P * tl.load(MASK + pid))
 
 
 @triton.jit
@@ -57,14 +57,9 @@ def _mae_bwd(PRED, IMG, MASK, SCALE, DPRED,  # SCALE: (1,) fp32 = grad_output / 
              stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw, stride_db, stride_dl,
              L, GW, C, PATCH, P, eps, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
-    b = pid // L
-    l = pid % L
-    t, j, valid = _patch_target(IMG, b, l, stride_ib, stride_ic, stride_ih, stride_iw, GW, C, PATCH, P, eps,
-                                NORM_PIX, BLOCK_P)
-    p = tl.load(PRED + b * stride_pb + l * stride_pl + j, mask=valid, other=0.0).to(tl.float32)
-    m = tl.load(MASK + pid)
-    g = tl.load(SCALE)
-    dp = 2.0 * (p - t) / P * m * g
+    d, b, l, j, valid = _residual(PRED, IMG, pid, stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw,
+                                  L, GW, C, PATCH, P, eps, NORM_PIX, BLOCK_P)
+    dp = 2.0 * d / P * tl.load(MASK + pid) * tl.load(SCALE)
     tl.store(DPRED + b * stride_db + l * stride_dl + j, dp.to(DPRED.dtype.element_ty), mask=valid)
 
 
