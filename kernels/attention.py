@@ -67,10 +67,11 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); L
 
 
 @triton.jit
-def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                  so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, b, h, pid_m,
-                  VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scores(Q, K, V, KPM, CU, b, h, pid_m, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, stride_kpm,
+            H, N, D, T, scale, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query block of (b, h) against all its keys: the scaled scores, which keys count,
+    the values, and what the caller needs to address its outputs."""
     start, n = _seq(CU, b, N, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -83,6 +84,18 @@ def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, 
     v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    return s, valid, k, v, start, n, offs_m, offs_d, qmask, lse_base
+
+
+@triton.jit
+def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                  so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, b, h, pid_m,
+                  VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    s, valid, k, v, start, n, offs_m, offs_d, qmask, lse_base = _scores(
+        Q, K, V, KPM, CU, b, h, pid_m, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, stride_kpm,
+        H, N, D, T, scale, VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
     s = tl.where(valid[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -92,7 +105,6 @@ def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, 
     o = tl.dot(p.to(v.dtype), v, input_precision=PREC) / l[:, None]
     tl.store(O + b * so_b + h * so_h + (start + offs_m)[:, None] * so_n + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=qmask)
-    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
     tl.store(LSE + lse_base + offs_m, m + tl.log(l), mask=offs_m < n)
 
 
@@ -103,26 +115,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,
                  H, N, D, T, scale,
                  VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start, n = _seq(CU, b, N, VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    qmask = (offs_m < n)[:, None] & dmask[None, :]
-    kmask = (offs_n < n)[:, None] & dmask[None, :]
-    q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    s, valid, k, v, start, n, offs_m, offs_d, qmask, lse_base = _scores(
+        Q, K, V, KPM, CU, b, h, tl.program_id(0), sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, stride_kpm,
+        H, N, D, T, scale, VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
     do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
-    k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
-    v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
-    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
     lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
     delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
     p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
