@@ -239,13 +239,14 @@ PYBIND11_MODULE(_dicom, m) {
            })
       .def("frame_spans",
            [](const Parsed& p) {
-             // (offset, length) into the parsed buffer for single-fragment frames, bytes otherwise.
+             // (offset, length) into the caller's bytes for single-fragment frames; bytes when the
+             // frame was joined from fragments or the buffer is ours (a file we read, inflated data).
              auto frames = nogil([&] { return encapsulated_frames(p.ds); });
              py::list out;
              const uint8_t* base = p.ds.bytes();
-             bool inflated = base != (p.file ? p.file->data() : static_cast<const uint8_t*>(p.view ? p.view->ptr : nullptr));
+             bool ours = p.file || !p.view || base != static_cast<const uint8_t*>(p.view->ptr);
              for (auto& f : frames) {
-               if (f.owned || inflated)
+               if (f.owned || ours)
                  out.append(py::bytes(reinterpret_cast<const char*>(f.data), f.size));
                else
                  out.append(py::make_tuple(size_t(f.data - base), f.size));

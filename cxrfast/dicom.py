@@ -68,8 +68,8 @@ def _name(src: Source) -> str:
     return os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<bytes>"
 
 
-def _parse(src: Source, header_only: bool):
-    name = _name(src)
+def _parse(src: Source, header_only: bool, name: str | None = None):
+    name = name or _name(src)
     try:
         if isinstance(src, (str, os.PathLike)):
             return _dicom.parse_file(os.fspath(src), header_only)
@@ -133,11 +133,9 @@ def read(
 
 
 def _frames_of(src: Source, parsed) -> list[memoryview]:
-    if isinstance(src, (str, os.PathLike)):
-        with open(src, "rb") as f:
-            buffer = memoryview(f.read())
-    else:
-        buffer = memoryview(src).cast("B")
+    """Frame bitstreams: views into ``src`` when it is bytes, copies of the frames (not of
+    the file) when cxrfast read the file itself."""
+    buffer = None if isinstance(src, (str, os.PathLike)) else memoryview(src).cast("B")
     out = []
     for span in parsed.frame_spans():
         if isinstance(span, tuple):
@@ -199,12 +197,19 @@ def encapsulated_frames(src: Source) -> EncapsulatedFrames:
     several fragments (or of a deflated data set) are joined copies. Codec names:
     ``rle, jpeg_lossless, jpeg_baseline, jpeg_extended, jpegls, jpeg2000, htj2k``.
     """
-    parsed = _parse(src, header_only=False)
+    name = _name(src)
+    if isinstance(src, (str, os.PathLike)):  # read once here, so the frames can be views of it
+        try:
+            with open(src, "rb") as f:
+                src = f.read()
+        except OSError as exc:
+            raise DicomReadError(name, f"cannot read file: {exc.strerror}") from None
+    parsed = _parse(src, header_only=False, name=name)
     meta = parsed.header
     try:
         frames = _frames_of(src, parsed)
     except _dicom.NativeError as exc:
-        raise from_native(_name(src), *exc.args) from None
+        raise from_native(name, *exc.args) from None
     return EncapsulatedFrames(frames, meta["codec"], meta)
 
 
