@@ -29,8 +29,8 @@ def test_masking_keeps_exactly_the_right_patches(ratio):
         visible = x[b][mask[b] == 0]
         assert torch.equal(torch.sort(kept[b], 0).values, torch.sort(visible, 0).values)
     assert torch.equal(torch.gather(torch.argsort(ids_restore, 1), 1, ids_restore), torch.arange(16).expand(5, 16))
-    if 0 < ratio:
-        assert not torch.equal(mask[0], mask[1]) or not torch.equal(mask[1], mask[2])  # per-sample
+    if 0 < ratio:  # per-sample masks: five samples all drawing the same one has p <= 16^-4
+        assert len({tuple(m.tolist()) for m in mask}) > 1
 
 
 def _mae_reference_pos_embed(dim, gs):
