@@ -4,7 +4,8 @@
   pydicom + pylibjpeg + Pillow in a multiprocessing pool of the same size, on full-size
   chest radiographs (RG1, JPEG lossless SV1, 12 copies with distinct SOP Instance UIDs).
 - loading: images/s at 224 (random resized crop, flip, normalise) from prepared 256 shards,
-  by the CPU DataLoader path and by the batch path on CPU tensors, against an
+  by the CPU DataLoader path (in-process native threads, as training uses it, and in worker
+  processes) and by the batch path on CPU tensors, against an
   ImageFolder-style Dataset that opens PNG files with PIL and crops/flips with PIL
   (torchvision's RandomResizedCrop recipe, written out without torchvision).
 
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxrfast.data import ResumableSampler
 from cxrfast.data.gpu_torch import TorchBatchLoader
-from cxrfast.data.shards import PreparedData, PreparedDataset
+from cxrfast.data.shards import PreparedData, PreparedDataset, collate
 from cxrfast.prepare import prepare
 from reference_prepare import prepare_reference
 
@@ -118,18 +119,23 @@ def _epoch(loader) -> int:
     return n
 
 
-@pytest.mark.parametrize("pipeline", ["cxrfast shards, CPU DataLoader", "cxrfast shards, batch path on CPU tensors",
-                                      "ImageFolder-style PNG + PIL"])
+@pytest.mark.parametrize("pipeline", ["cxrfast shards, CPU DataLoader (native threads)",
+                                      "cxrfast shards, CPU DataLoader in worker processes",
+                                      "cxrfast shards, batch path on CPU tensors", "ImageFolder-style PNG + PIL"])
 def test_cpu_loader_images_per_second(benchmark, loading_data, pipeline):
-    benchmark.group = f"CPU loading at 224 (crop, flip, normalise), batch 64, {WORKERS} workers"
+    benchmark.group = f"CPU loading at 224 (crop, flip, normalise), batch 64, {WORKERS} cores"
     png, prepared = loading_data
     sampler = ResumableSampler(len(prepared), seed=0)
     if pipeline.startswith("cxrfast shards, batch"):
         torch.set_num_threads(WORKERS)
         loader = TorchBatchLoader(prepared, sampler, batch_size=64, img_size=224, device="cpu", out_dtype=torch.float32)
-    elif pipeline.startswith("cxrfast shards, CPU"):
+    elif pipeline.endswith("(native threads)"):  # how training reads shards: no worker processes
+        torch.set_num_threads(WORKERS)
         loader = DataLoader(PreparedDataset(prepared, img_size=224), batch_size=64, sampler=sampler,
-                            num_workers=WORKERS, drop_last=True, persistent_workers=True)
+                            collate_fn=collate, drop_last=True)
+    elif pipeline.endswith("worker processes"):
+        loader = DataLoader(PreparedDataset(prepared, img_size=224), batch_size=64, sampler=sampler,
+                            num_workers=WORKERS, collate_fn=collate, drop_last=True, persistent_workers=True)
     else:
         files = sorted(png.glob("*.png"))
         loader = DataLoader(PILImageFolder(files), batch_size=64, shuffle=True, num_workers=WORKERS, drop_last=True,

@@ -303,6 +303,55 @@ PYBIND11_MODULE(_dicom, m) {
       py::arg("longest"), py::arg("size_h"), py::arg("size_w"));
 
   m.def(
+      "crop_resize",
+      [](py::list images, py::array_t<int64_t, py::array::c_style | py::array::forcecast> boxes,
+         py::array_t<bool, py::array::c_style | py::array::forcecast> mirror, py::array out, float gain, float offset,
+         int num_threads) {
+        // Validated here, with the GIL held: the native loop trusts every pointer and box.
+        const size_t n = images.size();
+        if (boxes.ndim() != 2 || size_t(boxes.shape(0)) != n || boxes.shape(1) != 4)
+          throw py::value_error("boxes must be (len(images), 4): top, left, height, width");
+        if (mirror.ndim() != 1 || size_t(mirror.shape(0)) != n) throw py::value_error("mirror must be (len(images),)");
+        if (!py::isinstance<py::array_t<float>>(out) || out.ndim() != 3 || size_t(out.shape(0)) != n ||
+            out.shape(1) != out.shape(2) || !(out.flags() & py::array::c_style) || !out.writeable())
+          throw py::value_error("out must be a writable C-contiguous float32 array (len(images), size, size)");
+        if (out.shape(1) < 1 || out.shape(1) > 65536) throw py::value_error("out size must be 1 to 65536");
+        const int size = int(out.shape(1));
+        int itemsize = 0;
+        std::vector<CropJob> jobs(n);
+        auto box = boxes.unchecked<2>();
+        auto flip = mirror.unchecked<1>();
+        auto* dst = static_cast<float*>(out.mutable_data());
+        for (size_t i = 0; i < n; ++i) {
+          auto img = py::reinterpret_borrow<py::array>(images[i]);
+          if (!py::isinstance<py::array>(images[i]) || img.ndim() != 2 ||
+              !((img.dtype().kind() == 'u' && (img.itemsize() == 1 || img.itemsize() == 2)) ||
+                (img.dtype().kind() == 'f' && img.itemsize() == 4)))
+            throw py::value_error("images must be 2-D uint8, uint16 or float32 arrays");
+          if (itemsize && img.itemsize() != itemsize) throw py::value_error("images must share one dtype");
+          itemsize = int(img.itemsize());
+          if (img.shape(0) > INT32_MAX || img.shape(1) > INT32_MAX)
+            throw py::value_error("image too large for crop_resize");
+          if (img.strides(1) != itemsize || img.strides(0) <= 0 || img.strides(0) % itemsize != 0)
+            throw py::value_error("image rows must be contiguous with a positive row stride");
+          CropJob& j = jobs[i];
+          j.top = int(box(i, 0)), j.left = int(box(i, 1)), j.height = int(box(i, 2)), j.width = int(box(i, 3));
+          if (box(i, 0) < 0 || box(i, 1) < 0 || box(i, 2) < 1 || box(i, 3) < 1 || box(i, 0) + box(i, 2) > img.shape(0) ||
+              box(i, 1) + box(i, 3) > img.shape(1))
+            throw py::value_error("crop box " + std::to_string(i) + " lies outside its image");
+          j.src = img.data();
+          j.stride = img.strides(0) / itemsize;
+          j.mirror = flip(i);
+          j.out = dst + i * size_t(size) * size;
+        }
+        if (n == 0) return;
+        py::gil_scoped_release release;
+        crop_resize_many(jobs, itemsize, size, gain, offset, num_threads);
+      },
+      py::arg("images"), py::arg("boxes"), py::arg("mirror"), py::arg("out"), py::arg("gain"), py::arg("offset"),
+      py::arg("num_threads") = 1);
+
+  m.def(
       "jpeg_lossless_decode",
       [](py::bytes stream) {
         // Decodes a bare SOF3 codestream (for tests and benchmarks against other codecs).

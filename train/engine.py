@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from cxrfast.data import ResumableSampler
+from cxrfast.data.shards import collate
 
 from . import checkpoints, config, logs, runtime, schedule
 from .config import opt
@@ -40,7 +41,8 @@ class LoopConfig:
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens)")
     betas: tuple[float, ...] = opt((0.9, 0.999), "AdamW betas")
     clip_grad: Optional[float] = opt(None, "clip the gradient norm to this value")
-    num_workers: int = opt(4, "data loader worker processes per rank")
+    num_workers: int = opt(4, "data loader worker processes per rank (image files; prepared shards are read "
+                                  "in-process by native threads)")
     seed: int = opt(0, "random seed")
     save_every: int = opt(1000, "write a checkpoint every N optimizer steps (and at each epoch end and the end)")
     keep_last: int = opt(3, "checkpoints to keep")
@@ -176,8 +178,11 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
         if job.batches is not None:
             loader = job.batches(sampler)
         else:
-            loader = DataLoader(job.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                                drop_last=True, pin_memory=rt.device.type == "cuda",
+            # prepared shards are cropped by native threads in this process (workers would only
+            # add shared-memory copies); image files are decoded in worker processes
+            workers = 0 if getattr(job.dataset, "in_process", False) else cfg.num_workers
+            loader = DataLoader(job.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                                collate_fn=collate, drop_last=True, pin_memory=rt.device.type == "cuda",
                                 generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG untouched
         net.train()
         micro = 0

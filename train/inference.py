@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cxrfast.data.shards import collate
+
 from . import runtime
 
 
@@ -15,7 +17,7 @@ def predict(model: torch.nn.Module, dataset: Dataset, device: torch.device, batc
     was_training = model.training
     model.eval()
     out = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     for batch in loader:
         x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
         with runtime.autocast(device):

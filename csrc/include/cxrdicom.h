@@ -185,6 +185,27 @@ struct DisplayLut {
 };
 DisplayLut display_lut(const Header& h, bool has_range, int64_t lo, int64_t hi);
 
+// One crop of a batch: a grey image of uint8, uint16 or float32 samples (bytes_per_sample 1,
+// 2 or 4; `stride` samples per row), the box (inside the image), whether to mirror it, and
+// size*size floats to write.
+struct CropJob {
+  const void* src = nullptr;
+  ptrdiff_t stride = 0;
+  int top = 0, left = 0, height = 0, width = 0;
+  bool mirror = false;
+  float* out = nullptr;
+};
+// The AVX2 copy of the crop-resize kernel: GCC on x86-64 only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CXR_CROP_AVX2 1
+#else
+#define CXR_CROP_AVX2 0
+#endif
+// Each box resized to size x size (antialiased triangle filter), mirrored where asked, and
+// written as value * gain + offset; jobs are spread over num_threads native threads.
+void crop_resize_many(const std::vector<CropJob>& jobs, int bytes_per_sample, int size, float gain, float offset,
+                      int num_threads);
+
 // A file's bytes, read without zero-filling the buffer first.
 struct FileBytes {
   std::unique_ptr<uint8_t[]> bytes;

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .direct import MEAN, STD
+from .augment import MEAN, STD
 from .sampler import ResumableSampler
 from .shards import PreparedData
 

@@ -8,59 +8,15 @@ full batches and a long run never stops for one bad file.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .augment import MEAN, STD, crop_resize, draw_crops, whole_images
 from .files import load_image
-
-MEAN, STD = 0.5, 0.25  # grey-level normalisation of [0, 1] display images
-
-
-def crop_box(h: int, w: int, scale: tuple[float, float], g: torch.Generator,
-             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random crop covering an area fraction in ``scale`` with
-    aspect ratio in ``ratio`` (10 tries, then a centre square), drawn from ``g``."""
-    area = h * w
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(3, generator=g).tolist()
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-            return top, left, ch, cw
-    side = min(h, w)
-    return (h - side) // 2, (w - side) // 2, side, side
-
-
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The augmentation RNG of one sample in one epoch (shared by every loader backend)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
-
-
-def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    """A random crop (see :func:`crop_box`) resized to size x size, antialiased bilinear;
-    (C, H, W) -> (C, size, size)."""
-    top, left, ch, cw = crop_box(x.shape[1], x.shape[2], scale, g)
-    crop = x[:, top:top + ch, left:left + cw]
-    # Antialiasing only changes a downscale; upscaling (most crops) takes the faster kernel,
-    # which gives the same values to float rounding.
-    shrink = ch > size or cw > size
-    return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=shrink, align_corners=False)[0]
-
-
-def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """The whole image resized to size x size (evaluation: no crop)."""
-    return F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 class ImageDataset(Dataset):
@@ -105,15 +61,15 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         i, img = self._read(index)
-        x = torch.from_numpy(np.ascontiguousarray(img))[None]
+        img = np.ascontiguousarray(img, dtype=np.float32)
+        h, w = img.shape
         if self.train:
-            g = sample_generator(self.seed, epoch, index)
-            x = random_resized_crop(x, self.img_size, self.crop_scale, g)
-            if float(torch.rand(1, generator=g)) < self.hflip:
-                x = x.flip(-1)
+            boxes, mirror = draw_crops(h, w, [index], seed=self.seed, epochs=epoch, scale=self.crop_scale,
+                                       hflip=self.hflip)
         else:
-            x = resize_square(x, self.img_size)
-        x = (x - MEAN) / STD
+            boxes, mirror = whole_images(h, w, 1)
+        x = crop_resize([img], boxes, mirror, self.img_size, value_scale=1.0, mean=MEAN, std=STD, threads=1,
+                        out=torch.empty(1, 1, self.img_size, self.img_size))[0]
         if self.in_chans != 1:
             x = x.expand(self.in_chans, -1, -1).contiguous()
         if self.labels is None:

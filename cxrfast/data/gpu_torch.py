@@ -1,8 +1,8 @@
 """The plain-torch GPU path: batches from the memmap into pinned memory, then crop, flip and
 normalise on CUDA tensors (for GPU machines without DALI).
 
-Crop boxes and flips are drawn exactly as the CPU path draws them (same per-sample
-generator), then applied to the whole batch at once with one affine grid_sample (bilinear,
+Crop boxes and flips are drawn exactly as the CPU path draws them (cxrfast.data.augment),
+then applied to the whole batch at once with one affine grid_sample (bilinear,
 no antialias: crops are mostly upsampled to the training size). Runs on CPU tensors too,
 which is how the tests check it without a GPU.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .direct import MEAN, STD, crop_box, sample_generator
+from .augment import MEAN, STD, draw_crops
 from .sampler import ResumableSampler
 from .shards import PreparedData
 
@@ -77,15 +77,15 @@ class TorchBatchLoader:
         x = host.to(self.device, non_blocking=True)[:, None].float() / self.data.scale
         b, _, h, w = x.shape
         if self.train:
-            theta = torch.zeros(b, 2, 3)
-            for k, (index, epoch) in enumerate(chunk):
-                g = sample_generator(self.seed, epoch, index)
-                top, left, ch, cw = crop_box(h, w, self.crop_scale, g)
-                flip = float(torch.rand(1, generator=g)) < self.hflip
-                theta[k, 0, 0] = (-cw if flip else cw) / w
-                theta[k, 0, 2] = (2 * left + cw) / w - 1
-                theta[k, 1, 1] = ch / h
-                theta[k, 1, 2] = (2 * top + ch) / h - 1
+            boxes, mirror = draw_crops(h, w, [i for i, _ in chunk], seed=self.seed, epochs=[e for _, e in chunk],
+                                       scale=self.crop_scale, hflip=self.hflip)
+            top, left, ch, cw = (torch.from_numpy(boxes[:, k]).double() for k in range(4))
+            theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+            theta[:, 0, 0] = torch.where(torch.from_numpy(mirror), -cw, cw) / w
+            theta[:, 0, 2] = (2 * left + cw) / w - 1
+            theta[:, 1, 1] = ch / h
+            theta[:, 1, 2] = (2 * top + ch) / h - 1
+            theta = theta.float()
             grid = F.affine_grid(theta.to(self.device), [b, 1, self.img_size, self.img_size], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         elif h != self.img_size:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from .direct import MEAN, STD, random_resized_crop, resize_square, sample_generator
+from .augment import MEAN, STD, OutputPool, crop_resize, draw_crops, whole_images
 
 
 def is_prepared(folder: str | os.PathLike | None) -> bool:
@@ -67,12 +67,32 @@ class PreparedData:
         return out
 
 
+class FetchedBatch:
+    """A batch a dataset built whole in ``__getitems__``; :func:`collate` passes it through."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def collate(samples):
+    """The DataLoader collate function for every cxrfast dataset: batches fetched whole
+    (PreparedDataset) go through untouched, lists of samples are stacked as usual."""
+    if isinstance(samples, FetchedBatch):
+        return samples.value
+    return default_collate(samples)
+
+
 class PreparedDataset(Dataset):
     """The CPU path over a prepared folder: (index, epoch) -> normalised (C, size, size) [, labels].
 
-    Same crops, flips and normalisation as the direct-from-file dataset (same seeding), so a
-    run gives the same augmentation whichever path feeds it.
+    A DataLoader (with ``collate_fn=collate``) fetches whole batches through
+    ``__getitems__``: crops are drawn for the batch at once and cropped, resized, mirrored and
+    normalised straight from the memmap by native code into one output tensor (reused once
+    nothing holds it; in shared memory in a worker). Crops and flips are those of every other torch-side path (see
+    cxrfast.data.augment), so a run gives the same augmentation whichever path feeds it.
     """
+
+    in_process = True  # best read by native threads in the training process, not worker processes
 
     def __init__(self, data: PreparedData, *, img_size: int, in_chans: int = 1, train: bool = True,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, seed: int = 0,
@@ -80,23 +100,31 @@ class PreparedDataset(Dataset):
         self.data, self.img_size, self.in_chans, self.train = data, img_size, in_chans, train
         self.crop_scale, self.hflip, self.seed = crop_scale, hflip, seed
         self.with_labels = with_labels and data.labels is not None
+        self.outputs = OutputPool()
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        x = torch.from_numpy(np.asarray(self.data.image(index), dtype=np.float32) / self.data.scale)[None]
+    def __getitems__(self, keys: list) -> FetchedBatch:
+        keys = [k if isinstance(k, tuple) else (k, 0) for k in keys]
+        indices = [i for i, _ in keys]
+        images = [self.data.image(i) for i in indices]
+        size = self.data.meta["size"]
         if self.train:
-            g = sample_generator(self.seed, epoch, index)
-            x = random_resized_crop(x, self.img_size, self.crop_scale, g)
-            if float(torch.rand(1, generator=g)) < self.hflip:
-                x = x.flip(-1)
-        elif x.shape[-1] != self.img_size:
-            x = resize_square(x, self.img_size)
-        x = (x - MEAN) / STD
+            boxes, mirror = draw_crops(size, size, indices, seed=self.seed, epochs=[e for _, e in keys],
+                                       scale=self.crop_scale, hflip=self.hflip)
+        else:
+            boxes, mirror = whole_images(size, size, len(keys))
+        out = self.outputs.get((len(keys), 1, self.img_size, self.img_size))
+        x = crop_resize(images, boxes, mirror, self.img_size, value_scale=self.data.scale, mean=MEAN, std=STD, out=out)
         if self.in_chans != 1:
-            x = x.expand(self.in_chans, -1, -1).contiguous()
+            x = x.expand(-1, self.in_chans, -1, -1).contiguous()
         if self.with_labels:
-            return x, torch.from_numpy(self.data.labels[index])
-        return x
+            return FetchedBatch((x, torch.from_numpy(self.data.labels[indices])))
+        return FetchedBatch(x)
+
+    def __getitem__(self, key):
+        batch = self.__getitems__([key]).value
+        if self.with_labels:
+            return batch[0][0], batch[1][0]
+        return batch[0]
