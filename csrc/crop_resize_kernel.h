@@ -15,6 +15,8 @@ struct Taps {
   std::vector<int> start;
   std::vector<float> w;
   int taps = 0;
+  std::vector<int> first, count;  // triangle_taps' scratch, kept to reuse its memory
+  std::vector<double> exact;
 };
 
 // Weights of the triangle filter mapping `in` samples (a crop of the axis) onto `out`, each
@@ -23,8 +25,13 @@ void triangle_taps(int in, int out, float gain, Taps& t) {
   const double scale = double(in) / out;
   const double support = std::max(scale, 1.0);
   const int most = int(std::ceil(support)) * 2 + 1;
-  std::vector<int> first(static_cast<size_t>(out)), count(static_cast<size_t>(out));
-  std::vector<double> w(size_t(out) * most, 0.0);
+  std::vector<int>& first = t.first;
+  std::vector<int>& count = t.count;
+  std::vector<double>& w = t.exact;
+  first.resize(size_t(out));
+  count.resize(size_t(out));
+  w.resize(size_t(out) * most);  // only the first count[o] weights of each output are read
+  const double inv_support = 1.0 / support;
   int taps = 1;
   for (int o = 0; o < out; ++o) {
     const double center = (o + 0.5) * scale;
@@ -34,7 +41,7 @@ void triangle_taps(int in, int out, float gain, Taps& t) {
     int f = -1, n = 0;
     double sum = 0;
     for (int x = lo; x < hi && n < most; ++x) {
-      const double d = std::fabs((x + 0.5 - center) / support);
+      const double d = std::fabs((x + 0.5 - center) * inv_support);
       const double v = d < 1.0 ? 1.0 - d : 0.0;
       if (v <= 0.0 && f < 0) continue;  // leading zero weights
       if (f < 0) f = x;
@@ -48,7 +55,8 @@ void triangle_taps(int in, int out, float gain, Taps& t) {
       n = 1;
       sum = 1.0;
     }
-    for (int k = 0; k < n; ++k) wo[k] /= sum;
+    const double inv_sum = 1.0 / sum;
+    for (int k = 0; k < n; ++k) wo[k] *= inv_sum;
     first[size_t(o)] = f;
     count[size_t(o)] = n;
     taps = std::max(taps, n);
@@ -85,16 +93,18 @@ void filter_row(const S* src, const Taps& t, int size, bool mirror, float offset
 
 // Vertical pass for output row o: dst[i] = offset + sum_k w[k] * rows(start + k)[i].
 template <int T, class RowPtr>
-void filter_cols(RowPtr rows, const Taps& t, int o, int width, float offset, float* dst) {
+void filter_cols(RowPtr rows, const Taps& t, int o, int width, float offset, float* __restrict dst) {
   const int taps = T > 0 ? T : t.taps;
   const float* w = t.w.data() + size_t(o) * taps;
   const int start = t.start[size_t(o)];
   if constexpr (T > 0) {
+    // weights and row pointers in locals, which dst cannot alias: the loop vectorises
     decltype(rows(0)) r[T];
-    for (int k = 0; k < T; ++k) r[k] = rows(start + k);
+    float wk[T];
+    for (int k = 0; k < T; ++k) r[k] = rows(start + k), wk[k] = w[k];
     for (int i = 0; i < width; ++i) {
       float acc = offset;
-      for (int k = 0; k < T; ++k) acc += w[k] * float(r[k][i]);
+      for (int k = 0; k < T; ++k) acc += wk[k] * float(r[k][i]);
       dst[i] = acc;
     }
   } else {
