@@ -89,14 +89,16 @@ def test_read_many_releases_the_gil(tmp_path):
     try:
         time.sleep(0.01)
         t0 = time.perf_counter()
-        dicom.read_many([p] * 300, num_threads=2, size=(300, 300))
+        dicom.read_many([p] * 300, num_threads=1, size=(300, 300))  # leaves the other core to the ticker
         t1 = time.perf_counter()
     finally:
         stop.set()
         t.join()
     during = [x for x in ticks if t0 < x < t1]
-    # Held GIL: no tick at all inside the call. Released: about one per millisecond.
-    assert len(during) >= min(10, (t1 - t0) * 1000 / 4)
+    # Held GIL: no tick inside the native part (a few at most in the Python around it, one per
+    # 5 ms switch interval). Released: about one per millisecond; a loaded machine still gives
+    # far more than one per 20 ms.
+    assert len(during) >= max(5, (t1 - t0) * 1000 / 20)
 
 
 def test_encapsulated_frames_are_zero_copy():
