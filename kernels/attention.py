@@ -9,7 +9,7 @@ Modes (one kernel, addressing chosen per mode):
 
 Design limits: sequence length <= 512 (BLOCK_N = next power of two >= N holds every key);
 head dims 16-256 (32, 64, 80, 128 are the tested ones; 80 is padded to 128 in registers);
-fp32, bf16, fp16. Each program handles BLOCK_M queries of one (sequence, head) against all
+fp32, bf16, fp16; keys plus values of one sequence within MAX_TILE_BYTES (see ``fits``). Each program handles BLOCK_M queries of one (sequence, head) against all
 its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
 Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
 form: one kernel for dQ (per query block), one for dK/dV (per key block, looping over the
@@ -24,6 +24,21 @@ import triton
 import triton.language as tl
 
 MAX_SEQLEN = 512
+# One program holds a whole sequence's keys and values (2 x BLOCK_N x BLOCK_D elements). The
+# GPU-tested shapes go up to N = 197, D = 128 in 16-bit (128 KiB); bigger tiles would exceed
+# the shared memory of an A100/H100 (164/228 KiB) once the query tile and scores are added,
+# so they are refused here and cxrfast.ops sends them to scaled_dot_product_attention.
+MAX_TILE_BYTES = 128 * 1024
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << (max(x, 1) - 1).bit_length())
+
+
+def fits(n: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether sequences of up to n tokens with head dim d fit the kernel's single tile."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return n <= MAX_SEQLEN and 16 <= d <= 256 and 2 * _pow2(n) * _pow2(d) * itemsize <= MAX_TILE_BYTES
 
 
 @triton.jit
@@ -185,13 +200,16 @@ def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _blocks(max_n: int, d: int) -> tuple[int, int, int, int]:
+def _blocks(max_n: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     if max_n > MAX_SEQLEN:
         raise ValueError(f"sequence length {max_n} exceeds the kernel's limit {MAX_SEQLEN}")
     if not 16 <= d <= 256:
         raise ValueError(f"head dim {d} outside the kernel's range 16-256")
-    block_n = max(16, triton.next_power_of_2(max_n))
-    block_d = max(16, triton.next_power_of_2(d))
+    if not fits(max_n, d, dtype):
+        raise ValueError(f"sequence length {max_n} with head dim {d} in {dtype} needs a key/value tile over "
+                         f"{MAX_TILE_BYTES // 1024} KiB; use scaled_dot_product_attention (cxrfast.ops does)")
+    block_n = _pow2(max_n)
+    block_d = _pow2(d)
     block_m = min(block_n, 64 if block_n <= 128 else 32 if block_n <= 256 else 16)
     warps = 4 if block_n * block_d <= 64 * 128 else 8
     return block_m, block_n, block_d, warps
@@ -213,7 +231,7 @@ class AttentionFn(torch.autograd.Function):
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
         cu = cu_seqlens if varlen else q
-        block_m, block_n, block_d, warps = _blocks(n, d)
+        block_m, block_n, block_d, warps = _blocks(n, d, q.dtype)
         pack = 4 if block_n <= 32 else 2 if block_n <= 64 else 1
         grid = (triton.cdiv(n, block_m), triton.cdiv(batch * h, pack))
         _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
@@ -236,7 +254,7 @@ class AttentionFn(torch.autograd.Function):
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         kpm_arg = kpm if has_kpm else q
         cu_arg = cu if varlen else q
-        block_m, block_n, block_d, warps = _blocks(n, d)
+        block_m, block_n, block_d, warps = _blocks(n, d, q.dtype)
         common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q), BLOCK_D=block_d, num_warps=warps)
         strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
                    kpm.stride(0) if has_kpm else 0)

@@ -143,6 +143,29 @@ def test_ops_dispatch_switch(monkeypatch):
         ops.set_backend("cuda")
 
 
+def test_attention_refuses_tiles_too_big_and_ops_falls_back(monkeypatch):
+    from cxrfast import ops
+    from kernels import attention as ka
+
+    assert ka.fits(197, 128, torch.bfloat16) and ka.fits(512, 64, torch.float16) and ka.fits(50, 64, torch.float32)
+    assert not ka.fits(257, 80, torch.bfloat16)  # ViT-H/14 at 224, fine-tuning: 512 x 128 tile
+    assert not ka.fits(513, 64, torch.float16) and not ka.fits(50, 8, torch.float32)
+    q = torch.randn(1, 2, 300, 128)
+    with pytest.raises(ValueError, match="KiB"):
+        attention(q, q, q)
+    calls = []
+    monkeypatch.setattr(ka, "attention", lambda *a, **k: calls.append(1) or attention_ref(*a, **k))
+    ops.set_backend("triton")
+    try:
+        out = ops.attention(q, q, q)  # too big: SDPA
+        small = torch.randn(1, 2, 20, 32)
+        ops.attention(small, small, small)  # fits: the kernel
+    finally:
+        ops.set_backend("auto")
+    torch.testing.assert_close(out, attention_ref(q, q, q), atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+
+
 # ---- GPU: bf16 / fp16 error no worse than 2x torch's own same-dtype error (+ small atol) ----
 
 def _fair(kernel_out, torch_out, fp32_ref, atol):
