@@ -182,3 +182,9 @@ def test_output_pool_reuses_only_memory_nothing_holds():
     assert c.data_ptr() != array.ctypes.data  # an array over b's memory still holds it
     del array, c
     assert pool.get(shape).data_ptr() in {p.data_ptr() for p, _ in pool.buffers}  # reused, not new
+
+
+def test_random_batches_and_bad_boxes_short_fuzz():
+    import crop_fuzz
+
+    assert crop_fuzz.run(seconds=2.0, seed=int(np.random.default_rng().integers(2**31))) > 50

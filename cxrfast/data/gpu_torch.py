@@ -38,10 +38,15 @@ class TorchBatchLoader:
     def _host_batches(self) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
         keys = list(self.sampler)
         pin = self.device.type == "cuda"
+        size = self.data.meta["size"]
+        dtype = torch.from_numpy(np.empty(0, self.data.dtype)).dtype
         for start in range(0, len(keys) - self.batch_size + 1, self.batch_size):
             chunk = keys[start:start + self.batch_size]
-            host = torch.from_numpy(self.data.batch([i for i, _ in chunk]))
-            yield chunk, host.pin_memory() if pin else host
+            # gathered straight into pinned memory (torch's caching host allocator: cheap after
+            # the first batches, and a block is not reused while a copy from it is in flight)
+            host = torch.empty((len(chunk), size, size), dtype=dtype, pin_memory=pin)
+            self.data.batch([i for i, _ in chunk], out=host.numpy())
+            yield chunk, host
 
     def _prefetched(self):
         """Gathers the next batches from the memmap in a thread while the GPU works; the

@@ -59,9 +59,15 @@ class PreparedData:
         shard, offset = self.locations[i]
         return self.shards[shard][offset]
 
-    def batch(self, indices: list[int]) -> np.ndarray:
-        """Gathers images (B, size, size) in the stored dtype."""
-        out = np.empty((len(indices), self.meta["size"], self.meta["size"]), self.shards[0].dtype if self.shards else np.uint8)
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    def batch(self, indices: list[int], out: np.ndarray | None = None) -> np.ndarray:
+        """Gathers images (B, size, size) in the stored dtype, into ``out`` when given (e.g. a
+        view of pinned memory, saving a copy)."""
+        if out is None:
+            out = np.empty((len(indices), self.meta["size"], self.meta["size"]), self.dtype)
         for k, i in enumerate(indices):
             out[k] = self.image(i)
         return out
