@@ -158,3 +158,21 @@ def test_pretrain_and_finetune_read_a_prepared_folder(tmp_path, data, loader):
                         timeout=600)
     assert ft.returncode == 0, ft.stderr[-2000:]
     assert "3 labels ['Effusion', 'Nodule', 'Cardiomegaly']" in ft.stdout
+
+
+def test_resume_on_a_prepared_folder_repeats_the_crops(tmp_path, data):
+    """The CPU loader draws crops from (seed, epoch, sample): a run stopped at a checkpoint and
+    resumed gives the losses of the uninterrupted run."""
+    from cxrfast.prepare import prepare
+
+    prepared = tmp_path / "prepared"
+    prepare(str(data), str(prepared), size=64, workers=1)
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    common = ["--data", str(prepared), "--loader", "cpu", "--save_every", "3", *TINY]
+    run([*common, "--output_dir", str(ref), "--max_steps", "6"])
+    run([*common, "--output_dir", str(part), "--max_steps", "3"])
+    r = run([*common, "--output_dir", str(part), "--max_steps", "6", "--resume", "auto"])
+    assert "step 3" in r.stdout
+    expected, got = losses(ref), losses(part)
+    assert len(expected) == 6 and len(set(expected.values())) == 6
+    assert all(got[s] == expected[s] for s in range(1, 7)), (got, expected)
