@@ -37,6 +37,13 @@ class PreparedData:
         else:
             self.labels = None
         self.patients = [r["patient_id"] or r["source"] for r in rows]
+        self._index_views()
+
+    def _index_views(self) -> None:
+        """Plain ndarray views of the memmaps and (shard, offset) as Python ints: image(i) is
+        then 0.15 us instead of 4 us (np.memmap indexing), which showed at 20k images/s."""
+        self._arrays = [np.asarray(s) for s in self.shards]
+        self._where = self.locations.tolist()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -49,6 +56,7 @@ class PreparedData:
         view.locations = self.locations[list(indices)].reshape(-1, 2)
         view.labels = None if self.labels is None else self.labels[list(indices)]
         view.patients = [self.patients[i] for i in indices]
+        view._index_views()
         return view
 
     @property
@@ -56,8 +64,8 @@ class PreparedData:
         return 255.0 if self.meta["dtype"] == "uint8" else 65535.0
 
     def image(self, i: int) -> np.ndarray:
-        shard, offset = self.locations[i]
-        return self.shards[shard][offset]
+        shard, offset = self._where[i]
+        return self._arrays[shard][offset]
 
     @property
     def dtype(self) -> np.dtype:
