@@ -78,6 +78,29 @@ def whole_images(heights, widths, count: int) -> tuple[np.ndarray, np.ndarray]:
     return boxes, np.zeros(count, bool)
 
 
+def triangle_matrices(starts, lengths, size: int, extent: int, mirror=None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, size, extent) float32 resampling matrices for one axis: row o of matrix b takes
+    [starts[b], starts[b] + lengths[b]) of an axis of ``extent`` samples onto output o with the
+    antialiased triangle filter of the native crop-resize (rows sum to 1; rows reversed where
+    ``mirror``). ``wy @ image @ wx.mT`` is then the crop-resize of a whole batch as two batched
+    matmuls - how the torch GPU path gets the CPU path's numbers."""
+    start = torch.as_tensor(np.asarray(starts), dtype=torch.float64, device=device)[:, None, None]
+    length = torch.as_tensor(np.asarray(lengths), dtype=torch.float64, device=device)[:, None, None]
+    scale = length / size
+    support = torch.clamp(scale, min=1.0)
+    out = torch.arange(size, dtype=torch.float64, device=device)[None, :, None]
+    pos = torch.arange(extent, dtype=torch.float64, device=device)[None, None, :]
+    center = start + (out + 0.5) * scale
+    w = torch.clamp(1.0 - ((pos + 0.5 - center) / support).abs(), min=0.0)
+    w = torch.where((pos >= start) & (pos < start + length), w, 0.0)
+    w = w / w.sum(-1, keepdim=True)  # the input sample under each centre always has weight > 0
+    if mirror is not None:
+        flip = torch.as_tensor(np.asarray(mirror), dtype=torch.bool, device=device)[:, None, None]
+        w = torch.where(flip, w.flip(1), w)
+    return w.float()
+
+
 def _storage_users(t: torch.Tensor) -> int | None:
     """How many tensors (and arrays) hold t's memory; None where torch cannot say."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)

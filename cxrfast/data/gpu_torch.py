@@ -2,9 +2,10 @@
 normalise on CUDA tensors (for GPU machines without DALI).
 
 Crop boxes and flips are drawn exactly as the CPU path draws them (cxrfast.data.augment),
-then applied to the whole batch at once with one affine grid_sample (bilinear,
-no antialias: crops are mostly upsampled to the training size). Runs on CPU tensors too,
-which is how the tests check it without a GPU.
+then applied to the whole batch at once as two batched matmuls with per-image resampling
+matrices (the CPU path's antialiased triangle filter, crop and mirror folded in): the same
+numbers as the CPU path to float rounding, at ~15 GFLOP per 256-image batch. Runs on CPU
+tensors too, which is how the tests check it without a GPU.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .augment import MEAN, STD, draw_crops
+from .augment import MEAN, STD, draw_crops, triangle_matrices, whole_images
 from .sampler import ResumableSampler
 from .shards import PreparedData
 
@@ -79,23 +79,18 @@ class TorchBatchLoader:
             thread.join()
 
     def transform(self, chunk: list[tuple[int, int]], host: torch.Tensor) -> torch.Tensor:
-        x = host.to(self.device, non_blocking=True)[:, None].float() / self.data.scale
-        b, _, h, w = x.shape
+        x = host.to(self.device, non_blocking=True).float()  # (B, H, W) stored values
+        b, h, w = x.shape
         if self.train:
             boxes, mirror = draw_crops(h, w, [i for i, _ in chunk], seed=self.seed, epochs=[e for _, e in chunk],
                                        scale=self.crop_scale, hflip=self.hflip)
-            top, left, ch, cw = (torch.from_numpy(boxes[:, k]).double() for k in range(4))
-            theta = torch.zeros(b, 2, 3, dtype=torch.float64)
-            theta[:, 0, 0] = torch.where(torch.from_numpy(mirror), -cw, cw) / w
-            theta[:, 0, 2] = (2 * left + cw) / w - 1
-            theta[:, 1, 1] = ch / h
-            theta[:, 1, 2] = (2 * top + ch) / h - 1
-            theta = theta.float()
-            grid = F.affine_grid(theta.to(self.device), [b, 1, self.img_size, self.img_size], align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        elif h != self.img_size:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True, align_corners=False)
-        x = ((x - MEAN) / STD).to(self.out_dtype)
+        else:
+            boxes, mirror = whole_images(h, w, b)
+        size = self.img_size
+        wy = triangle_matrices(boxes[:, 0], boxes[:, 2], size, h, device=self.device)
+        wx = triangle_matrices(boxes[:, 1], boxes[:, 3], size, w, mirror, device=self.device)
+        x = torch.bmm(torch.bmm(wy, x), wx.transpose(1, 2))  # crop, antialiased resize, flip
+        x = (x * (1.0 / (self.data.scale * STD)) - MEAN / STD).to(self.out_dtype)[:, None]
         if self.in_chans != 1:
             x = x.expand(-1, self.in_chans, -1, -1)
         return x
