@@ -27,7 +27,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "GPU check on ${card}, commit ${commit}"
 
 echo "== GPU tests"
-timeout -s INT -k 10 150 python -m pytest tests/test_kernels.py tests/test_models.py -q -x -p no:cacheprovider || status=1
+timeout -s INT -k 10 150 python -m pytest tests/test_kernels.py tests/test_models.py tests/test_data_loaders.py -q -x -p no:cacheprovider || status=1
 
 echo "== GPU benchmarks"
 export CXRFAST_BENCH_MD="$table"

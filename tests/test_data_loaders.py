@@ -80,6 +80,25 @@ def test_torch_batch_path_matches_cpu_path(random_data):
         torch.testing.assert_close(x, ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_batch_path_on_cuda_matches_cpu_path(random_data):
+    """Pinned gathering, uint8 upload and the batched-matmul resize on the GPU."""
+    s = ResumableSampler(len(random_data), seed=0)
+    s.set_epoch(2)
+    cpu = PreparedDataset(random_data, img_size=40, train=True, seed=7, with_labels=True)
+    for dtype, atol in [(torch.float32, 1e-4), (torch.bfloat16, 0.05)]:
+        loader = TorchBatchLoader(random_data, s, batch_size=16, img_size=40, train=True, seed=7, device="cuda",
+                                  out_dtype=dtype, with_labels=True)
+        batches = list(loader)
+        assert len(batches) == 4
+        keys = list(s)
+        for b, (x, y) in enumerate(batches):
+            assert x.is_cuda and x.dtype == dtype and x.shape == (16, 1, 40, 40)
+            ref = torch.stack([cpu[k][0] for k in keys[16 * b:16 * b + 16]])
+            torch.testing.assert_close(x.float().cpu(), ref, atol=atol, rtol=0)
+            assert torch.equal(y.cpu(), torch.stack([cpu[k][1] for k in keys[16 * b:16 * b + 16]]))
+
+
 @needs_dali
 @pytest.mark.parametrize("size", [48, 32])
 def test_dali_cpu_matches_torch_fallback_without_augmentation(random_data, size):
