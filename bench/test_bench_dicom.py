@@ -44,6 +44,13 @@ def _gdcm(path: str) -> np.ndarray:
 READERS = {"pydicom+pylibjpeg": _pydicom, "dicomsdl": _dicomsdl, "python-gdcm": _gdcm}
 
 
+def _stored(reader: str, path):
+    """A no-argument call that reads path to stored values with the named reader."""
+    if reader == "cxrfast":
+        return lambda: dicom.read(path, output="stored").pixels
+    return lambda: READERS[reader](path)
+
+
 def _mp(rg1) -> str:
     return f"{rg1['array'].size / 1e6:.2f}MP"
 
@@ -51,9 +58,7 @@ def _mp(rg1) -> str:
 @pytest.mark.parametrize("reader", ["cxrfast", *READERS])
 def test_jpeg_lossless_sv1_rg1(benchmark, rg1, reader):
     benchmark.group = "JPEG lossless SV1, RG1 1955x1841, file -> stored values"
-    path = rg1["paths"]["sv1"]
-    fn = (lambda: dicom.read(path, output="stored").pixels) if reader == "cxrfast" else (lambda: READERS[reader](path))
-    out = benchmark(fn)
+    out = benchmark(_stored(reader, rg1["paths"]["sv1"]))
     np.testing.assert_array_equal(out, rg1["array"])
 
 
@@ -74,9 +79,7 @@ def test_jpeg_lossless_codestream_rg1(benchmark, rg1, decoder):
 def test_uncompressed_rg1(benchmark, rg1, reader):
     benchmark.group = "Explicit VR LE, RG1, file -> stored values"
     path = rg1["paths"]["native"]
-    if reader == "cxrfast":
-        fn = lambda: dicom.read(path, output="stored").pixels  # noqa: E731
-    elif reader == "copy of the pixel bytes":
+    if reader == "copy of the pixel bytes":
         # The floor: read the file and copy its pixel bytes into a new array.
         n = rg1["array"].nbytes
         with open(path, "rb") as f:
@@ -87,7 +90,7 @@ def test_uncompressed_rg1(benchmark, rg1, reader):
                 data = f.read()
             return np.frombuffer(data, np.uint16, count=n // 2, offset=offset).reshape(rg1["array"].shape).copy()
     else:
-        fn = lambda: READERS[reader](path)  # noqa: E731
+        fn = _stored(reader, path)
     out = benchmark(fn)
     np.testing.assert_array_equal(out & 0x7FFF, rg1["array"])
 
@@ -95,9 +98,7 @@ def test_uncompressed_rg1(benchmark, rg1, reader):
 @pytest.mark.parametrize("reader", ["cxrfast", "pydicom+pylibjpeg", "python-gdcm"])
 def test_rle_rg1(benchmark, rg1, reader):
     benchmark.group = "RLE Lossless, RG1, file -> stored values"
-    path = rg1["paths"]["rle"]
-    fn = (lambda: dicom.read(path, output="stored").pixels) if reader == "cxrfast" else (lambda: READERS[reader](path))
-    out = benchmark(fn)
+    out = benchmark(_stored(reader, rg1["paths"]["rle"]))
     np.testing.assert_array_equal(out, rg1["array"])
 
 
