@@ -9,8 +9,8 @@ Modes (one kernel, addressing chosen per mode):
 
 Design limits: sequence length <= 512 (BLOCK_N = next power of two >= N holds every key);
 head dims 16-256 (32, 64, 80, 128 are the tested ones; 80 is padded to 128 in registers);
-fp32, bf16, fp16; keys plus values of one sequence within MAX_TILE_BYTES (see ``fits``). Each program handles BLOCK_M queries of one (sequence, head) against all
-its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
+fp32, bf16, fp16; keys plus values of one sequence within MAX_TILE_BYTES (see ``fits``).
+Each program handles BLOCK_M queries of one (sequence, head) against all its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
 Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
 form: one kernel for dQ (per query block), one for dK/dV (per key block, looping over the
 query blocks), both recomputing P from the saved log-sum-exp.
@@ -37,8 +37,7 @@ def _pow2(x: int) -> int:
 
 def fits(n: int, d: int, dtype: torch.dtype) -> bool:
     """Whether sequences of up to n tokens with head dim d fit the kernel's single tile."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return n <= MAX_SEQLEN and 16 <= d <= 256 and 2 * _pow2(n) * _pow2(d) * itemsize <= MAX_TILE_BYTES
+    return n <= MAX_SEQLEN and 16 <= d <= 256 and 2 * _pow2(n) * _pow2(d) * dtype.itemsize <= MAX_TILE_BYTES
 
 
 @triton.jit

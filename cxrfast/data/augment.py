@@ -136,6 +136,11 @@ class OutputPool:
         return buffer.view(shape)
 
 
+def normalisation(value_scale: float, mean: float = MEAN, std: float = STD) -> tuple[float, float]:
+    """(gain, offset) with value * gain + offset == (value / value_scale - mean) / std."""
+    return 1.0 / (value_scale * std), -mean / std
+
+
 def crop_resize(images: list[np.ndarray], boxes: np.ndarray, mirror: np.ndarray, size: int, *, value_scale: float,
                 mean: float, std: float, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """Each box of each 2-D image (uint8, uint16 or float32) resized to size x size with the
@@ -146,7 +151,6 @@ def crop_resize(images: list[np.ndarray], boxes: np.ndarray, mirror: np.ndarray,
         out = torch.empty((len(images), 1, size, size))
     if threads is None:
         threads = torch.get_num_threads()
-    gain = 1.0 / (value_scale * std)
-    _dicom.crop_resize(images, boxes, mirror, out.numpy().reshape(len(images), size, size), gain, -mean / std,
-                       threads)
+    gain, offset = normalisation(value_scale, mean, std)
+    _dicom.crop_resize(images, boxes, mirror, out.numpy().reshape(len(images), size, size), gain, offset, threads)
     return out

@@ -68,8 +68,7 @@ class ImageDataset(Dataset):
                                        hflip=self.hflip)
         else:
             boxes, mirror = whole_images(h, w, 1)
-        x = crop_resize([img], boxes, mirror, self.img_size, value_scale=1.0, mean=MEAN, std=STD, threads=1,
-                        out=torch.empty(1, 1, self.img_size, self.img_size))[0]
+        x = crop_resize([img], boxes, mirror, self.img_size, value_scale=1.0, mean=MEAN, std=STD, threads=1)[0]
         if self.in_chans != 1:
             x = x.expand(self.in_chans, -1, -1).contiguous()
         if self.labels is None:

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .augment import MEAN, STD, draw_crops, triangle_matrices, whole_images
+from .augment import draw_crops, normalisation, triangle_matrices, whole_images
 from .sampler import ResumableSampler
 from .shards import PreparedData
 
@@ -90,7 +90,8 @@ class TorchBatchLoader:
         wy = triangle_matrices(boxes[:, 0], boxes[:, 2], size, h, device=self.device)
         wx = triangle_matrices(boxes[:, 1], boxes[:, 3], size, w, mirror, device=self.device)
         x = torch.bmm(torch.bmm(wy, x), wx.transpose(1, 2))  # crop, antialiased resize, flip
-        x = (x * (1.0 / (self.data.scale * STD)) - MEAN / STD).to(self.out_dtype)[:, None]
+        gain, offset = normalisation(self.data.scale)
+        x = (x * gain + offset).to(self.out_dtype)[:, None]
         if self.in_chans != 1:
             x = x.expand(-1, self.in_chans, -1, -1)
         return x

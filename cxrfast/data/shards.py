@@ -61,7 +61,7 @@ class PreparedData:
 
     @property
     def scale(self) -> float:
-        return 255.0 if self.meta["dtype"] == "uint8" else 65535.0
+        return float(np.iinfo(self.dtype).max)
 
     def image(self, i: int) -> np.ndarray:
         shard, offset = self._where[i]
@@ -102,8 +102,9 @@ class PreparedDataset(Dataset):
     A DataLoader (with ``collate_fn=collate``) fetches whole batches through
     ``__getitems__``: crops are drawn for the batch at once and cropped, resized, mirrored and
     normalised straight from the memmap by native code into one output tensor (reused once
-    nothing holds it; in shared memory in a worker). Crops and flips are those of every other torch-side path (see
-    cxrfast.data.augment), so a run gives the same augmentation whichever path feeds it.
+    nothing holds it; in shared memory in a worker). Crops and flips are those of every other
+    torch-side path (see cxrfast.data.augment), so a run gives the same augmentation whichever
+    path feeds it.
     """
 
     in_process = True  # best read by native threads in the training process, not worker processes
