@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dicom
+from .atomic import atomic_open
 from .synthetic import ensure_demo_dataset
 
 DEFAULT_DIR = Path("outputs") / "demo_dicom"
@@ -67,9 +68,8 @@ def _contact_sheet(images: list[np.ndarray], path: Path, columns: int = 8) -> No
         r, c = divmod(k, columns)
         img = img if img.ndim == 2 else img[..., 0]
         sheet[r * h:r * h + img.shape[0], c * w:c * w + img.shape[1]] = img
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(sheet).save(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        Image.fromarray(sheet).save(f, format="PNG")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import dicom
+from . import atomic, dicom
+from .atomic import atomic_open
 from .data.files import IMAGE_SUFFIXES, find_images, load_image
 from .data.labels import read_labels
 from .data.splits import patient_split
@@ -76,12 +77,10 @@ def _describe(path: Path) -> Item:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _letterbox(img: np.ndarray, size: int, dtype: np.dtype) -> tuple[np.ndarray, int, int]:
@@ -181,12 +180,8 @@ class Preparer:
         array = np.stack(images) if images else np.zeros((0, self.size, self.size), self.dtype)
         name = f"shard_{number:05d}"
         _write_csv(self.out / "parts" / f"{name}.csv", INDEX_COLUMNS[:-1], rows)  # before the shard: see done()
-        tmp = self.out / f"{name}.npy.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_open(self.out / f"{name}.npy") as f:
             np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out / f"{name}.npy")
 
     def done(self, number: int) -> bool:
         name = f"shard_{number:05d}"
@@ -248,9 +243,7 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
             "shards": [f"shard_{n:05d}.npy" for n in range(len(shards))], "images": len(rows),
             "images_per_shard": prep.per_shard, "files_seen": len(files), "duplicates": len(duplicates),
             "errors_this_run": len(prep.errors), "split_fractions": list(split_fractions), "source": str(root.resolve())}
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / "meta.json")
+    atomic.write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return meta
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_open, atomic_path
+
 FINDINGS = ("Effusion", "Nodule", "Cardiomegaly")
 
 
@@ -85,9 +87,8 @@ def write_dicom(path: Path, pixels: np.ndarray, *, transfer_syntax: str, monochr
     else:
         ds.PixelData = stored.tobytes()
         ds["PixelData"].VR = "OW"
-    tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)  # a file appears only when complete
+    with atomic_path(path) as tmp:  # a file appears only when complete
+        ds.save_as(tmp, enforce_file_format=True)
 
 
 def ensure_demo_dataset(folder: str | os.PathLike, count: int = 96, size: int = 256, seed: int = 0) -> Path:
@@ -112,10 +113,8 @@ def ensure_demo_dataset(folder: str | os.PathLike, count: int = 96, size: int = 
         write_dicom(root / name, chest_image(rng, size, findings), transfer_syntax=ts,
                     monochrome1=bool(i % 2), patient_id=f"DEMO{i // 2:03d}", view="PA" if i % 4 else "AP")
         rows.append([name] + [int(findings[f]) for f in FINDINGS])
-    tmp = labels.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(labels, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", *FINDINGS])
         writer.writerows(rows)
-    os.replace(tmp, labels)
     return root

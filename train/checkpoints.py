@@ -6,23 +6,20 @@ to disk and renamed, so a crash at any moment leaves either the old or the new f
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cxrfast.atomic import atomic_open
+
 PATTERN = re.compile(r"checkpoint-(\d+)\.pth$")
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -15,6 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cxrfast import atomic
+
 T = TypeVar("T")
 
 
@@ -111,9 +113,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save(cfg: Any, path: str | os.PathLike) -> None:
     """Writes the resolved config as JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n")

@@ -16,7 +16,6 @@ split is the same patient-level split the fine-tuning run held out.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from cxrfast import atomic
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
@@ -123,8 +123,8 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = metrics.table(result)
-    _write(out / "metrics.json", json.dumps(result, indent=2, default=float))
-    _write(out / "metrics.md", f"# {result['mode']} on the {cfg.split} split ({size} images)\n\n"
+    atomic.write_text(out / "metrics.json", json.dumps(result, indent=2, default=float))
+    atomic.write_text(out / "metrics.md", f"# {result['mode']} on the {cfg.split} split ({size} images)\n\n"
            f"checkpoint: `{path}`\n\n```\n{text}\n```\n")
     curves = {}
     for j, name in enumerate(names):
@@ -162,10 +162,6 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, l
     return torch.sigmoid(logits).numpy()
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

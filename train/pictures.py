@@ -1,11 +1,12 @@
 """PNG figures: MAE reconstructions during pretraining, ROC curves after evaluation."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cxrfast.atomic import atomic_open
 
 
 def _to_uint8(x: torch.Tensor, mean: float, std: float) -> np.ndarray:
@@ -31,9 +32,8 @@ def reconstruction_grid(imgs: torch.Tensor, recon: torch.Tensor, mask: torch.Ten
         rows.append(np.concatenate([np.pad(t, 2) for t in tiles], axis=1))
     sheet = np.concatenate(rows, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(sheet).save(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        Image.fromarray(sheet).save(f, format="PNG")
     return path
 
 
@@ -52,8 +52,7 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Pa
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC")
     ax.legend(loc="lower right", fontsize=8)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

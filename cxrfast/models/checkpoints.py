@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_path
+
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.", "head.")
 DECODER_PREFIXES = ("mask_token", "decoder_")
 
@@ -134,14 +136,13 @@ def export_timm(model: nn.Module, path: str | os.PathLike) -> Path:
     """Writes the encoder as ``.pth`` (a plain state dict) or ``.safetensors``, atomically."""
     path = Path(path)
     sd = {k: v.contiguous() for k, v in encoder_state_dict(model).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(sd, str(tmp))
-    elif path.suffix == ".pth":
-        torch.save(sd, tmp)
-    else:
+    if path.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"export path must end in .pth or .safetensors, got {path}")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp))
+        else:
+            torch.save(sd, tmp)
     return path
