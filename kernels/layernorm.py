@@ -7,6 +7,12 @@ statistics, dW and dB always accumulated in fp32. With ``residual``, ``h = x + r
 is formed, normalised and returned in the same pass: ``(layer_norm(h), h)`` — the pre-norm
 transformer pattern, saving one read and one write of the activations.
 
+Dtypes follow torch: ``h`` and ``y`` take the promoted dtype of ``x`` and ``residual``
+(``torch.result_type``), so a bf16 branch added to an fp32 residual stream keeps the stream
+in fp32. ``h`` is rounded to that dtype before the statistics are taken, so forward and
+backward see exactly the values torch's ``x + residual`` would hold. The gradients of ``x``
+and ``residual`` come back in their own dtypes.
+
 Backward: one program per block of rows computes dx for its rows and fp32 partial sums of
 dW and dB; the partials (programs x N) are summed in fp32 by torch.
 """
@@ -26,10 +32,11 @@ def _ln_fwd(X, R, Y, H, W, B, MEAN, RSTD,  # X, R, Y, H: (M, N) rows; W, B: (N,)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(H + row * stride_h + cols, x.to(H.dtype.element_ty), mask=mask)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(H.dtype.element_ty)
+    if HAS_RES:  # added in h's (promoted) dtype and rounded there, as torch's x + residual is
+        x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(H.dtype.element_ty)
+        tl.store(H + row * stride_h + cols, x, mask=mask)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=0) / N
     xc = tl.where(mask, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / N
@@ -88,8 +95,9 @@ def _forward(x, weight, bias, eps, residual):
     x2 = _rows(x)
     m, n = x2.shape
     r2 = _rows(residual) if residual is not None else x2
-    y = torch.empty_like(x2)
-    h = torch.empty_like(x2) if residual is not None else x2
+    dtype = torch.result_type(x, residual) if residual is not None else x.dtype
+    y = torch.empty_like(x2, dtype=dtype)
+    h = torch.empty_like(x2, dtype=dtype) if residual is not None else x2
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block, warps = _block(n)
@@ -123,6 +131,7 @@ class LayerNormFn(torch.autograd.Function):
         y, h, mean, rstd = _forward(x, weight, bias, eps, residual)
         ctx.save_for_backward(h, weight, mean, rstd)
         ctx.has_residual = residual is not None
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
         if residual is not None:
             return y, h
         return y
@@ -131,14 +140,16 @@ class LayerNormFn(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = _backward(dy, dh if ctx.has_residual else None, h, weight, mean, rstd)
-        return dx, dw, db, None, dx if ctx.has_residual else None
+        x_dtype, residual_dtype = ctx.dtypes  # dx is in h's dtype: each input gets its own back
+        return dx.to(x_dtype), dw, db, None, dx.to(residual_dtype) if ctx.has_residual else None
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
                residual: torch.Tensor | None = None):
     """LayerNorm of x (or of h = x + residual, returning (LN(h), h)) over the last dim.
 
-    x, residual: (..., N) fp32/bf16/fp16; weight, bias: (N,). Statistics in fp32.
+    x, residual: (..., N) fp32/bf16/fp16 (fp64 is accepted and stored, statistics still fp32);
+    weight, bias: (N,). y and h are in ``torch.result_type(x, residual)``.
     """
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
@@ -148,8 +159,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def layer_norm_ref(x, weight, bias, eps=1e-6, residual=None, upcast=False):
-    """Plain torch reference (optionally computed in fp32 and cast back)."""
-    dtype = x.dtype
+    """Plain torch reference (optionally computed in fp32 and cast back to the promoted dtype)."""
+    dtype = torch.result_type(x, residual) if residual is not None else x.dtype
     if upcast:
         x, weight, bias = x.float(), weight.float(), bias.float()
         residual = residual.float() if residual is not None else None

@@ -204,3 +204,32 @@ def test_attention_half_precision(dtype, n, d):
     gt = _grads(torch.nn.functional.scaled_dot_product_attention(*tin), tin, go)
     for a, t_, r_ in zip(g, gt, gr):
         _fair(a, t_, r_, 1e-2)
+
+
+_PAIRS = [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float16, torch.float32),
+          (torch.float32, torch.float16), (torch.float32, torch.float32)]
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype", _PAIRS)
+def test_layernorm_residual_stream_keeps_the_promoted_dtype(x_dtype, r_dtype):
+    """A low-precision branch added to a wider residual stream must not narrow the stream
+    (the ViT block passes the bf16 branch as x and the fp32 stream as residual)."""
+    n = 96
+    x = _leaf(torch.randn(7, n, device=DEV) * 2, x_dtype)
+    r = _leaf(torch.randn(7, n, device=DEV), r_dtype)
+    w, b = _leaf(torch.randn(n, device=DEV)), _leaf(torch.randn(n, device=DEV))
+    y, h = layer_norm(x, w, b, 1e-6, residual=r)
+    th = x + r  # the torch path of cxrfast.ops.add_layer_norm
+    ty = torch.nn.functional.layer_norm(th, (n,), w.to(th.dtype), b.to(th.dtype), 1e-6)
+    assert (y.dtype, h.dtype) == (ty.dtype, th.dtype) == (torch.result_type(x, r),) * 2
+    torch.testing.assert_close(h, x.detach().to(h.dtype) + r.detach().to(h.dtype), rtol=0, atol=0)
+    # y from the rounded h, compared with float64 LayerNorm of that same h
+    ref = torch.nn.functional.layer_norm(h.detach().double(), (n,), w.detach().double(), b.detach().double(), 1e-6)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4 if h.dtype == torch.float16 else 1e-5, rtol=1e-3)
+    gx, gr = torch.autograd.grad((y.float().sum() + h.float().square().sum()), (x, r))
+    assert (gx.dtype, gr.dtype) == (x_dtype, r_dtype)
+    tgx, tgr = torch.autograd.grad((ty.float().sum() + th.float().square().sum()), (x, r))
+    torch.testing.assert_close(gx.double(), tgx.double(), atol=2e-2 if torch.float16 in (x_dtype, r_dtype) else 1e-4,
+                               rtol=1e-3)
+    torch.testing.assert_close(gr.double(), tgr.double(), atol=2e-2 if torch.float16 in (x_dtype, r_dtype) else 1e-4,
+                               rtol=1e-3)
