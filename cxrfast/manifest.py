@@ -171,8 +171,8 @@ def write_table(path: Path, header: list[str], rows: list[list]) -> None:
 
 def write_logs(out: Path, records: dict[str, Record]) -> None:
     """errors.csv and duplicates.csv from the live records: rewritten whole, so reruns never repeat a row."""
-    ordered = sorted(records.values(), key=lambda r: r.source)
+    skipped = sorted((r for r in records.values() if r.status != "image"), key=lambda r: r.source)
     write_table(out / "errors.csv", ["source", "error", "reason"],
-                [[r.source, r.error, r.detail] for r in ordered if r.status == "error"])
+                [[r.source, r.error, r.detail] for r in skipped if r.status == "error"])
     write_table(out / "duplicates.csv", ["source", "duplicate_of", "key"],
-                [[r.source, r.detail, r.key] for r in ordered if r.status == "duplicate"])
+                [[r.source, r.detail, r.key] for r in skipped if r.status == "duplicate"])

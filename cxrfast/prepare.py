@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -243,11 +244,11 @@ def _check_arguments(src: str, size: int, dtype: str, workers: int | None, shard
         raise PrepareError(f"{src}: no such folder")
     if not Path(src).is_dir() and Path(src).suffix.lower() != ".csv":
         raise PrepareError(f"{src}: not a folder or a .csv file")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 8:
         raise PrepareError(f"--size must be an integer of at least 8, got {size!r}")
     if dtype not in ("uint8", "uint16"):
         raise PrepareError(f"--dtype must be uint8 or uint16, got {dtype!r}")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise PrepareError(f"--workers must be at least 1, got {workers!r}")
     if not (isinstance(shard_gb, (int, float)) and math.isfinite(shard_gb) and shard_gb > 0):
         raise PrepareError(f"--shard-gb must be a positive number, got {shard_gb!r}")
