@@ -248,7 +248,8 @@ def _check_arguments(src: str, size: int, dtype: str, workers: int | None, shard
         raise PrepareError(f"--size must be an integer of at least 8, got {size!r}")
     if dtype not in ("uint8", "uint16"):
         raise PrepareError(f"--dtype must be uint8 or uint16, got {dtype!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral)
+                                or workers < 1):
         raise PrepareError(f"--workers must be at least 1, got {workers!r}")
     if not (isinstance(shard_gb, (int, float)) and math.isfinite(shard_gb) and shard_gb > 0):
         raise PrepareError(f"--shard-gb must be a positive number, got {shard_gb!r}")
@@ -320,11 +321,11 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     pending = [p for s, p in current.items() if s not in records]
     entries = prep.entries(pending, live_keys) if pending else []
     chunks = [entries[i:i + prep.per_shard] for i in range(0, len(entries), prep.per_shard)]
-    numbers = _numbers(finished, len(chunks))
-    chunks += [[] for _ in range(len(numbers) - len(chunks))]
+    new_numbers = _numbers(finished, len(chunks))
+    chunks += [[] for _ in range(len(new_numbers) - len(chunks))]
     with tqdm(total=len(files), initial=len(files) - len(pending), desc="decode", unit="file", file=sys.stderr,
               disable=None) as bar:
-        for n, chunk in zip(numbers, chunks):
+        for n, chunk in zip(new_numbers, chunks):
             for r in prep.write_shard(n, chunk, bar):
                 records[r.source] = r
             mf.write_logs(out_dir, records)  # per shard: a killed run keeps the errors of finished shards
@@ -341,7 +342,7 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     splits, label_rows = _splits_and_labels(rows, root, table, split_fractions)
     header = INDEX_COLUMNS + [f"label_{n}" for n in label_names]
     mf.write_table(out_dir / "index.csv", header, [r + [s] + lab for r, s, lab in zip(rows, splits, label_rows)])
-    shard_count = max(finished + numbers, default=-1) + 1
+    shard_count = max(finished + new_numbers, default=-1) + 1
     meta = {"format_version": FORMAT_VERSION, "size": size, "dtype": dtype, "label_names": label_names,
             "shards": [f"shard_{n:05d}.npy" for n in range(shard_count)], "images": len(rows),
             "images_per_shard": prep.per_shard, "files_seen": len(files), "duplicates": duplicates,
