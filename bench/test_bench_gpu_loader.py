@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 from cxrfast.data import ResumableSampler, dali  # noqa: E402
 from cxrfast.data.gpu_torch import TorchBatchLoader  # noqa: E402
-from cxrfast.data.shards import PreparedData  # noqa: E402
+from cxrfast.data.shards import FORMAT_VERSION, PreparedData  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def shards(tmp_path_factory):
         w = csv.writer(f)
         w.writerow(["shard", "offset", "source", "patient_id", "split"])
         w.writerows([[0, i, f"{i}.png", f"p{i}", "train"] for i in range(len(images))])
-    (folder / "meta.json").write_text(json.dumps({"size": 256, "dtype": "uint8", "label_names": [],
+    (folder / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "size": 256, "dtype": "uint8", "label_names": [],
                                                   "shards": ["shard_00000.npy"]}))
     return PreparedData(folder)
 

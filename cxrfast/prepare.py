@@ -14,73 +14,74 @@ Output folder (readable without cxrfast, with plain numpy and csv/pandas):
   meta.json             size, dtype, label names, shard list, counts, format version
   errors.csv            files that could not be read, with the reason
   duplicates.csv        files skipped as duplicates (same SOP Instance UID or same bytes)
-  parts/                per-shard index parts (how a rerun knows which shards are done)
+  parts/                settings.json (size, dtype, labels; written before the first shard) and one
+                        manifest per shard: every source file assigned to it, with its size, mtime and
+                        fate (image, error, duplicate)
 
-Safe to interrupt: a shard (and its index part) appears only when complete (temporary file,
-then rename); a rerun with the same arguments skips finished shards.
+Safe to interrupt and to rerun over a changed tree: a shard (and its manifest) appears only
+when complete; a rerun keeps finished shards whose files are unchanged, drops removed or
+changed files from the index and decodes only new or changed files into new shards. A rerun
+with another --size, --dtype or label set stops with an error (or rebuilds with --overwrite).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
+import numbers
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from . import atomic, dicom
+from . import manifest as mf
 from .atomic import atomic_open
 from .data.files import IMAGE_SUFFIXES, find_images, load_image
-from .data.labels import read_labels
+from .data.labels import LabelTable, read_labels
+from .data.shards import FORMAT_VERSION
 from .data.splits import patient_split
+from .manifest import INDEX_COLUMNS, PrepareError, Record
 
-FORMAT_VERSION = 1
-INDEX_COLUMNS = ["shard", "offset", "source", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
-                 "patient_id", "view_position", "rows", "columns", "pixel_spacing_row", "pixel_spacing_col",
-                 "pad_top", "pad_left", "content_h", "content_w", "split"]
+DECODE_CHUNK = 64  # files per read_many call: enough to keep every native thread busy
 
 
 @dataclass
-class Item:
-    """One source image that survived deduplication, with its header facts."""
+class Entry:
+    """One unit of shard assignment: the files sharing a key (SOP Instance UID or content hash),
+    in sorted order; the first that decodes becomes the image, the others duplicates.
+    A file whose header could not be read is an entry of its own with ``error`` set."""
 
-    source: Path
-    key: str  # SOP Instance UID, or sha1 of the bytes for non-DICOM files
-    meta: dict
+    files: list[Path]
+    key: str = ""
+    metas: list[dict] = field(default_factory=list)
+    error: BaseException | None = None
+    duplicate_of: str | None = None  # a live image of a finished shard already has this key
 
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _describe(path: Path) -> Item:
+def _describe(path: Path) -> tuple[str, dict]:
+    """(key, header facts) of one file; raises when the header cannot be read."""
     if _is_image(path):
         from PIL import Image
 
         digest = hashlib.sha1(path.read_bytes()).hexdigest()
         with Image.open(path) as im:
             w, h = im.size
-        return Item(path, "sha1:" + digest, {"rows": h, "columns": w})
+        return "sha1:" + digest, {"rows": h, "columns": w}
     meta = dicom.read_header(path)
     if not meta.get("has_pixel_data"):
         raise dicom.NoPixelDataError(str(path), "no Pixel Data (7FE0,0010)")
-    key = meta.get("sop_instance_uid") or "sha1:" + hashlib.sha1(path.read_bytes()).hexdigest()
-    return Item(path, key, meta)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with atomic_open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+    return meta.get("sop_instance_uid") or "sha1:" + hashlib.sha1(path.read_bytes()).hexdigest(), meta
 
 
 def _letterbox(img: np.ndarray, size: int, dtype: np.dtype) -> tuple[np.ndarray, int, int]:
@@ -97,12 +98,19 @@ def _quantize(img: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.clip(np.rint(img * top), 0, top).astype(dtype)
 
 
+def _reason(exc: BaseException) -> str:
+    return str(exc).replace("\n", " ")
+
+
 class Preparer:
+    """Decodes entries into shards and records each shard's manifest."""
+
     def __init__(self, out: Path, root: Path, size: int, dtype: str, workers: int, shard_gb: float):
         self.out, self.root, self.size, self.workers = out, root.resolve(), size, workers
         self.dtype = np.dtype(dtype)
         self.per_shard = max(1, int(shard_gb * 2**30) // (size * size * self.dtype.itemsize))
-        self.errors: list[list[str]] = []
+        self.stamps: dict[str, tuple[int, int]] = {}  # source -> (size, mtime_ns) when found
+        self.decoded = 0
 
     def relative(self, path: Path) -> str:
         """Source paths are stored relative to SRC when they lie under it (data moves)."""
@@ -111,141 +119,256 @@ class Preparer:
         except ValueError:
             return str(path.resolve())
 
-    def fail(self, path: Path, exc: BaseException) -> None:
-        self.errors.append([str(path), type(exc).__name__, str(exc).replace("\n", " ")])
-
-    def describe_all(self, files: list[Path]) -> tuple[list[Item], list[list[str]]]:
-        """Header pass: metadata, then deduplication by SOP Instance UID / content hash."""
-        items, duplicates, seen = [], [], {}
+    def entries(self, files: list[Path], live_keys: dict[str, str]) -> list[Entry]:
+        """Header pass over ``files`` (sorted): one entry per key, in order of its first file."""
+        by_key: dict[str, Entry] = {}
+        entries: list[Entry] = []
         with ThreadPoolExecutor(self.workers) as pool:
             futures = [pool.submit(_describe, p) for p in files]
             for p, fut in tqdm(zip(files, futures), total=len(files), desc="headers", unit="file",
                                file=sys.stderr, disable=None):
                 try:
-                    item = fut.result()
+                    key, meta = fut.result()
                 except Exception as exc:  # DicomError, OSError, PIL errors: logged, not fatal
-                    self.fail(p, exc)
+                    entries.append(Entry([p], error=exc))
                     continue
-                if item.key in seen:
-                    duplicates.append([str(p), str(seen[item.key]), item.key])
-                    continue
-                seen[item.key] = p
-                items.append(item)
-        return items, duplicates
+                if key not in by_key:
+                    by_key[key] = Entry([], key, duplicate_of=live_keys.get(key))
+                    entries.append(by_key[key])
+                by_key[key].files.append(p)
+                by_key[key].metas.append(meta)
+        return entries
 
-    def decode(self, items: list[Item]) -> list[tuple[Item, np.ndarray]]:
-        """Decodes a chunk: DICOM in native threads, others with Pillow in a thread pool."""
-        out: dict[int, np.ndarray] = {}
-        dcm = [i for i, it in enumerate(items) if not _is_image(it.source)]
+    def decode(self, paths: list[Path]) -> list[np.ndarray | BaseException]:
+        """Decodes files: DICOM in native threads, others with Pillow in a thread pool."""
+        self.decoded += len(paths)
+        out: list[np.ndarray | BaseException] = [ValueError("not decoded")] * len(paths)
+        dcm = [i for i, p in enumerate(paths) if not _is_image(p)]
         if dcm:
             kind = "uint8" if self.dtype == np.uint8 else "uint16"
-            results = dicom.read_many([items[i].source for i in dcm], num_threads=self.workers, on_error="skip",
+            results = dicom.read_many([paths[i] for i in dcm], num_threads=self.workers, on_error="skip",
                                       size=self.size, dtype=kind, frame=0)
             for i, res in zip(dcm, results):
-                if isinstance(res, dicom.DicomError):
-                    self.fail(items[i].source, res)
+                if isinstance(res, BaseException):
+                    out[i] = res
                 elif res.pixels.ndim != 2:
-                    self.fail(items[i].source, ValueError(f"not a grey image: shape {res.pixels.shape}"))
+                    out[i] = ValueError(f"not a grey image: shape {res.pixels.shape}")
                 else:
                     out[i] = res.pixels
-        others = [i for i, it in enumerate(items) if _is_image(it.source)]
+        others = [i for i, p in enumerate(paths) if _is_image(p)]
         if others:
             def one(i):
                 try:
-                    return i, _quantize(load_image(items[i].source, self.size), self.dtype), None
+                    return _quantize(load_image(paths[i], self.size), self.dtype)
                 except Exception as exc:
-                    return i, None, exc
+                    return exc
             with ThreadPoolExecutor(self.workers) as pool:
-                for i, img, exc in pool.map(one, others):
-                    if exc is not None:
-                        self.fail(items[i].source, exc)
-                    else:
-                        out[i] = img
-        return [(items[i], out[i]) for i in sorted(out)]
+                for i, res in zip(others, pool.map(one, others)):
+                    out[i] = res
+        return out
 
-    def write_shard(self, number: int, items: list[Item], bar: tqdm) -> None:
-        rows, images = [], []
-        for start in range(0, len(items), 64):
-            chunk = items[start:start + 64]
-            for item, img in self.decode(chunk):
+    def resolve(self, entries: list[Entry]) -> list[tuple[Entry, int, np.ndarray | None, list]]:
+        """For each entry: (entry, index of the file that decoded or -1, its pixels, failures).
+
+        Copies are tried in order until one decodes, so a truncated copy never shadows a good one;
+        the first copies of all entries are decoded together, then second copies of those that failed."""
+        state = [[e, -1, None, []] for e in entries]
+        trying = [(s, 0) for s in state if s[0].error is None and s[0].duplicate_of is None]
+        while trying:
+            results = self.decode([s[0].files[k] for s, k in trying])
+            retry = []
+            for (s, k), res in zip(trying, results):
+                if isinstance(res, BaseException):
+                    s[3].append((k, res))
+                    if k + 1 < len(s[0].files):
+                        retry.append((s, k + 1))
+                else:
+                    s[1], s[2] = k, res
+            trying = retry
+        return [tuple(s) for s in state]
+
+    def write_shard(self, number: int, entries: list[Entry], bar: tqdm) -> list[Record]:
+        """Decodes the entries, writes the manifest, then the shard; returns the manifest's records."""
+        records: list[Record] = []
+        images: list[np.ndarray] = []
+
+        def record(path: Path, status: str, **kw) -> None:
+            src = self.relative(path)
+            records.append(Record(src, status, self.stamps[src], **kw))
+
+        for start in range(0, len(entries), DECODE_CHUNK):
+            chunk = entries[start:start + DECODE_CHUNK]
+            for entry, chosen, img, failures in self.resolve(chunk):
+                if entry.error is not None:
+                    record(entry.files[0], "error", error=type(entry.error).__name__, detail=_reason(entry.error))
+                    continue
+                for k, exc in failures:
+                    record(entry.files[k], "error", key=entry.key, error=type(exc).__name__, detail=_reason(exc))
+                if entry.duplicate_of is not None:
+                    for p in entry.files:
+                        record(p, "duplicate", key=entry.key, detail=entry.duplicate_of)
+                    continue
+                if chosen < 0:
+                    continue
                 canvas, top, left = _letterbox(img, self.size, self.dtype)
-                spacing = item.meta.get("pixel_spacing") or (None, None)
-                rows.append([number, len(images), self.relative(item.source), item.meta.get("sop_instance_uid"),
-                             item.meta.get("study_instance_uid"), item.meta.get("series_instance_uid"),
-                             item.meta.get("patient_id"), item.meta.get("view_position"),
-                             item.meta.get("rows"), item.meta.get("columns"), spacing[0], spacing[1],
-                             top, left, img.shape[0], img.shape[1]])
+                meta = entry.metas[chosen]
+                spacing = meta.get("pixel_spacing") or (None, None)
+                src = self.relative(entry.files[chosen])
+                row = [number, len(images), src, meta.get("sop_instance_uid"), meta.get("study_instance_uid"),
+                       meta.get("series_instance_uid"), meta.get("patient_id"), meta.get("view_position"),
+                       meta.get("rows"), meta.get("columns"), spacing[0], spacing[1],
+                       top, left, img.shape[0], img.shape[1]]
+                record(entry.files[chosen], "image", key=entry.key, row=["" if v is None else v for v in row])
                 images.append(canvas)
-            bar.update(len(chunk))
+                for p in entry.files[chosen + 1:]:
+                    record(p, "duplicate", key=entry.key, detail=src)
+            bar.update(sum(len(e.files) for e in chunk))
         array = np.stack(images) if images else np.zeros((0, self.size, self.size), self.dtype)
-        name = f"shard_{number:05d}"
-        _write_csv(self.out / "parts" / f"{name}.csv", INDEX_COLUMNS[:-1], rows)  # before the shard: see done()
-        with atomic_open(self.out / f"{name}.npy") as f:
+        mf.write_part(self.out, number, records)  # before the shard: a shard counts as done only with both
+        with atomic_open(mf.shard_path(self.out, number)) as f:
             np.save(f, array)
+        return records
 
-    def done(self, number: int) -> bool:
-        name = f"shard_{number:05d}"
-        return (self.out / f"{name}.npy").exists() and (self.out / "parts" / f"{name}.csv").exists()
+
+def _numbers(finished: list[int], count: int) -> list[int]:
+    """Shard numbers for ``count`` new shards: the gaps below the last finished one, then after it."""
+    done = set(finished)
+    gaps = [n for n in range(max(finished, default=-1) + 1) if n not in done]
+    after = range(max(finished, default=-1) + 1, max(finished, default=-1) + 1 + max(0, count - len(gaps)))
+    return gaps + list(after)  # gaps beyond ``count`` get an empty shard, so the shard list has no hole
+
+
+def _check_arguments(src: str, size: int, dtype: str, workers: int | None, shard_gb: float,
+                     split_fractions: tuple[float, ...], uncertain: str) -> None:
+    if not Path(src).exists():
+        raise PrepareError(f"{src}: no such folder")
+    if not Path(src).is_dir() and Path(src).suffix.lower() != ".csv":
+        raise PrepareError(f"{src}: not a folder or a .csv file")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 8:
+        raise PrepareError(f"--size must be an integer of at least 8, got {size!r}")
+    if dtype not in ("uint8", "uint16"):
+        raise PrepareError(f"--dtype must be uint8 or uint16, got {dtype!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral)
+                                or workers < 1):
+        raise PrepareError(f"--workers must be at least 1, got {workers!r}")
+    if not (isinstance(shard_gb, (int, float)) and math.isfinite(shard_gb) and shard_gb > 0):
+        raise PrepareError(f"--shard-gb must be a positive number, got {shard_gb!r}")
+    fr = tuple(split_fractions)
+    if len(fr) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in fr) \
+            or abs(sum(fr) - 1.0) > 1e-6:
+        raise PrepareError(f"--split-fractions must be three non-negative numbers summing to 1, got {fr!r}")
+    if uncertain not in ("ones", "zeros", "ignore"):
+        raise PrepareError(f"--uncertain must be ones, zeros or ignore, got {uncertain!r}")
+
+
+def _read_labels(labels: str, label_format: str, uncertain: str) -> LabelTable:
+    if not Path(labels).is_file():
+        raise PrepareError(f"--labels {labels}: no such file")
+    try:
+        return read_labels(labels, label_format, uncertain)
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        msg = _reason(exc)
+        raise PrepareError(msg if str(labels) in msg else f"--labels {labels}: {msg}") from None
+
+
+def _find(src: str) -> list[Path]:
+    try:
+        files = find_images(src)
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise PrepareError(_reason(exc)) from None
+    if not files:
+        raise PrepareError(f"no images found in {src}")
+    return files
 
 
 def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels: str | None = None,
             label_format: str = "auto", uncertain: str = "ones", workers: int | None = None,
-            shard_gb: float = 2.0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> dict:
-    """Prepares ``src`` into ``out``; returns the meta dict. Reruns skip finished shards."""
+            shard_gb: float = 2.0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+            overwrite: bool = False) -> dict:
+    """Prepares ``src`` into ``out``; returns the meta dict.
+
+    Every input is checked before anything is written (PrepareError otherwise). A rerun keeps
+    finished shards whose source files are unchanged and decodes only the rest; ``overwrite``
+    first removes what an earlier run wrote (and nothing else)."""
+    _check_arguments(src, size, dtype, workers, shard_gb, split_fractions, uncertain)
+    table = _read_labels(labels, label_format, uncertain) if labels else None
+    label_names = list(table.names) if table else []
+    files = _find(src)
     out_dir = Path(out)
-    (out_dir / "parts").mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"{out}: exists and is not a folder")
+    settings = {"format_version": FORMAT_VERSION, "size": size, "dtype": dtype, "label_names": label_names}
+    if overwrite:
+        mf.remove_outputs(out_dir)
+    else:
+        mf.check_settings(out_dir, settings)
+
     workers = workers or os.cpu_count() or 1
     root = Path(src) if Path(src).is_dir() else Path(src).parent
     prep = Preparer(out_dir, root, size, dtype, workers, shard_gb)
     t0 = time.perf_counter()
-    files = find_images(src)
-    items, duplicates = prep.describe_all(files)
-    shards = [items[i:i + prep.per_shard] for i in range(0, len(items), prep.per_shard)]
-    todo = [n for n in range(len(shards)) if not prep.done(n)]
-    skipped = sum(len(shards[n]) for n in range(len(shards)) if n not in todo)
-    with tqdm(total=len(items), initial=skipped, desc="decode", unit="file", file=sys.stderr, disable=None) as bar:
-        for n in todo:
-            prep.write_shard(n, shards[n], bar)
+    (out_dir / "parts").mkdir(parents=True, exist_ok=True)
+    mf.write_settings(out_dir, settings)  # before any shard: a rerun with other settings is caught
 
-    # The index: every finished part, plus splits and labels.
-    rows: list[list] = []
-    for n in range(len(shards)):
-        with open(out_dir / "parts" / f"shard_{n:05d}.csv", newline="") as f:
-            reader = csv.reader(f)
-            next(reader)
-            rows.extend(reader)
-    patients = [r[6] or r[2] for r in rows]
-    splits = patient_split(patients, split_fractions)
-    label_names: list[str] = []
-    label_rows = [[] for _ in rows]
-    if labels:
-        table = read_labels(labels, label_format, uncertain)
-        label_names = table.names
-        sources = [root.resolve() / r[2] for r in rows]
-        index = table.lookup()
-        for k, p in enumerate(sources):
-            row = next((index[key] for key in _keys(p, root) if key in index), None)
-            values = table.labels[row] if row is not None else np.full(len(label_names), np.nan)
-            label_rows[k] = ["" if math.isnan(v) else int(v) if float(v).is_integer() else float(v) for v in values]
-            if row is not None and table.splits and table.splits[row]:
-                splits[k] = table.splits[row]
+    # What finished shards already cover, and what is left to do.
+    current = {prep.relative(p): p for p in files}
+    prep.stamps = {s: mf.stamp(p) for s, p in current.items()}
+    finished = mf.finished_shards(out_dir)
+    recorded = mf.read_records(out_dir, finished)
+    records = mf.live(recorded, prep.stamps)
+    stale_images = sum(1 for s, r in recorded.items() if r.status == "image" and s not in records)
+    live_keys = {r.key: s for s, r in records.items() if r.status == "image"}
+    pending = [p for s, p in current.items() if s not in records]
+    entries = prep.entries(pending, live_keys) if pending else []
+    chunks = [entries[i:i + prep.per_shard] for i in range(0, len(entries), prep.per_shard)]
+    new_numbers = _numbers(finished, len(chunks))
+    chunks += [[] for _ in range(len(new_numbers) - len(chunks))]
+    with tqdm(total=len(files), initial=len(files) - len(pending), desc="decode", unit="file", file=sys.stderr,
+              disable=None) as bar:
+        for n, chunk in zip(new_numbers, chunks):
+            for r in prep.write_shard(n, chunk, bar):
+                records[r.source] = r
+            mf.write_logs(out_dir, records)  # per shard: a killed run keeps the errors of finished shards
+    mf.write_logs(out_dir, records)
+
+    rows = sorted((r.row for r in records.values() if r.status == "image"), key=lambda row: (int(row[0]), int(row[1])))
+    errors = sum(r.status == "error" for r in records.values())
+    duplicates = sum(r.status == "duplicate" for r in records.values())
+    if not rows:  # no index: an earlier one would name images that are gone
+        for name in ("index.csv", "meta.json"):
+            (out_dir / name).unlink(missing_ok=True)
+        raise PrepareError(f"no readable images in {src}: {errors} files could not be read "
+                           f"(see {out_dir / 'errors.csv'})")
+    splits, label_rows = _splits_and_labels(rows, root, table, split_fractions)
     header = INDEX_COLUMNS + [f"label_{n}" for n in label_names]
-    _write_csv(out_dir / "index.csv", header, [r + [s] + lab for r, s, lab in zip(rows, splits, label_rows)])
-    if prep.errors:  # appended across reruns, one line per failure
-        new = not (out_dir / "errors.csv").exists()
-        with open(out_dir / "errors.csv", "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["source", "error", "reason"])
-            w.writerows(prep.errors)
-    _write_csv(out_dir / "duplicates.csv", ["source", "duplicate_of", "key"], duplicates)
+    mf.write_table(out_dir / "index.csv", header, [r + [s] + lab for r, s, lab in zip(rows, splits, label_rows)])
+    shard_count = max(finished + new_numbers, default=-1) + 1
     meta = {"format_version": FORMAT_VERSION, "size": size, "dtype": dtype, "label_names": label_names,
-            "shards": [f"shard_{n:05d}.npy" for n in range(len(shards))], "images": len(rows),
-            "images_per_shard": prep.per_shard, "files_seen": len(files), "duplicates": len(duplicates),
-            "errors_this_run": len(prep.errors), "split_fractions": list(split_fractions), "source": str(root.resolve())}
+            "shards": [f"shard_{n:05d}.npy" for n in range(shard_count)], "images": len(rows),
+            "images_per_shard": prep.per_shard, "files_seen": len(files), "duplicates": duplicates,
+            "errors": errors, "decoded_this_run": prep.decoded, "dropped_this_run": stale_images,
+            "split_fractions": list(split_fractions), "source": str(root.resolve())}
     atomic.write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return meta
+
+
+def _splits_and_labels(rows: list[list], root: Path, table: LabelTable | None,
+                       split_fractions: tuple[float, float, float]) -> tuple[list[str], list[list]]:
+    """Patient-level splits (or the label CSV's own) and the label columns of each index row."""
+    patients = [r[6] or r[2] for r in rows]
+    splits = patient_split(patients, split_fractions)
+    label_rows: list[list] = [[] for _ in rows]
+    if table is None:
+        return splits, label_rows
+    index = table.lookup()
+    for k, r in enumerate(rows):
+        row = next((index[key] for key in _keys(root.resolve() / r[2], root) if key in index), None)
+        values = table.labels[row] if row is not None else np.full(len(table.names), np.nan)
+        label_rows[k] = ["" if math.isnan(v) else int(v) if float(v).is_integer() else float(v) for v in values]
+        if row is not None and table.splits and table.splits[row]:
+            splits[k] = table.splits[row]
+    return splits, label_rows
 
 
 def _keys(path: Path, root: Path) -> list[str]:
@@ -257,9 +380,27 @@ def _keys(path: Path, root: Path) -> list[str]:
     return keys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one line ``error: ...`` (exit 2), without the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"needs three numbers like 0.7,0.1,0.2, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cxrfast.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m cxrfast.prepare", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="folder of DICOM/PNG/JPEG files, or a CSV with a 'path' column")
     parser.add_argument("out", help="output folder (created; a rerun resumes)")
     parser.add_argument("--size", type=int, default=256, help="side of the square output images (default 256)")
@@ -272,21 +413,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="CheXpert/MIMIC -1 labels: ones, zeros or ignore (NaN)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GiB (default 2)")
-    parser.add_argument("--split-fractions", default="0.7,0.1,0.2", help="patient-level train,val,test fractions")
+    parser.add_argument("--split-fractions", type=_fractions, default=(0.7, 0.1, 0.2),
+                        help="patient-level train,val,test fractions (default 0.7,0.1,0.2)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild OUT: first remove what an earlier prepare wrote there (shards, parts/, "
+                             "index.csv, meta.json, errors.csv, duplicates.csv), nothing else")
     args = parser.parse_args(argv)
-    fractions = tuple(float(x) for x in args.split_fractions.split(","))
-    if len(fractions) != 3:
-        parser.error("--split-fractions needs three numbers")
-    if args.size < 8:
-        parser.error("--size must be at least 8")
-    meta = prepare(args.src, args.out, size=args.size, dtype=args.dtype, labels=args.labels,
-                   label_format=args.label_format,
-                   uncertain=args.uncertain, workers=args.workers, shard_gb=args.shard_gb,
-                   split_fractions=fractions)  # type: ignore[arg-type]
+    try:
+        meta = prepare(args.src, args.out, size=args.size, dtype=args.dtype, labels=args.labels,
+                       label_format=args.label_format, uncertain=args.uncertain, workers=args.workers,
+                       shard_gb=args.shard_gb, split_fractions=args.split_fractions, overwrite=args.overwrite)
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     rate = meta["files_seen"] / meta["seconds"] if meta["seconds"] else 0
+    dropped = f"; {meta['dropped_this_run']} removed or changed since the last run" if meta["dropped_this_run"] else ""
     print(f"prepared {meta['images']} images into {len(meta['shards'])} shards under {args.out} "
           f"({meta['seconds']:.1f} s, {rate:.0f} files/s); {meta['duplicates']} duplicates, "
-          f"{meta['errors_this_run']} unreadable (see errors.csv)")
+          f"{meta['errors']} unreadable (see errors.csv){dropped}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from cxrfast.data import ResumableSampler
 from cxrfast.data import dali as dali_backend
 from cxrfast.data.gpu_torch import TorchBatchLoader
-from cxrfast.data.shards import PreparedData, PreparedDataset
+from cxrfast.data.shards import FORMAT_VERSION, PreparedData, PreparedDataset
 
 needs_dali = pytest.mark.skipif(not dali_backend.available(), reason="NVIDIA DALI not installed")
 
@@ -33,7 +33,7 @@ def write_prepared(folder: Path, images: np.ndarray, labels: np.ndarray | None =
         for i in range(n):
             w.writerow([i // per_shard, i % per_shard, f"img{i}.png", f"p{i}", "train"] +
                        ([int(labels[i])] if labels is not None else []))
-    (folder / "meta.json").write_text(json.dumps({"format_version": 1, "size": size, "dtype": str(images.dtype),
+    (folder / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "size": size, "dtype": str(images.dtype),
                                                   "label_names": names, "shards": shards}))
     return folder
 

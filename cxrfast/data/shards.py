@@ -12,6 +12,12 @@ from torch.utils.data import Dataset, default_collate
 
 from .augment import MEAN, STD, OutputPool, crop_resize, draw_crops, whole_images
 
+FORMAT_VERSION = 2  # 2: per-shard manifests and recorded settings (parts/); 1 could mix shards of two sizes
+
+
+class PreparedFormatError(ValueError):
+    """A prepared folder this cxrfast cannot read as it is (other format version, inconsistent shards)."""
+
 
 def is_prepared(folder: str | os.PathLike | None) -> bool:
     return folder is not None and (Path(folder) / "meta.json").is_file() and (Path(folder) / "index.csv").is_file()
@@ -23,7 +29,12 @@ class PreparedData:
     def __init__(self, folder: str | os.PathLike, split: str | None = None):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.shards = [np.load(self.folder / name, mmap_mode="r") for name in self.meta["shards"]]
+        version = self.meta.get("format_version") if isinstance(self.meta, dict) else None
+        if version != FORMAT_VERSION:
+            raise PreparedFormatError(
+                f"{self.folder}: prepared format_version {version!r}, this cxrfast reads {FORMAT_VERSION}; "
+                f"rebuild it with `python -m cxrfast.prepare SRC {self.folder} --overwrite`")
+        self.shards = [self._open_shard(name) for name in self.meta["shards"]]
         with open(self.folder / "index.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         if split is not None:
@@ -31,6 +42,7 @@ class PreparedData:
         self.rows = rows
         self.label_names: list[str] = list(self.meta.get("label_names", []))
         self.locations = np.array([(int(r["shard"]), int(r["offset"])) for r in rows], np.int64).reshape(-1, 2)
+        self._check_locations()
         if self.label_names:
             self.labels = np.array([[float(r[f"label_{n}"]) if r[f"label_{n}"] != "" else np.nan
                                      for n in self.label_names] for r in rows], np.float32).reshape(len(rows), -1)
@@ -38,6 +50,27 @@ class PreparedData:
             self.labels = None
         self.patients = [r["patient_id"] or r["source"] for r in rows]
         self._index_views()
+
+    def _open_shard(self, name: str) -> np.ndarray:
+        """A shard as a memmap, refused unless it has the size and dtype meta.json promises."""
+        path = self.folder / name
+        array = np.load(path, mmap_mode="r")
+        size, dtype = self.meta["size"], np.dtype(self.meta["dtype"])
+        if array.ndim != 3 or array.shape[1:] != (size, size) or array.dtype != dtype:
+            raise PreparedFormatError(f"{path}: {array.dtype} {array.shape}, but meta.json says "
+                                      f"{dtype} (N, {size}, {size})")
+        return array
+
+    def _check_locations(self) -> None:
+        """Every index row must point inside its shard (a clear error instead of an IndexError mid-epoch)."""
+        lengths = np.array([len(s) for s in self.shards] + [0], np.int64)
+        shard, offset = self.locations[:, 0], self.locations[:, 1]
+        bad = np.flatnonzero((shard < 0) | (shard >= len(self.shards)) | (offset < 0) |
+                             (offset >= lengths[np.clip(shard, -1, len(self.shards))]))
+        if len(bad):
+            r = self.rows[bad[0]]
+            raise PreparedFormatError(f"{self.folder / 'index.csv'}: the row of {r['source']} points at shard "
+                                      f"{r['shard']} offset {r['offset']}, which does not exist")
 
     def _index_views(self) -> None:
         """Plain ndarray views of the memmaps and (shard, offset) as Python ints: image(i) is
