@@ -22,7 +22,7 @@ def image_files(data: str | os.PathLike, option: str = "--data") -> list[Path]:
     try:
         files = find_images(path)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{option} {path}: {exc}") from None
+        raise UsageError(f"{option} {exc}") from None  # the message names the path
     if not files:
         raise UsageError(f"{option} {path}: no image files (DICOM, PNG, JPEG) found there")
     return files
