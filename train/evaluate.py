@@ -142,8 +142,8 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         inference.write_errors(errors_csv, failed)  # always rewritten: no stale rows from an earlier run
     if not len(pred.indices) or (cfg.linear_probe and not len(feats_train.indices)):
-        raise SystemExit(f"error: no image of the {'train split (for the probe)' if len(pred.indices) else cfg.split + ' split'} "
-                         f"could be read; see {errors_csv}")
+        which = f"the {cfg.split} split" if not len(pred.indices) else "the train split (for the probe)"
+        raise SystemExit(f"error: no image of {which} could be read; see {errors_csv}")
     labels = split.labels[pred.indices]  # the labels of exactly the images that were scored
     result = metrics.per_class(labels, scores, names)
     counted = summary_line(len(pred.indices), size, pred.unreadable, errors_csv)
