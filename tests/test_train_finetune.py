@@ -105,3 +105,37 @@ def test_finetune_beats_chance_and_evaluate_reports(tmp_path):
     assert result["classes"]["Effusion"]["auroc"] > 0.75  # a large bright region: easy to learn
     assert result["mean_auroc"] > 0.6
     assert (ev / "roc.png").stat().st_size > 1000 and "AUROC" in (ev / "metrics.md").read_text()
+
+
+def test_two_process_validation_drops_unreadable_and_matches_evaluate(tmp_path):
+    """Validation under DDP (2 gloo processes) scores each rank's share, gathers the scores by
+    index and leaves an unreadable image out with its labels: the logged validation AUROC
+    equals a one-process evaluation of best.pth on the same split."""
+    from train import evaluate
+
+    demo = ensure_demo_dataset(tmp_path / "demo", count=24, size=64)
+    data = tmp_path / "images"
+    data.mkdir()
+    rows = ["path,split,Effusion,Nodule"]
+    for i in range(24):
+        name = f"cxr_{i:03d}.dcm"
+        raw = (demo / name).read_bytes()
+        (data / name).write_bytes(raw[:400] if i == 19 else raw)  # one unreadable validation image
+        rows.append(f"{name},{'train' if i < 16 else 'val'},{i % 2},{(i // 2) % 2}")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "ft"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "train.finetune", "--data", str(data), "--labels", str(data / "labels.csv"),
+                           "--output_dir", str(out), "--model", "vit_tiny", "--img_size", "64", "--epochs", "1",
+                           "--warmup_epochs", "0", "--batch_size", "4", "--num_workers", "0", "--device", "cpu",
+                           "--log_every", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    val = [r for r in records if "val_mean_auroc" in r]
+    assert len(val) == 1 and val[0]["val_images"] == 7 and val[0]["val_unreadable"] == 1
+    assert "cxr_019.dcm" in (out / "val_errors.csv").read_text()
+    result = evaluate.main(["--checkpoint", str(out / "best.pth"), "--split", "val", "--device", "cpu",
+                            "--output_dir", str(tmp_path / "ev")])
+    assert (result["images"], result["unreadable"]) == (7, 1)
+    assert val[0]["val_mean_auroc"] == pytest.approx(result["mean_auroc"], abs=1e-6)

@@ -2,29 +2,84 @@
 
 Every field of a config dataclass becomes a command-line option with its type, default and
 help; a JSON or TOML file may set any of them; unknown keys are rejected in both places.
+Fields also carry their limits (``choices``, ``minimum``, ``maximum``): ``parse`` checks
+them, and a config's own ``validate()`` for checks across fields, before anything is
+written, so every job rejects a mistake the same way: one ``error: ...`` line, exit code 2.
 The resolved config is saved next to every checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, NoReturn, Sequence, TypeVar
 
 from cxrfast import atomic
 
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with its help text."""
+class UsageError(Exception):
+    """A user mistake (an option, a config file, an input path): reported as one line, exit 2."""
+
+
+def fail(message: str) -> NoReturn:
+    """Ends the process the way every user mistake ends: ``error: ...`` on stderr, exit code 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turns a :class:`UsageError` raised inside into :func:`fail` (no traceback)."""
+    try:
+        yield
+    except UsageError as exc:
+        fail(str(exc))
+
+
+def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,
+        maximum: float | None = None) -> Any:
+    """A dataclass field with its help text and the limits :func:`check` enforces."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
+                "minimum": minimum, "maximum": maximum}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check(cfg: Any) -> None:
+    """Raises :class:`UsageError` for the first field outside its choices or range, then runs
+    the config's ``validate()`` (checks across fields) when it has one."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue  # None means "not given / use the default rule" wherever a field allows it
+        choices, lo, hi = f.metadata.get("choices"), f.metadata.get("minimum"), f.metadata.get("maximum")
+        items = value if isinstance(value, tuple) else (value,)
+        for v in items:
+            if choices is not None and v not in choices:
+                raise UsageError(f"--{f.name} {v}: not one of {', '.join(map(str, choices))}")
+            if lo is not None and v < lo:
+                raise UsageError(f"--{f.name} {v}: must be at least {lo}")
+            if hi is not None and v > hi:
+                raise UsageError(f"--{f.name} {v}: must be at most {hi}")
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: ...``), not usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
 
 
 def _converter(tp: Any):
@@ -59,16 +114,35 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if path.suffix == ".toml":
+def _toml():
+    """tomllib (Python 3.11+), else the tomli backport it came from (same API)."""
+    try:
         import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    return tomllib
 
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    with open(path) as f:
-        data = json.load(f)
-    return data.get("config", data) if isinstance(data, dict) else data
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The options in a JSON or TOML file (a saved config.json or checkpoint config too);
+    a missing, unreadable or malformed file is a :class:`UsageError` naming it."""
+    path = Path(path)
+    try:
+        if path.suffix == ".toml":
+            with open(path, "rb") as f:
+                data = _toml().load(f)
+        else:
+            with open(path) as f:
+                data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError, TOMLDecodeError, UnicodeDecodeError
+        raise UsageError(f"--config {path}: cannot read it: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a table of options, got {type(data).__name__}")
+    return data
 
 
 def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> tuple[T, set[str]]:
@@ -78,7 +152,7 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> 
     so callers can fill in defaults that depend on other choices (e.g. the demo).
     """
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of options (keys as below); "
                         "command-line options override it")
@@ -94,7 +168,10 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> 
     values: dict[str, Any] = {}
     config_file = ns.pop("config", None)
     if config_file:
-        data = load_file(config_file)
+        try:
+            data = load_file(config_file)
+        except UsageError as exc:
+            fail(str(exc))
         unknown = sorted(set(data) - set(converters))
         if unknown:
             parser.error(f"{config_file}: unknown keys {unknown}")
@@ -104,7 +181,12 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> 
             except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{config_file}: bad value for {k}: {exc}")
     values.update(ns)
-    return cls(**values), set(values)
+    cfg = cls(**values)
+    try:
+        check(cfg)
+    except UsageError as exc:
+        fail(str(exc))
+    return cfg, set(values)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

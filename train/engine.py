@@ -22,7 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from cxrfast.data import ResumableSampler
+from cxrfast.data.loaders import BACKENDS
 from cxrfast.data.shards import collate
+from cxrfast.models import PRESETS
 
 from . import checkpoints, config, logs, runtime, schedule
 from .config import opt
@@ -31,37 +33,50 @@ from .config import opt
 @dataclass
 class LoopConfig:
     output_dir: str = opt("outputs/run", "where checkpoints, logs and pictures go")
-    epochs: int = opt(100, "training epochs")
-    warmup_epochs: float = opt(5, "linear warmup epochs")
-    batch_size: int = opt(64, "images per GPU (or process) per micro-batch")
-    accum_iter: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
-    blr: float = opt(1e-3, "base learning rate: lr = blr * effective batch / 256")
-    lr: Optional[float] = opt(None, "absolute learning rate (overrides blr)")
-    min_lr: float = opt(0.0, "learning rate at the end of the cosine decay")
-    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens)")
+    epochs: int = opt(100, "training epochs", minimum=1)
+    warmup_epochs: float = opt(5, "linear warmup epochs", minimum=0)
+    batch_size: int = opt(64, "images per GPU (or process) per micro-batch", minimum=1)
+    accum_iter: int = opt(1, "micro-batches per optimizer step (gradient accumulation)", minimum=1)
+    blr: float = opt(1e-3, "base learning rate: lr = blr * effective batch / 256", minimum=0)
+    lr: Optional[float] = opt(None, "absolute learning rate (overrides blr)", minimum=0)
+    min_lr: float = opt(0.0, "learning rate at the end of the cosine decay", minimum=0)
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens)", minimum=0)
     betas: tuple[float, ...] = opt((0.9, 0.999), "AdamW betas")
-    clip_grad: Optional[float] = opt(None, "clip the gradient norm to this value")
+    clip_grad: Optional[float] = opt(None, "clip the gradient norm to this value", minimum=0)
     num_workers: int = opt(4, "data loader worker processes per rank (image files; prepared shards are read "
-                                  "in-process by native threads)")
+                                  "in-process by native threads)", minimum=0)
     seed: int = opt(0, "random seed")
-    save_every: int = opt(1000, "write a checkpoint every N optimizer steps (and at each epoch end and the end)")
-    keep_last: int = opt(3, "checkpoints to keep")
-    log_every: int = opt(10, "log metrics every N optimizer steps")
-    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in total")
+    save_every: int = opt(1000, "write a checkpoint every N optimizer steps (and at each epoch end and the end)",
+                          minimum=1)
+    keep_last: int = opt(3, "checkpoints to keep", minimum=1)
+    log_every: int = opt(10, "log metrics every N optimizer steps", minimum=1)
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in total", minimum=1)
     resume: Optional[str] = opt(None, "checkpoint to resume from, or 'auto' for the newest in output_dir")
     compile: bool = opt(False, "torch.compile the model")
-    device: str = opt("auto", "cuda, cpu or auto")
+    device: str = opt("auto", "cuda, cpu or auto", choices=runtime.DEVICES)
 
 
 @dataclass
 class ImageConfig(LoopConfig):
-    model: str = opt("vit_base", "encoder preset: vit_tiny, vit_small, vit_base, vit_large, vit_huge")
-    img_size: int = opt(224, "input size (a multiple of the patch size; 448 and 512 suit CXR)")
-    in_chans: int = opt(1, "input channels (1 for grey CXR, 3 to match RGB checkpoints)")
-    crop_scale: tuple[float, ...] = opt((0.2, 1.0), "random resized crop area range")
-    decode_size: Optional[int] = opt(None, "decode files with this longer side before cropping (default 2 x img_size)")
+    model: str = opt("vit_base", "encoder preset: vit_tiny, vit_small, vit_base, vit_large, vit_huge",
+                     choices=sorted(PRESETS))
+    img_size: int = opt(224, "input size (a multiple of the patch size; 448 and 512 suit CXR)", minimum=1)
+    in_chans: int = opt(1, "input channels (1 for grey CXR, 3 to match RGB checkpoints)", minimum=1)
+    crop_scale: tuple[float, ...] = opt((0.2, 1.0), "random resized crop area range", minimum=0, maximum=1)
+    decode_size: Optional[int] = opt(None, "decode files with this longer side before cropping (default 2 x img_size)",
+                                     minimum=1)
     loader: str = opt("auto", "for prepared shards: dali, torch (GPU tensors), cpu, or auto (DALI, then torch "
-                              "on GPU, else cpu); files are always decoded by the CPU DataLoader")
+                              "on GPU, else cpu); files are always decoded by the CPU DataLoader", choices=BACKENDS)
+
+    def validate(self) -> None:
+        check_patch(self.model, self.img_size)
+
+
+def check_patch(model: str, img_size: int) -> None:
+    """The image must tile into whole patches of the preset."""
+    patch = PRESETS[model].patch_size
+    if img_size % patch:
+        raise config.UsageError(f"--img_size {img_size}: not a multiple of {model}'s patch size {patch}")
 
 
 class NonFiniteLoss(RuntimeError):

@@ -11,7 +11,10 @@ Examples:
       --data /data/nih/images --labels Data_Entry_2017.csv
 
 The data, labels and split default to those the checkpoint was fine-tuned with, so the test
-split is the same patient-level split the fine-tuning run held out.
+split is the same patient-level split the fine-tuning run held out. An image that cannot be
+read is left out together with its labels and listed in errors.csv; the summary says how
+many were evaluated ("evaluated 19 of 22 images; 3 unreadable, see .../errors.csv"). Under
+torchrun the images are shared out across the ranks and the scores gathered.
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ import torch
 
 from cxrfast import atomic
 from cxrfast.data.direct import ImageDataset
+from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
-from cxrfast.models import classifier
+from cxrfast.models import PRESETS, classifier
 from cxrfast.models.checkpoints import load_pretrained
 
-from . import config, inference, labelled, logs, metrics, pictures, runtime
+from . import config, engine, inference, labelled, logs, metrics, pictures, runtime
 from .config import opt
 
 DEMO_CHECKPOINT = Path("outputs") / "finetune_demo" / "best.pth"
@@ -41,32 +45,39 @@ class EvaluateConfig:
                                           "with --linear_probe; none: the demo fine-tuning result")
     data: Optional[str] = opt(None, "images (default: those the checkpoint was fine-tuned on)")
     labels: Optional[str] = opt(None, "label CSV (default: the checkpoint's)")
-    label_format: Optional[str] = opt(None, "auto, nih14, chexpert or generic (default: the checkpoint's)")
-    uncertain: Optional[str] = opt(None, "ones, zeros or ignore (default: the checkpoint's)")
-    split: str = opt("test", "which split to evaluate: train, val or test")
-    split_fractions: Optional[tuple[float, ...]] = opt(None, "patient split fractions (default: the checkpoint's)")
-    output_dir: str = opt("outputs/evaluate", "where metrics.json, metrics.md and roc.png go")
+    label_format: Optional[str] = opt(None, "auto, nih14, chexpert, mimic or generic (default: the checkpoint's)",
+                                      choices=FORMATS)
+    uncertain: Optional[str] = opt(None, "ones, zeros or ignore (default: the checkpoint's)", choices=UNCERTAIN)
+    split: str = opt("test", "which split to evaluate: train, val or test", choices=("train", "val", "test"))
+    split_fractions: Optional[tuple[float, ...]] = opt(None, "patient split fractions (default: the checkpoint's)",
+                                                       minimum=0, maximum=1)
+    output_dir: str = opt("outputs/evaluate", "where metrics.json, metrics.md, errors.csv and roc.png go")
     linear_probe: bool = opt(False, "fit a logistic-regression probe on frozen encoder features of the train split")
-    probe_l2: float = opt(1e-3, "L2 penalty of the linear probe")
-    model: Optional[str] = opt(None, "encoder preset when the checkpoint does not say")
-    img_size: Optional[int] = opt(None, "input size when the checkpoint does not say")
-    batch_size: int = opt(64, "inference batch size")
-    num_workers: int = opt(0, "data loader workers")
+    probe_l2: float = opt(1e-3, "L2 penalty of the linear probe", minimum=0)
+    model: Optional[str] = opt(None, "encoder preset when the checkpoint does not say", choices=sorted(PRESETS))
+    img_size: Optional[int] = opt(None, "input size when the checkpoint does not say", minimum=1)
+    batch_size: int = opt(64, "inference batch size", minimum=1)
+    num_workers: int = opt(0, "data loader workers", minimum=0)
     seed: int = opt(0, "seed of the label-fraction subset")
-    device: str = opt("auto", "cuda, cpu or auto")
+    device: str = opt("auto", "cuda, cpu or auto", choices=runtime.DEVICES)
+
+    def validate(self) -> None:
+        if self.img_size is not None:
+            engine.check_patch(self.model or "vit_base", self.img_size)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = config.parse(EvaluateConfig, argv, "python -m train.evaluate", __doc__)
-    path = Path(cfg.checkpoint) if cfg.checkpoint else DEMO_CHECKPOINT
-    if not path.is_file():
-        raise SystemExit(f"error: no checkpoint at {path}" + ("; run `python -m train.pretrain` and "
-                         "`python -m train.finetune` first" if cfg.checkpoint is None else ""))
-    rt = runtime.setup(cfg.device)
-    try:
-        return evaluate(cfg, path, rt)
-    finally:
-        runtime.teardown()
+    with config.user_errors():
+        cfg, _ = config.parse(EvaluateConfig, argv, "python -m train.evaluate", __doc__)
+        path = Path(cfg.checkpoint) if cfg.checkpoint else DEMO_CHECKPOINT
+        if not path.is_file():
+            raise config.UsageError(f"--checkpoint {path}: no such file" + ("; run `python -m train.pretrain` and "
+                                    "`python -m train.finetune` first" if cfg.checkpoint is None else ""))
+        rt = runtime.setup(cfg.device)
+        try:
+            return evaluate(cfg, path, rt)
+        finally:
+            runtime.teardown()
 
 
 def _pick(value, saved: dict, key: str, default=None):
@@ -79,7 +90,7 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     data_src, labels_src = _pick(cfg.data, saved, "data"), _pick(cfg.labels, saved, "labels")
     prepared = is_prepared(data_src)
     if not data_src or not (labels_src or prepared):
-        raise SystemExit("error: --data and --labels are needed (the checkpoint does not name them)")
+        raise config.UsageError("--data and --labels are needed (the checkpoint does not name them)")
     if prepared:
         label_names, parts = labelled.load_prepared(data_src)
         data = labelled.LabelledData(label_names, {})
@@ -92,7 +103,7 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
         split, train_part = data.splits[cfg.split], data.splits["train"]
         size = len(split.files)
     if not size:
-        raise SystemExit(f"error: the {cfg.split} split is empty")
+        raise config.UsageError(f"--split {cfg.split}: no image of {data_src} is in the {cfg.split} split")
     model_name = _pick(cfg.model, saved, "model", "vit_base")
     img_size = _pick(cfg.img_size, saved, "img_size", 224)
     in_chans = saved.get("in_chans", 1)
@@ -108,35 +119,62 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     def ds(part):
         if prepared:
             return PreparedDataset(part, img_size=img_size, in_chans=in_chans, train=False, with_labels=True)
-        return ImageDataset(part.files, img_size=img_size, in_chans=in_chans, train=False, labels=part.labels)
+        return ImageDataset(part.files, img_size=img_size, in_chans=in_chans, train=False, labels=part.labels,
+                            substitute=False)  # a bad file is dropped with its labels, never replaced
 
-    if cfg.linear_probe:
-        train_split = train_part
-        feats_train = inference.predict(model, ds(train_split), rt.device, cfg.batch_size, features=True)
-        feats_eval = inference.predict(model, ds(split), rt.device, cfg.batch_size, features=True)
-        scores = linear_probe(feats_train, train_split.labels, feats_eval, cfg.probe_l2)
-    else:
-        scores = inference.predict(model, ds(split), rt.device, cfg.batch_size, num_workers=cfg.num_workers)
-    result = metrics.per_class(split.labels, scores, names)
-    result.update(checkpoint=str(path), split=cfg.split, images=size,
-                  mode="linear_probe" if cfg.linear_probe else "classifier")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    errors_csv = out / "errors.csv"
+    failed: list = []
+    if cfg.linear_probe:
+        feats_train = inference.predict(model, ds(train_part), rt.device, cfg.batch_size, features=True,
+                                        num_workers=cfg.num_workers)
+        pred = inference.predict(model, ds(split), rt.device, cfg.batch_size, features=True,
+                                 num_workers=cfg.num_workers)
+        failed += feats_train.failed
+        if len(pred.indices) and len(feats_train.indices):
+            scores = linear_probe(feats_train.values, train_part.labels[feats_train.indices], pred.values,
+                                  cfg.probe_l2)
+    else:
+        pred = inference.predict(model, ds(split), rt.device, cfg.batch_size, num_workers=cfg.num_workers)
+        scores = pred.values
+    failed = pred.failed + failed
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        inference.write_errors(errors_csv, failed)  # always rewritten: no stale rows from an earlier run
+    if not len(pred.indices) or (cfg.linear_probe and not len(feats_train.indices)):
+        which = f"the {cfg.split} split" if not len(pred.indices) else "the train split (for the probe)"
+        raise SystemExit(f"error: no image of {which} could be read; see {errors_csv}")
+    labels = split.labels[pred.indices]  # the labels of exactly the images that were scored
+    result = metrics.per_class(labels, scores, names)
+    counted = summary_line(len(pred.indices), size, pred.unreadable, errors_csv)
+    if cfg.linear_probe and feats_train.unreadable:
+        counted += f" (and {feats_train.unreadable} of the probe's train split)"
+    result.update(checkpoint=str(path), split=cfg.split, images=len(pred.indices), images_in_split=size,
+                  unreadable=pred.unreadable, errors=str(errors_csv),
+                  mode="linear_probe" if cfg.linear_probe else "classifier")
+    if not rt.main:
+        return result
     text = metrics.table(result)
     atomic.write_text(out / "metrics.json", json.dumps(result, indent=2, default=float))
-    atomic.write_text(out / "metrics.md", f"# {result['mode']} on the {cfg.split} split ({size} images)\n\n"
+    atomic.write_text(out / "metrics.md", f"# {result['mode']} on the {cfg.split} split ({counted})\n\n"
            f"checkpoint: `{path}`\n\n```\n{text}\n```\n")
     curves = {}
     for j, name in enumerate(names):
         auc = result["classes"][name]["auroc"]
         if not np.isnan(auc):
-            fpr, tpr = metrics.roc_curve(split.labels[:, j], scores[:, j])
+            fpr, tpr = metrics.roc_curve(labels[:, j], scores[:, j])
             curves[name] = (fpr, tpr, auc)
     if curves:
         pictures.roc_figure(curves, out / "roc.png")
-    logs.announce(f"{result['mode']} on the {cfg.split} split, {size} images:\n{text}\n"
-                  f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, {out / 'roc.png'}", rt.main)
+    logs.announce(f"{result['mode']} on the {cfg.split} split: {counted}\n{text}\n"
+                  f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, {out / 'roc.png'}, {errors_csv}", rt.main)
     return result
+
+
+def summary_line(evaluated: int, total: int, unreadable: int, errors_csv: Path) -> str:
+    """``evaluated 19 of 22 images; 3 unreadable, see errors.csv`` (the counts every report gives)."""
+    line = f"evaluated {evaluated} of {total} images"
+    return line + (f"; {unreadable} unreadable, see {errors_csv}" if unreadable else "")
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, l2: float) -> np.ndarray:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cxrfast.data.direct import ImageDataset
+from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
 from cxrfast.models.checkpoints import load_pretrained
@@ -45,23 +46,33 @@ class FinetuneConfig(engine.ImageConfig):
     data: Optional[str] = opt(None, "a prepared folder (labels and splits from its index), a folder of images, "
                                     "or a CSV with a 'path' column; none: the demo dataset")
     labels: Optional[str] = opt(None, "label CSV (NIH, CheXpert, MIMIC or generic); none: the demo labels")
-    label_format: str = opt("auto", "auto, nih14, chexpert or generic")
-    uncertain: str = opt("ones", "CheXpert -1 labels: ones, zeros or ignore (masked out)")
-    label_fraction: float = opt(1.0, "use this reproducible fraction of the training labels (e.g. 0.01, 0.1)")
-    split_fractions: tuple[float, ...] = opt((0.7, 0.1, 0.2), "patient-level train,val,test fractions")
+    label_format: str = opt("auto", "auto, nih14, chexpert, mimic or generic", choices=FORMATS)
+    uncertain: str = opt("ones", "CheXpert -1 labels: ones, zeros or ignore (masked out)", choices=UNCERTAIN)
+    label_fraction: float = opt(1.0, "use this reproducible fraction of the training labels (e.g. 0.01, 0.1)",
+                                maximum=1)
+    split_fractions: tuple[float, ...] = opt((0.7, 0.1, 0.2), "patient-level train,val,test fractions",
+                                             minimum=0, maximum=1)
     pretrained: Optional[str] = opt(None, "pretrained checkpoint (cxrfast, facebookresearch/mae, RETFound, timm); "
                                           "none: from scratch (the demo uses its pretraining checkpoint)")
     output_dir: str = opt("outputs/finetune", "where checkpoints, logs and metrics go")
     global_pool: bool = opt(True, "average the patch tokens (fc_norm) instead of using the CLS token")
-    drop_path: float = opt(0.1, "stochastic depth rate")
-    layer_decay: float = opt(0.75, "layer-wise lr decay")
-    epochs: int = opt(50, "training epochs")
-    blr: float = opt(5e-4, "base learning rate: lr = blr * effective batch / 256")
-    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay")
-    crop_scale: tuple[float, ...] = opt((0.5, 1.0), "random resized crop area range")
-    label_smoothing: float = opt(0.0, "smooth binary targets towards 0.5 by this amount")
-    mixup: float = opt(0.0, "mixup alpha (0: off)")
-    cutmix: float = opt(0.0, "cutmix alpha (0: off); with mixup, each batch picks one at random")
+    drop_path: float = opt(0.1, "stochastic depth rate", minimum=0, maximum=1)
+    layer_decay: float = opt(0.75, "layer-wise lr decay", minimum=0)
+    epochs: int = opt(50, "training epochs", minimum=1)
+    blr: float = opt(5e-4, "base learning rate: lr = blr * effective batch / 256", minimum=0)
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay", minimum=0)
+    crop_scale: tuple[float, ...] = opt((0.5, 1.0), "random resized crop area range", minimum=0, maximum=1)
+    label_smoothing: float = opt(0.0, "smooth binary targets towards 0.5 by this amount", minimum=0, maximum=1)
+    mixup: float = opt(0.0, "mixup alpha (0: off)", minimum=0)
+    cutmix: float = opt(0.0, "cutmix alpha (0: off); with mixup, each batch picks one at random", minimum=0)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.label_fraction > 0:
+            raise config.UsageError(f"--label_fraction {self.label_fraction}: must be in (0, 1]")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise config.UsageError(f"--split_fractions {','.join(map(str, self.split_fractions))}: "
+                                    "three fractions (train,val,test) that sum to 1")
 
 
 DEMO = dict(output_dir="outputs/finetune_demo", model="vit_tiny", img_size=128, epochs=12, warmup_epochs=2,
@@ -69,6 +80,11 @@ DEMO = dict(output_dir="outputs/finetune_demo", model="vit_tiny", img_size=128, 
 
 
 def main(argv: list[str] | None = None) -> dict:
+    with config.user_errors():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> dict:
     cfg, explicit = config.parse(FinetuneConfig, argv, "python -m train.finetune", __doc__)
     if cfg.data is None:
         updates = {k: v for k, v in DEMO.items() if k not in explicit}
@@ -125,12 +141,12 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> torch.nn.Module:
 
 
 def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
-    out = engine.start(cfg, rt)
+    out = Path(cfg.output_dir)  # made (with config.json) only once the inputs are known to be good
     batches = None
     if is_prepared(cfg.data):
         names, parts = labelled.load_prepared(cfg.data, cfg.label_fraction, cfg.seed)
         if not len(parts["train"]):
-            raise SystemExit("error: the training split is empty")
+            raise config.UsageError(f"--data {cfg.data}: the training split is empty")
         dataset, _, batches = engine.prepared_input(cfg, parts["train"], rt, with_labels=True)
         val = PreparedDataset(parts["val"], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
                               with_labels=True) if len(parts["val"]) else None
@@ -138,20 +154,21 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
         counts = {k: len(v) for k, v in parts.items()}
     else:
         if cfg.labels is None:
-            raise SystemExit("error: --labels is required with --data (unless --data is a prepared folder)")
+            raise config.UsageError(f"--data {cfg.data}: --labels is required (unless --data is a prepared folder)")
         data = labelled.load(cfg.data, cfg.labels, cfg.label_format, cfg.uncertain, cfg.label_fraction,
                              tuple(cfg.split_fractions), cfg.seed)
         names = data.names
         train_split, val_split = data.splits["train"], data.splits["val"]
         if not train_split.files:
-            raise SystemExit("error: the training split is empty")
+            raise config.UsageError(f"--data {cfg.data}: no image is in the training split")
         dataset = ImageDataset(train_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
                                crop_scale=tuple(cfg.crop_scale), labels=train_split.labels, seed=cfg.seed,
                                decode_size=cfg.decode_size, errors_path=out / "errors.tsv")
         val = ImageDataset(val_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
-                           labels=val_split.labels) if val_split.files else None
+                           labels=val_split.labels, substitute=False) if val_split.files else None
         val_labels = val_split.labels
         counts = {k: len(v.files) for k, v in data.splits.items()}
+    engine.start(cfg, rt)
     logs.announce(f"{len(names)} labels {names}; images: " + ", ".join(f"{k} {v}" for k, v in counts.items()), rt.main)
     model = build_model(cfg, len(names)).to(rt.device)
     if cfg.pretrained:
@@ -160,24 +177,34 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
     best = {"mean_auroc": -1.0, "epoch": 0}
 
     def on_epoch_end(epoch: int, step: int) -> dict:
-        if val is None or not rt.main:
+        """Validation on every rank (each scores its share; all get the gathered scores, so
+        every rank keeps the same best); unreadable images are dropped with their labels."""
+        if val is None:
             return {}
-        result = metrics.per_class(val_labels, inference.predict(model, val, rt.device, cfg.batch_size), names)
+        pred = inference.predict(model, val, rt.device, cfg.batch_size)
+        if pred.unreadable and rt.main:
+            inference.write_errors(out / "val_errors.csv", pred.failed)
+        if not len(pred.indices):
+            return {"val_images": 0, "val_unreadable": pred.unreadable}
+        result = metrics.per_class(val_labels[pred.indices], pred.values, names)
+        result.update(images=len(pred.indices), unreadable=pred.unreadable)
         if not math.isnan(result["mean_auroc"]) and result["mean_auroc"] > best["mean_auroc"]:
             best.update(mean_auroc=result["mean_auroc"], epoch=epoch)
-            save_model(out / "best.pth", model, cfg, names, result)
-        return {"val_mean_auroc": result["mean_auroc"], "val_mean_auprc": result["mean_auprc"]}
+            if rt.main:
+                save_model(out / "best.pth", model, cfg, names, result)
+        return {"val_mean_auroc": result["mean_auroc"], "val_mean_auprc": result["mean_auprc"],
+                "val_images": len(pred.indices), "val_unreadable": pred.unreadable}
 
     job = engine.Job("finetune", model, dataset, param_groups(model, cfg.weight_decay, cfg.layer_decay),
                      loss=make_loss(cfg), on_epoch_end=on_epoch_end, job_state=lambda: dict(best),
                      load_job_state=lambda s: best.update(s), batches=batches)
     summary = engine.run(cfg, rt, job)
+    if val is not None and best["epoch"] == 0:  # stopped (max_steps) before any epoch ended: judge the
+        on_epoch_end(summary["epochs_done"], summary["steps"])  # final model (every rank takes part)
     if rt.main:
         final = save_model(out / "final.pth", model, cfg, names, None)
         if val is None:  # no validation split to choose by: the final model is the one to use
             save_model(out / "best.pth", model, cfg, names, None)
-        elif best["epoch"] == 0:  # stopped (max_steps) before any epoch ended: judge the final model
-            on_epoch_end(summary["epochs_done"], summary["steps"])
         summary.update(best_val_mean_auroc=best["mean_auroc"], best_epoch=best["epoch"])
         judged = f"{best['mean_auroc']:.4f} (epoch {best['epoch']})" if best["mean_auroc"] >= 0 else "n/a (no validation split)"
         print(f"\nfine-tuning done: {summary['steps']} steps; best validation mean AUROC {judged}\n"

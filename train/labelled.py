@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from cxrfast import dicom
-from cxrfast.data import find_images, patient_split
-from cxrfast.data.labels import fraction_subset, match_files, read_labels
+from cxrfast.data import patient_split
+from cxrfast.data.labels import fraction_subset, match_files
+
+from . import inputs
+from .config import UsageError
 
 
 @dataclass
@@ -34,12 +37,13 @@ def _patient_of(path: Path) -> str:
 
 def load(data: str, labels: str, label_format: str = "auto", uncertain: str = "ones",
          label_fraction: float = 1.0, fractions: tuple[float, ...] = (0.7, 0.1, 0.2), seed: int = 0) -> LabelledData:
-    """Pairs files with labels; splits by the CSV's split column or by patient; subsets train."""
-    table = read_labels(labels, label_format, uncertain)
+    """Pairs files with labels; splits by the CSV's split column or by patient; subsets train.
+    A missing or empty --data, an unreadable label CSV or no match between them is a UsageError."""
+    table = inputs.label_table(labels, label_format, uncertain)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
-    files, y, rows = match_files(table, find_images(data), root)
+    files, y, rows = match_files(table, inputs.image_files(data), root)
     if not files:
-        raise SystemExit(f"error: no file under {data} matches a row of {labels}")
+        raise UsageError(f"--labels {labels}: no file under {data} matches one of its rows")
     given = [table.splits[r] if table.splits else None for r in rows]
     if all(given):
         names = [g.lower().replace("validation", "val").replace("valid", "val") for g in given]
@@ -63,7 +67,7 @@ def load_prepared(folder: str, label_fraction: float = 1.0, seed: int = 0):
 
     full = PreparedData(folder)
     if not full.label_names:
-        raise SystemExit(f"error: {folder} has no labels; prepare it with --labels")
+        raise UsageError(f"--data {folder}: a prepared folder without labels; prepare it with --labels")
     splits = {}
     for split in ("train", "val", "test"):
         idx = np.array([i for i, r in enumerate(full.rows) if r["split"] == split], dtype=np.int64)

@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 
-from cxrfast.data import find_images
 from cxrfast.data.direct import MEAN, STD, ImageDataset
 from cxrfast.data.shards import PreparedData, PreparedDataset, is_prepared
 from cxrfast.models import mae
@@ -32,7 +31,7 @@ from cxrfast.models.checkpoints import load_pretrained
 from cxrfast.models.vit import param_groups
 from cxrfast.synthetic import ensure_demo_dataset
 
-from . import config, engine, logs, pictures, runtime
+from . import config, engine, inputs, logs, pictures, runtime
 from .config import opt
 
 DEMO_DATA = Path("outputs") / "demo_dicom"
@@ -43,17 +42,18 @@ class PretrainConfig(engine.ImageConfig):
     data: Optional[str] = opt(None, "a folder prepared by `python -m cxrfast.prepare`, a folder of "
                                     "DICOM/PNG/JPEG files, or a CSV with a 'path' column; none: the demo dataset")
     output_dir: str = opt("outputs/pretrain", "where checkpoints, logs and pictures go")
-    mask_ratio: float = opt(0.75, "fraction of patches hidden from the encoder (0.9 is common for CXR)")
+    mask_ratio: float = opt(0.75, "fraction of patches hidden from the encoder (0.9 is common for CXR)",
+                            minimum=0, maximum=0.99)
     norm_pix_loss: bool = opt(True, "normalise each target patch by its mean and variance")
-    decoder_dim: int = opt(512, "decoder width")
-    decoder_depth: int = opt(8, "decoder blocks")
-    decoder_heads: int = opt(16, "decoder attention heads")
+    decoder_dim: int = opt(512, "decoder width", minimum=1)
+    decoder_depth: int = opt(8, "decoder blocks", minimum=1)
+    decoder_heads: int = opt(16, "decoder attention heads", minimum=1)
     init: Optional[str] = opt(None, "initialise from a checkpoint (facebookresearch/mae, RETFound, cxrfast)")
-    epochs: int = opt(800, "training epochs")
-    warmup_epochs: float = opt(40, "linear warmup epochs")
-    blr: float = opt(1.5e-4, "base learning rate: lr = blr * effective batch / 256")
-    betas: tuple[float, ...] = opt((0.9, 0.95), "AdamW betas")
-    eval_every: int = opt(10, "write a reconstruction picture every N epochs")
+    epochs: int = opt(800, "training epochs", minimum=1)
+    warmup_epochs: float = opt(40, "linear warmup epochs", minimum=0)
+    blr: float = opt(1.5e-4, "base learning rate: lr = blr * effective batch / 256", minimum=0)
+    betas: tuple[float, ...] = opt((0.9, 0.95), "AdamW betas", minimum=0, maximum=1)
+    eval_every: int = opt(10, "write a reconstruction picture every N epochs", minimum=1)
 
 
 DEMO = dict(output_dir="outputs/pretrain_demo", model="vit_tiny", img_size=128, decoder_dim=128, decoder_depth=2,
@@ -68,6 +68,11 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    with config.user_errors():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> dict:
     cfg, explicit = config.parse(PretrainConfig, argv, "python -m train.pretrain", __doc__)
     if cfg.data is None:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in DEMO.items() if k not in explicit})
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
-    out = engine.start(cfg, rt)
+    out = Path(cfg.output_dir)  # made (with config.json) only once the inputs are known to be good
     batches = None
     if is_prepared(cfg.data):  # prepared shards: memmap, augmentation by the chosen backend
         prepared = PreparedData(cfg.data)
@@ -95,11 +100,12 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
                                   in_chans=cfg.in_chans, train=False)
         logs.announce(f"prepared data: {len(prepared)} images, loader {backend}", rt.main)
     else:  # files decoded on the fly
-        files = find_images(cfg.data)
+        files = inputs.image_files(cfg.data)
         dataset = ImageDataset(files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
                                crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, decode_size=cfg.decode_size,
                                errors_path=out / "errors.tsv")
         preview = ImageDataset(files[:8], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False)
+    engine.start(cfg, rt)
     model = build_model(cfg).to(rt.device)
     if cfg.init:
         result = load_pretrained(model, cfg.init)

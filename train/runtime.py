@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import UsageError
+
 
 @dataclass
 class Runtime:
@@ -27,13 +29,20 @@ class Runtime:
         return self.world_size > 1
 
 
+DEVICES = ("auto", "cuda", "cpu")
+
+
 def setup(device: str = "auto") -> Runtime:
     """Joins the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in DEVICES:
+        raise UsageError(f"--device {device}: not one of {', '.join(DEVICES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
     dev = torch.device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local)

@@ -3,8 +3,10 @@
 Items are addressed by (index, epoch) so that augmentation is seeded by the sample and the
 epoch alone: the same run gives the same crops whatever the worker count, and a resumed run
 continues with exactly the crops the killed one would have used. A file that cannot be read
-is logged to the errors file and replaced by the next readable one, so every rank still gets
-full batches and a long run never stops for one bad file.
+is logged to the errors file and replaced by the next readable one (with that one's labels),
+so every rank still gets full batches and a long run never stops for one bad file. For
+evaluation (``substitute=False``) a bad file raises :class:`UnreadableImage` instead, so
+the caller drops the image and its labels rather than scoring another file under them.
 """
 from __future__ import annotations
 
@@ -19,13 +21,22 @@ from .augment import MEAN, STD, crop_resize, draw_crops, whole_images
 from .files import load_image
 
 
+class UnreadableImage(Exception):
+    """An image file that could not be decoded (``substitute=False``); carries its index."""
+
+    def __init__(self, index: int, path: Path, cause: Exception):
+        super().__init__(f"{path}: {type(cause).__name__}: {' '.join(str(cause).split())}")
+        self.index, self.path = index, path
+        self.reason = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+
+
 class ImageDataset(Dataset):
     """(index, epoch) -> normalised (C, size, size) float tensor [, labels (K,)]."""
 
     def __init__(self, files: list[Path], *, img_size: int, in_chans: int = 1, train: bool = True,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
                  labels: np.ndarray | None = None, seed: int = 0, decode_size: int | None = None,
-                 errors_path: str | os.PathLike | None = None):
+                 errors_path: str | os.PathLike | None = None, substitute: bool = True):
         if not files:
             raise ValueError("no image files")
         self.files = list(files)
@@ -35,6 +46,7 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.decode_size = decode_size if decode_size is not None else 2 * img_size
         self.errors_path = errors_path
+        self.substitute = substitute
 
     def __len__(self) -> int:
         return len(self.files)
@@ -50,6 +62,11 @@ class ImageDataset(Dataset):
             os.close(fd)
 
     def _read(self, index: int) -> tuple[int, np.ndarray]:
+        if not self.substitute:
+            try:
+                return index, load_image(self.files[index], self.decode_size)
+            except Exception as exc:  # DicomError, OSError, PIL errors: the caller drops this item
+                raise UnreadableImage(index, self.files[index], exc) from exc
         for attempt in range(len(self.files)):
             i = (index + attempt) % len(self.files)
             try:

@@ -48,6 +48,15 @@ class LabelTable:
         return index
 
 
+FORMATS = ("auto", "nih14", "chexpert", "mimic", "generic")
+UNCERTAIN = ("ones", "zeros", "ignore")
+# the columns each format cannot do without (CheXpert and MIMIC also need observation columns)
+REQUIRED = {"nih14": ("Image Index", "Finding Labels"), "chexpert": ("Path",), "mimic": ("subject_id", "study_id"),
+            "generic": ("path",)}
+EXPECTED = ("'path' + label columns (generic), 'Path' + CheXpert observations, 'Image Index' + 'Finding Labels' "
+            "(NIH), or 'subject_id' + 'study_id' + CheXpert observations (MIMIC)")
+
+
 def _detect(columns: list[str]) -> str:
     if "Image Index" in columns and "Finding Labels" in columns:
         return "nih14"
@@ -57,18 +66,34 @@ def _detect(columns: list[str]) -> str:
         return "chexpert"
     if "path" in columns:
         return "generic"
-    raise ValueError(f"unrecognised label CSV columns: {columns}")
+    raise ValueError(f"no image path column; found columns {columns}, expected {EXPECTED}")
 
 
 def read_labels(path: str | os.PathLike, label_format: str = "auto", uncertain: str = "ones") -> LabelTable:
-    """Reads a label CSV in NIH, CheXpert or generic format (``auto`` detects it)."""
-    if uncertain not in ("ones", "zeros", "ignore"):
+    """Reads a label CSV in NIH, CheXpert or generic format (``auto`` detects it); a CSV that
+    does not fit raises ValueError naming the file, the columns found and those expected."""
+    if uncertain not in UNCERTAIN:
         raise ValueError(f"uncertain must be ones, zeros or ignore, got {uncertain!r}")
+    if label_format not in FORMATS:
+        raise ValueError(f"unknown label format {label_format!r} ({', '.join(FORMATS)})")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
         rows = list(reader)
-    fmt = _detect(columns) if label_format == "auto" else label_format
+    try:
+        fmt = _detect(columns) if label_format == "auto" else label_format
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    missing = [c for c in REQUIRED[fmt] if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: {fmt} labels need the columns {list(REQUIRED[fmt])}; found columns {columns}")
+    try:
+        return _table(Path(path), fmt, rows, columns, uncertain)
+    except ValueError as exc:  # a label value that is not a number
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _table(path: Path, fmt: str, rows: list[dict], columns: list[str], uncertain: str) -> LabelTable:
     if fmt == "nih14":
         names = list(NIH_LABELS)
         labels = np.zeros((len(rows), len(names)), np.float32)
@@ -93,14 +118,14 @@ def read_labels(path: str | os.PathLike, label_format: str = "auto", uncertain: 
             patients.append(m.group(1) if m else None)
         return LabelTable([r["Path"] for r in rows], names, labels, patients, [None] * len(rows))
     if fmt == "mimic":
-        return _read_mimic(Path(path), rows, columns, uncertain)
+        return _read_mimic(path, rows, columns, uncertain)
     if fmt == "generic":
         names = [c for c in columns if c.lower() not in META_COLUMNS]
         labels = np.array([[float(r[n] or 0) for n in names] for r in rows], np.float32).reshape(len(rows), len(names))
         labels[labels < 0] = {"ones": 1.0, "zeros": 0.0, "ignore": np.nan}[uncertain]
         return LabelTable([r["path"] for r in rows], names, labels, [r.get("patient_id") for r in rows],
                           [r.get("split") for r in rows])
-    raise ValueError(f"unknown label format {fmt!r} (nih14, chexpert, generic)")
+    raise ValueError(f"unknown label format {fmt!r} ({', '.join(FORMATS)})")
 
 
 def _read_mimic(path: Path, rows: list[dict], columns: list[str], uncertain: str) -> LabelTable:
