@@ -31,6 +31,11 @@ def inputs(tmp_path_factory):
     (root / "list.json").write_text("[1, 2]")
     (root / "all_test.csv").write_text("path,split,Effusion\n" + "".join(
         f"cxr_{i:03d}.dcm,test,{i % 2}\n" for i in range(12)))
+    from cxrfast.prepare import prepare
+
+    prepare(str(data), str(root / "old_prepared"), size=64, workers=1)
+    meta = root / "old_prepared" / "meta.json"
+    meta.write_text(meta.read_text().replace('"format_version": 2', '"format_version": 1'))
     model = classifier("vit_tiny", img_size=64, in_chans=1, num_classes=len(FINDINGS))
     torch.save({"model": model.state_dict(), "label_names": list(FINDINGS), "kind": "cxrfast-classifier",
                 "config": {"model": "vit_tiny", "img_size": 64, "data": str(data), "labels": str(data / "labels.csv")}},
@@ -73,6 +78,7 @@ CASES = [
         (["--epochs", "0"], "--epochs 0"),
         (["--crop_scale", "0.5,2"], "--crop_scale 2.0"),
         (["--data", "{root}/no_path.csv"], "no_path.csv"),
+        (["--data", "{root}/old_prepared"], "old_prepared"),
     ]
 ] + [
     (job, args, expect) for job in ("finetune", "evaluate") for args, expect in [

@@ -37,11 +37,16 @@ def fail(message: str) -> NoReturn:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turns a :class:`UsageError` raised inside into :func:`fail` (no traceback)."""
+    """Turns a :class:`UsageError` (or a prepared folder that cannot be read as it is) raised
+    inside into :func:`fail` (no traceback)."""
+    from cxrfast.data.shards import PreparedFormatError
+
     try:
         yield
     except UsageError as exc:
         fail(str(exc))
+    except PreparedFormatError as exc:  # its message names the folder and says what to do
+        fail(f"--data {exc}")
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,
