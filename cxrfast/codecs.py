@@ -157,6 +157,9 @@ _SHAPES: dict[str, Callable[[Buffer], list[Shape]]] = {
 }
 
 
+SIZE_CHECKED = frozenset(_SHAPES)  # codecs whose codestream header check_frame reads
+
+
 def declared_shapes(codec: str, frame: Buffer) -> list[Shape]:
     """(rows, columns, components) of every image header in the frame's codestream."""
     try:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from . import _dicom
-from .codecs import check_frame, decode_frame
+from .codecs import SIZE_CHECKED, check_frame, decode_frame
 from .errors import (  # noqa: F401  (re-exported: the hierarchy lives at cxrfast.dicom)
     CorruptCodestreamError,
     DicomError,
@@ -200,7 +200,7 @@ def encapsulated_frames(src: Source) -> EncapsulatedFrames:
     with translated(name):
         frames = _frames_of(src, parsed)
     codec = meta["codec"]
-    if codec != "rle":
+    if codec in SIZE_CHECKED:
         shape = (meta["rows"], meta["columns"], meta["samples_per_pixel"])
         for i, f in enumerate(frames):
             with translated(name, f"{codec} frame {i}"):
