@@ -319,12 +319,21 @@ PYBIND11_MODULE(_dicom, m) {
         const int size = int(out.shape(1));
         int itemsize = 0;
         std::vector<CropJob> jobs(n);
+        // Owned references to every image, taken with the GIL held: once it is released the
+        // caller may change `images` (or drop its last reference to an array), and the native
+        // loop reads only arrays kept alive here. Declared before the GIL release below, so
+        // they are released after the GIL is taken back.
+        std::vector<py::array> keep;
+        keep.reserve(n);
         auto box = boxes.unchecked<2>();
         auto flip = mirror.unchecked<1>();
         auto* dst = static_cast<float*>(out.mutable_data());
         for (size_t i = 0; i < n; ++i) {
-          auto img = py::reinterpret_borrow<py::array>(images[i]);
-          if (!py::isinstance<py::array>(images[i]) || img.ndim() != 2 ||
+          py::object item = images[i];
+          if (!py::isinstance<py::array>(item)) throw py::value_error("images must be 2-D uint8, uint16 or float32 arrays");
+          keep.push_back(py::reinterpret_borrow<py::array>(item));
+          const py::array& img = keep.back();
+          if (img.ndim() != 2 ||
               !((img.dtype().kind() == 'u' && (img.itemsize() == 1 || img.itemsize() == 2)) ||
                 (img.dtype().kind() == 'f' && img.itemsize() == 4)))
             throw py::value_error("images must be 2-D uint8, uint16 or float32 arrays");

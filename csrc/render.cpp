@@ -3,12 +3,18 @@
 // data's min/max) -> MONOCHROME1 / Presentation LUT INVERSE (C.11.6), inverted after VOI
 // against the output range -> optional antialiased resize -> uint8 / uint16 / float32.
 //
+// Header values are checked before use: a non-finite (NaN, inf) Rescale Slope, Rescale
+// Intercept, Window Center or Window Width is ignored like an absent one (slope 1, intercept
+// 0, no window -> the LUT or the min/max window), and a rescale that maps the stored range
+// beyond float32 is an error. Every float -> integer conversion below is range-checked first.
+//
 // For Bits Stored <= 16 the whole chain up to the output type is one lookup table indexed by
 // the stored bits, so the per-pixel work is a load, a mask and a table read.
 #include <algorithm>
 #include <cctype>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -23,21 +29,54 @@ struct Shape {
   size_t pixels() const { return size_t(rows) * cols * samples; }
 };
 
+struct StoredBits {
+  int shift = 0;
+  int bits = 16;
+  bool is_signed = false;
+  uint32_t mask = 0xFFFF;
+  int64_t value(uint32_t raw) const {
+    uint32_t v = (raw >> shift) & mask;
+    if (is_signed && bits < 64 && (v >> (bits - 1)) & 1u) return int64_t(v) - (int64_t(1) << bits);
+    return int64_t(v);
+  }
+};
+
+StoredBits stored_bits(const Header& h) {
+  StoredBits sb;
+  sb.bits = std::clamp(h.bits_stored, 1, 32);
+  sb.is_signed = h.pixel_representation == 1;
+  sb.mask = sb.bits >= 32 ? 0xFFFFFFFFu : (1u << sb.bits) - 1;
+  // High Bit above Bits Stored - 1 places the stored bits higher in the word (PS3.5 8.1.1).
+  int hb = h.high_bit;
+  if (hb >= sb.bits && hb < h.bits_allocated) sb.shift = hb - sb.bits + 1;
+  return sb;
+}
+
 // The mapping from a stored (sign-extended) value to the output value before rounding.
 class Mapper {
  public:
-  Mapper(const Header& h, const RenderOptions& opt, DType dtype) : h_(h), mode_(opt.mode) {
+  Mapper(const Header& h, const RenderOptions& opt, DType dtype, const StoredBits& sb) : h_(h), mode_(opt.mode) {
     scale_ = dtype == DType::U8 ? 255.0 : dtype == DType::U16 ? 65535.0 : 1.0;
     invert_ = h.photometric == "MONOCHROME1" || h.presentation_lut_shape == "INVERSE";
     color_ = h.samples_per_pixel != 1;
     std::string f = h.voi_function.empty() ? "LINEAR" : h.voi_function;
     for (auto& ch : f) ch = char(std::toupper(ch));
     function_ = f == "SIGMOID" ? 2 : f == "LINEAR_EXACT" ? 1 : 0;
-    if (!color_ && !h.window_centers.empty() && !h.window_widths.empty()) {
+    // A non-finite value is ignored like an absent one (NaN passes std::clamp and would
+    // reach the integer conversion; an infinite centre or width gives a constant image).
+    if (h.has_rescale) {
+      has_rescale_ = true;
+      slope_ = std::isfinite(h.rescale_slope) ? h.rescale_slope : 1.0;
+      intercept_ = std::isfinite(h.rescale_intercept) ? h.rescale_intercept : 0.0;
+    }
+    if (!color_ && !h.window_centers.empty() && !h.window_widths.empty() && std::isfinite(h.window_centers[0]) &&
+        std::isfinite(h.window_widths[0])) {
       center_ = h.window_centers[0];
       width_ = h.window_widths[0];
       has_window_ = function_ == 0 ? width_ >= 1.0 : width_ > 0.0;
     }
+    if (mode_ != OutputMode::Stored && !color_ && has_rescale_ && !(h.has_modality_lut && !h.modality_lut.data.empty()))
+      check_rescale_range(sb);
     if (h.has_voi_lut && !h.voi_lut.data.empty() && !color_) {
       // VOI LUT data can be narrower than its descriptor says (Agfa CR): use the bits the
       // data actually needs when that is fewer.
@@ -57,8 +96,23 @@ class Mapper {
       i = std::clamp<int64_t>(i, 0, int64_t(h_.modality_lut.data.size()) - 1);
       return h_.modality_lut.data[size_t(i)];
     }
-    if (h_.has_rescale) return double(v) * h_.rescale_slope + h_.rescale_intercept;
+    if (has_rescale_) return double(v) * slope_ + intercept_;
     return double(v);
+  }
+
+  // Modality values are float32 (output="modality"): a rescale that maps the stored range
+  // beyond it is refused, so every value downstream is finite and no difference overflows.
+  void check_rescale_range(const StoredBits& sb) const {
+    double lo = sb.is_signed ? -std::ldexp(1.0, sb.bits - 1) : 0.0;
+    double hi = sb.is_signed ? std::ldexp(1.0, sb.bits - 1) - 1 : std::ldexp(1.0, sb.bits) - 1;
+    const double limit = double(std::numeric_limits<float>::max());
+    double a = lo * slope_ + intercept_, b = hi * slope_ + intercept_;
+    if (!(std::fabs(a) <= limit && std::fabs(b) <= limit)) {
+      char msg[160];
+      std::snprintf(msg, sizeof msg, "Rescale Slope %g and Rescale Intercept %g map the stored values beyond float32",
+                    slope_, intercept_);
+      throw Error(ErrorKind::Invalid, msg);
+    }
   }
 
   void set_range(double lo, double hi) {
@@ -71,10 +125,11 @@ class Mapper {
   double voi(double m) const {
     double t;
     if (voi_lut_max_ > 0) {
+      // Clamped in floating point before the conversion (m may be far outside int64).
       const auto& lut = h_.voi_lut;
-      int64_t i = int64_t(std::floor(m)) - lut.first_mapped;
-      i = std::clamp<int64_t>(i, 0, int64_t(lut.data.size()) - 1);
-      t = lut.data[size_t(i)] / voi_lut_max_;
+      const double off = std::floor(m) - double(lut.first_mapped), last = double(lut.data.size() - 1);
+      const size_t i = off > 0 ? (off < last ? size_t(off) : lut.data.size() - 1) : 0;  // NaN -> 0
+      t = lut.data[i] / voi_lut_max_;
     } else if (has_window_) {
       if (function_ == 2) {
         t = 1.0 / (1.0 + std::exp(-4.0 * (m - center_) / width_));
@@ -108,33 +163,11 @@ class Mapper {
   const Header& h_;
   OutputMode mode_;
   double scale_ = 1.0;
-  bool invert_ = false, color_ = false, has_window_ = false;
+  bool invert_ = false, color_ = false, has_window_ = false, has_rescale_ = false;
   int function_ = 0;
+  double slope_ = 1.0, intercept_ = 0.0;
   double center_ = 0, width_ = 0, voi_lut_max_ = 0, lo_ = 0, hi_ = 0, color_max_ = 1;
 };
-
-struct StoredBits {
-  int shift = 0;
-  int bits = 16;
-  bool is_signed = false;
-  uint32_t mask = 0xFFFF;
-  int64_t value(uint32_t raw) const {
-    uint32_t v = (raw >> shift) & mask;
-    if (is_signed && bits < 64 && (v >> (bits - 1)) & 1u) return int64_t(v) - (int64_t(1) << bits);
-    return int64_t(v);
-  }
-};
-
-StoredBits stored_bits(const Header& h) {
-  StoredBits sb;
-  sb.bits = std::clamp(h.bits_stored, 1, 32);
-  sb.is_signed = h.pixel_representation == 1;
-  sb.mask = sb.bits >= 32 ? 0xFFFFFFFFu : (1u << sb.bits) - 1;
-  // High Bit above Bits Stored - 1 places the stored bits higher in the word (PS3.5 8.1.1).
-  int hb = h.high_bit;
-  if (hb >= sb.bits && hb < h.bits_allocated) sb.shift = hb - sb.bits + 1;
-  return sb;
-}
 
 // Samples may sit at any byte offset in the file buffer: load them with memcpy (one mov).
 template <class Raw>
@@ -159,8 +192,11 @@ Out quantize(double v) {
   if constexpr (std::is_floating_point_v<Out>) {
     return Out(v);
   } else {
-    double lo = double(std::numeric_limits<Out>::lowest()), hi = double(std::numeric_limits<Out>::max());
-    return Out(std::clamp(std::nearbyint(v), lo, hi));
+    // Saturating and NaN-safe: the conversion only ever sees a value inside Out's range.
+    constexpr double lo = double(std::numeric_limits<Out>::lowest()), hi = double(std::numeric_limits<Out>::max());
+    if (!(v > lo)) return std::numeric_limits<Out>::lowest();
+    if (!(v < hi)) return std::numeric_limits<Out>::max();
+    return Out(std::nearbyint(v));
   }
 }
 
@@ -252,6 +288,7 @@ void render_typed(const StoredPixels& px, const Mapper& map, const StoredBits& s
     qlut.resize(flut.size());
     for (uint32_t i = 0; i < flut.size(); ++i) {
       double v = map(unshifted.value(i));
+      if (!std::isfinite(v)) throw Error(ErrorKind::Invalid, "the display pipeline gave a non-finite value");
       flut[i] = float(v);
       qlut[i] = quantize<Out>(v);
     }
@@ -359,7 +396,8 @@ Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& op
     r.rows = opt.size_h;
     r.columns = opt.size_w;
   } else if (opt.size_longest > 0) {
-    double s = double(opt.size_longest) / std::max(px.rows, px.columns);
+    if (opt.size_longest > 65536) throw Error(ErrorKind::Invalid, "output size too large");
+    double s = double(opt.size_longest) / std::max({px.rows, px.columns, 1});
     r.rows = std::max(1, int(std::lround(px.rows * s)));
     r.columns = std::max(1, int(std::lround(px.columns * s)));
   }
@@ -370,7 +408,7 @@ Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& op
   if (opt.mode == OutputMode::Modality) dtype = DType::F32;
   if (opt.mode == OutputMode::Display && dtype == DType::Auto) dtype = DType::U8;
 
-  Mapper map(h, opt, dtype);
+  Mapper map(h, opt, dtype, sb);
   if (px.samples != 1) map.set_color_max(double(sb.mask));
   if (map.needs_range() && px.count() > 0) {
     int64_t lo = 0, hi = 0;
@@ -419,7 +457,7 @@ DisplayLut display_lut(const Header& h, bool has_range, int64_t lo, int64_t hi) 
   RenderOptions opt;
   opt.mode = OutputMode::Display;
   opt.dtype = DType::F32;
-  Mapper map(h, opt, DType::F32);
+  Mapper map(h, opt, DType::F32, sb);
   if (map.needs_range()) {
     if (!has_range) throw Error(ErrorKind::Invalid, "this image has no window: its display LUT needs the stored value range");
     set_stored_range(map, h, lo, hi);
@@ -431,7 +469,11 @@ DisplayLut display_lut(const Header& h, bool has_range, int64_t lo, int64_t hi) 
   out.values.resize(size_t(1) << sb.bits);
   StoredBits unshifted = sb;
   unshifted.shift = 0;
-  for (uint32_t i = 0; i < out.values.size(); ++i) out.values[i] = float(map(unshifted.value(i)));
+  for (uint32_t i = 0; i < out.values.size(); ++i) {
+    double v = map(unshifted.value(i));
+    if (!std::isfinite(v)) throw Error(ErrorKind::Invalid, "the display pipeline gave a non-finite value");
+    out.values[i] = float(v);
+  }
   return out;
 }
 

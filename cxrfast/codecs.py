@@ -1,50 +1,226 @@
 """Codec backends for the transfer syntaxes the native reader leaves to libraries.
 
 JPEG (DCT), JPEG-LS, JPEG 2000 and HTJ2K frames are handed to imagecodecs, a well-kept
-library that releases the GIL. Each backend is one ``decode`` function, looked up lazily so
-that importing cxrfast never needs the codec library.
+library that releases the GIL. Each backend is one ``decode`` function with an availability
+check, looked up lazily so that importing cxrfast never needs the codec library.
+
+A codec library allocates what the codestream's own header declares, whatever the DICOM
+header says (a 16x16 file whose SOF declares 65535x65535 costs 4 GB). So before any library
+sees a frame, :func:`check_frame` reads the declared size from the codestream header (JPEG
+SOFn, JPEG-LS SOF55, JPEG 2000 / HTJ2K SIZ, bare or inside a JP2 box wrapper) and refuses a
+frame whose rows or columns differ from the DICOM header's or whose components exceed its
+Samples per Pixel. Only marker segments and boxes are read: bounded time, no allocation.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import struct
+from typing import Callable, Optional, Union
 
 import numpy as np
 
+Buffer = Union[bytes, bytearray, memoryview]
+Shape = tuple[int, int, int]  # rows, columns, components
 
-def _imagecodecs():
+
+class CodecUnavailableError(ImportError):
+    """The codec library, or this codec in it, is not installed."""
+
+    def __init__(self, codec: str, package: str, detail: str = ""):
+        super().__init__(f"{codec} frames need {detail or package}: pip install {package}")
+        self.codec = codec
+        self.package = package
+
+
+class NoBackendError(LookupError):
+    """No backend is registered for this codec name."""
+
+
+class CodestreamError(ValueError):
+    """The codestream's own header is malformed or disagrees with the DICOM header."""
+
+
+# --- declared sizes ------------------------------------------------------------------------
+
+# SOF0-SOF15 less DHT (C4), JPG (C8) and DAC (CC); DHP (DE, hierarchical); SOF55 (F7, JPEG-LS).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7}
+_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
+_MAX_STEPS = 4096  # marker segments (or fill bytes) before the first scan; real files have < 50
+
+
+def _jpeg_shapes(buf: Buffer) -> list[Shape]:
+    """Every frame header (SOFn, DHP, SOF55) before the first scan (ITU T.81 B.2, T.87 C.2)."""
+    n = len(buf)
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        raise CodestreamError("no JPEG SOI marker at the start of the frame")
+    pos, shapes = 2, []
+    for _ in range(_MAX_STEPS):
+        if pos + 2 > n:
+            raise CodestreamError("JPEG codestream ends before its first scan")
+        if buf[pos] != 0xFF:
+            raise CodestreamError(f"JPEG codestream has no marker at byte {pos}")
+        marker = buf[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        pos += 2
+        if marker in _STANDALONE:
+            continue
+        if marker in (0xD8, 0xD9, 0x00):
+            raise CodestreamError(f"JPEG codestream has marker FF{marker:02X} before its first scan")
+        if pos + 2 > n:
+            raise CodestreamError("JPEG codestream ends inside a marker segment")
+        (length,) = struct.unpack_from(">H", buf, pos)
+        if length < 2 or pos + length > n:
+            raise CodestreamError(f"JPEG marker FF{marker:02X} segment of length {length} runs past the frame")
+        if marker in _SOF_MARKERS:
+            if length < 8:
+                raise CodestreamError(f"JPEG frame header FF{marker:02X} too short")
+            rows, cols = struct.unpack_from(">HH", buf, pos + 3)
+            shapes.append((rows, cols, buf[pos + 7]))
+        if marker == 0xDA:  # SOS: every frame header comes before the first scan
+            if not shapes:
+                raise CodestreamError("JPEG codestream has no frame header (SOF) before its first scan")
+            return shapes
+        pos += length
+    raise CodestreamError(f"JPEG codestream has more than {_MAX_STEPS} marker segments before its first scan")
+
+
+def _siz_shape(buf: Buffer, start: int, end: int) -> Shape:
+    """The image size of a JPEG 2000 codestream: SOC then SIZ (ITU T.800 A.5.1)."""
+    if end - start < 42 or bytes(buf[start:start + 4]) != b"\xff\x4f\xff\x51":
+        raise CodestreamError("JPEG 2000 codestream does not start with SOC and SIZ")
+    x, y, x0, y0 = struct.unpack_from(">IIII", buf, start + 8)
+    (components,) = struct.unpack_from(">H", buf, start + 40)
+    if x0 >= x or y0 >= y:
+        raise CodestreamError(f"JPEG 2000 SIZ declares an empty image ({x}x{y} from offset {x0},{y0})")
+    return y - y0, x - x0, components
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_MAX_BOXES = 256
+
+
+def _boxes(buf: Buffer, start: int, end: int):
+    """(type, content start, content end) of the boxes in buf[start:end] (ISO 15444-1 I.4)."""
+    pos = start
+    for _ in range(_MAX_BOXES):
+        if pos == end:
+            return
+        if pos + 8 > end:
+            raise CodestreamError("JP2 box header runs past the frame")
+        length, kind = struct.unpack_from(">I4s", buf, pos)
+        head = 8
+        if length == 1:
+            if pos + 16 > end:
+                raise CodestreamError("JP2 box header runs past the frame")
+            (length,) = struct.unpack_from(">Q", buf, pos + 8)
+            head = 16
+        elif length == 0:
+            length = end - pos
+        if length < head or pos + length > end:
+            raise CodestreamError(f"JP2 box {kind!r} of length {length} runs past the frame")
+        yield kind, pos + head, pos + length
+        pos += length
+    raise CodestreamError(f"JP2 file has more than {_MAX_BOXES} boxes")
+
+
+def _jpeg2000_shapes(buf: Buffer) -> list[Shape]:
+    """SIZ of the codestream; for a JP2 file also its Image Header box (ihdr)."""
+    if bytes(buf[:12]) != _JP2_SIGNATURE:
+        return [_siz_shape(buf, 0, len(buf))]
+    shapes: list[Shape] = []
+    codestream = None
+    for kind, start, end in _boxes(buf, 0, len(buf)):
+        if kind == b"jp2h":
+            for sub, s, e in _boxes(buf, start, end):
+                if sub == b"ihdr":
+                    if e - s < 14:
+                        raise CodestreamError("JP2 Image Header box too short")
+                    rows, cols, components = struct.unpack_from(">IIH", buf, s)
+                    shapes.append((rows, cols, components))
+        elif kind == b"jp2c":
+            codestream = (start, end)
+            break
+    if codestream is None:
+        raise CodestreamError("JP2 file has no contiguous codestream box (jp2c)")
+    shapes.append(_siz_shape(buf, *codestream))
+    return shapes
+
+
+_SHAPES: dict[str, Callable[[Buffer], list[Shape]]] = {
+    "jpeg_baseline": _jpeg_shapes,
+    "jpeg_extended": _jpeg_shapes,
+    "jpeg_lossless": _jpeg_shapes,
+    "jpegls": _jpeg_shapes,
+    "jpeg2000": _jpeg2000_shapes,
+    "htj2k": _jpeg2000_shapes,
+}
+
+
+SIZE_CHECKED = frozenset(_SHAPES)  # codecs whose codestream header check_frame reads
+
+
+def declared_shapes(codec: str, frame: Buffer) -> list[Shape]:
+    """(rows, columns, components) of every image header in the frame's codestream."""
+    try:
+        reader = _SHAPES[codec]
+    except KeyError:
+        raise NoBackendError(f"no codestream reader for codec {codec!r}") from None
+    return reader(frame)
+
+
+def check_frame(codec: str, frame: Buffer, header_shape: Shape) -> None:
+    """Raises CodestreamError unless the codestream declares the DICOM header's rows and
+    columns and at most its Samples per Pixel; reads headers only (no decoding)."""
+    rows, cols, samples = header_shape
+    for r, c, k in declared_shapes(codec, frame):
+        if (r, c) != (rows, cols) or k < 1 or k > samples:
+            raise CodestreamError(
+                f"the codestream declares {c}x{r} with {k} component(s), the DICOM header "
+                f"{cols}x{rows} with {samples} sample(s) per pixel"
+            )
+
+
+# --- backends ------------------------------------------------------------------------------
+
+
+def _imagecodecs(codec: str, feature: str, library: str):
+    """The imagecodecs module, when it is installed and has ``feature`` (e.g. "JPEGLS")."""
     try:
         import imagecodecs
-    except ImportError as exc:  # pragma: no cover - imagecodecs is a runtime dependency
-        raise ModuleNotFoundError(
-            "this transfer syntax needs the 'imagecodecs' package: pip install imagecodecs"
-        ) from exc
+    except ImportError:
+        raise CodecUnavailableError(codec, "imagecodecs", "the 'imagecodecs' package") from None
+    impl = getattr(imagecodecs, feature, None)
+    if impl is None or not getattr(impl, "available", False):
+        raise CodecUnavailableError(codec, "imagecodecs", f"an imagecodecs built with {library}")
     return imagecodecs
 
 
 def _jpeg(frame: bytes, photometric: str | None) -> np.ndarray:
+    codecs = _imagecodecs("JPEG", "JPEG8", "libjpeg-turbo")
     if photometric == "RGB":
         # The DICOM header says the samples are RGB: no YCbCr->RGB conversion (pydicom does
         # the same), whatever libjpeg would guess from the component ids.
-        return _imagecodecs().jpeg8_decode(frame, colorspace="RGB", outcolorspace="RGB")
+        return codecs.jpeg8_decode(frame, colorspace="RGB", outcolorspace="RGB")
     if photometric and photometric.startswith("YBR"):
         # Stored values of a YBR file are YCbCr: keep them (as pydicom's as_rgb=False).
-        return _imagecodecs().jpeg8_decode(frame, outcolorspace="YCBCR")
-    return _imagecodecs().jpeg8_decode(frame)
+        return codecs.jpeg8_decode(frame, outcolorspace="YCBCR")
+    return codecs.jpeg8_decode(frame)
 
 
 def _jpegls(frame: bytes, photometric: str | None) -> np.ndarray:
-    return _imagecodecs().jpegls_decode(frame)
+    return _imagecodecs("JPEG-LS", "JPEGLS", "CharLS").jpegls_decode(frame)
 
 
 def _jpeg2000(frame: bytes, photometric: str | None) -> np.ndarray:
-    return _imagecodecs().jpeg2k_decode(frame)
+    return _imagecodecs("JPEG 2000", "JPEG2K", "OpenJPEG").jpeg2k_decode(frame)
 
 
 def _htj2k(frame: bytes, photometric: str | None) -> np.ndarray:
-    codecs = _imagecodecs()
-    if hasattr(codecs, "htj2k_decode") and codecs.HTJ2K.available:
-        return codecs.htj2k_decode(frame)
-    return codecs.jpeg2k_decode(frame)
+    try:
+        return _imagecodecs("HTJ2K", "HTJ2K", "OpenJPH").htj2k_decode(frame)
+    except CodecUnavailableError:  # OpenJPEG 2.5+ decodes HTJ2K too
+        return _imagecodecs("HTJ2K", "JPEG2K", "OpenJPH or OpenJPEG 2.5").jpeg2k_decode(frame)
 
 
 DECODERS: dict[str, Callable[[bytes, Optional[str]], np.ndarray]] = {
@@ -57,10 +233,15 @@ DECODERS: dict[str, Callable[[bytes, Optional[str]], np.ndarray]] = {
 }
 
 
-def decode_frame(codec: str, frame: bytes, photometric: str | None = None) -> np.ndarray:
-    """Decodes one compressed frame to stored values, (rows, cols) or (rows, cols, samples)."""
+def decode_frame(codec: str, frame: Buffer, photometric: str | None = None, *, header_shape: Shape) -> np.ndarray:
+    """Decodes one compressed frame to stored values, (rows, cols) or (rows, cols, samples).
+
+    ``header_shape`` is the DICOM header's (rows, columns, samples per pixel): the frame is
+    checked against it (:func:`check_frame`) before the library allocates anything.
+    """
     try:
         decoder = DECODERS[codec]
     except KeyError:
-        raise ValueError(f"no codec backend for {codec!r}") from None
-    return np.asarray(decoder(frame, photometric))
+        raise NoBackendError(f"no decoder for codec {codec!r}") from None
+    check_frame(codec, frame, header_shape)
+    return np.asarray(decoder(bytes(frame), photometric))

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from . import _dicom
-from .codecs import decode_frame
+from .codecs import SIZE_CHECKED, check_frame, decode_frame
 from .errors import (  # noqa: F401  (re-exported: the hierarchy lives at cxrfast.dicom)
     CorruptCodestreamError,
     DicomError,
@@ -34,6 +34,8 @@ from .errors import (  # noqa: F401  (re-exported: the hierarchy lives at cxrfas
     UnsupportedFeatureError,
     UnsupportedTransferSyntaxError,
     from_native,
+    translate,
+    translated,
 )
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -69,13 +71,10 @@ def _name(src: Source) -> str:
 
 
 def _parse(src: Source, header_only: bool, name: str | None = None):
-    name = name or _name(src)
-    try:
+    with translated(name or _name(src)):
         if isinstance(src, (str, os.PathLike)):
             return _dicom.parse_file(os.fspath(src), header_only)
         return _dicom.parse(src, header_only)
-    except _dicom.NativeError as exc:
-        raise from_native(name, *exc.args) from None
 
 
 def _size_args(size: Size) -> tuple[int, int, int]:
@@ -122,14 +121,13 @@ def read(
         raise ValueError(f"frame must be >= 0, got {frame}")
     parsed = _parse(src, header_only=False)
     meta = parsed.header
-    try:
-        pixels = parsed.decode(output, -1 if frame is None else frame, dt, longest, sh, sw)
-    except _dicom.NativeError as exc:
-        kind, message = exc.args
-        if kind != "needs_codec":
-            raise from_native(_name(src), kind, message) from None
-        pixels = _decode_with_library(src, parsed, meta, output, frame, dt, longest, sh, sw)
-    return DicomImage(pixels, meta)
+    with translated(_name(src)):
+        try:
+            return DicomImage(parsed.decode(output, -1 if frame is None else frame, dt, longest, sh, sw), meta)
+        except _dicom.NativeError as exc:
+            if exc.args[:1] != ("needs_codec",):
+                raise
+    return DicomImage(_decode_with_library(src, parsed, meta, output, frame, dt, longest, sh, sw), meta)
 
 
 def _frames_of(src: Source, parsed) -> list[memoryview]:
@@ -148,27 +146,22 @@ def _frames_of(src: Source, parsed) -> list[memoryview]:
 
 def _decode_with_library(src, parsed, meta, output, frame, dt, longest, sh, sw) -> np.ndarray:
     name = _name(src)
-    try:
+    with translated(name):
         frames = _frames_of(src, parsed)
-    except _dicom.NativeError as exc:
-        raise from_native(name, *exc.args) from None
     nframes = len(frames)
     if frame is not None and frame >= nframes:
         raise InvalidDicomError(name, f"frame {frame} out of range ({nframes} frames)")
     wanted = range(nframes) if frame is None else [frame]
     codec = meta["codec"]
+    shape = (meta["rows"], meta["columns"], meta["samples_per_pixel"])
     decoded = []
     for i in wanted:
-        try:
-            arr = decode_frame(codec, bytes(frames[i]), meta["photometric"])
-        except ModuleNotFoundError as exc:
-            raise MissingCodecError(name, str(exc)) from None
-        except Exception as exc:  # the library's own error types differ per codec
-            raise CorruptCodestreamError(name, f"{codec} frame {i}: {exc}") from None
-        decoded.append(arr)
-    stored = np.stack(decoded)
-    if stored.dtype.kind == "b":
-        stored = stored.astype(np.uint8)
+        with translated(name, f"{codec} frame {i}"):  # checks the declared size, then decodes
+            decoded.append(decode_frame(codec, frames[i], meta["photometric"], header_shape=shape))
+    with translated(name, f"{codec} frames"):
+        stored = np.stack(decoded)
+        if stored.dtype.kind == "b":
+            stored = stored.astype(np.uint8)
     if stored.dtype.itemsize not in (1, 2, 4):
         raise UnsupportedFeatureError(name, f"{codec} decoded to {stored.dtype}")
     if stored.shape[1:3] != (meta["rows"], meta["columns"]):
@@ -176,10 +169,8 @@ def _decode_with_library(src, parsed, meta, output, frame, dt, longest, sh, sw) 
             name, f"{codec} frame is {stored.shape[2]}x{stored.shape[1]}, header says "
             f"{meta['columns']}x{meta['rows']}"
         )
-    try:
+    with translated(name):
         pixels = parsed.render(stored, output, dt, longest, sh, sw)
-    except _dicom.NativeError as exc:
-        raise from_native(name, *exc.args) from None
     if frame is not None or nframes == 1:
         pixels = pixels[0]
     return pixels
@@ -196,21 +187,25 @@ def encapsulated_frames(src: Source) -> EncapsulatedFrames:
     Frames that are one fragment are zero-copy memoryviews into the file bytes; frames of
     several fragments (or of a deflated data set) are joined copies. Codec names:
     ``rle, jpeg_lossless, jpeg_baseline, jpeg_extended, jpegls, jpeg2000, htj2k``.
+    Every JPEG-family frame's declared size is checked against the header first (as before
+    a library decode), so a GPU decoder never allocates what only the codestream claims.
     """
     name = _name(src)
     if isinstance(src, (str, os.PathLike)):  # read once here, so the frames can be views of it
-        try:
+        with translated(name):
             with open(src, "rb") as f:
                 src = f.read()
-        except OSError as exc:
-            raise DicomReadError(name, f"cannot read file: {exc.strerror}") from None
     parsed = _parse(src, header_only=False, name=name)
     meta = parsed.header
-    try:
+    with translated(name):
         frames = _frames_of(src, parsed)
-    except _dicom.NativeError as exc:
-        raise from_native(name, *exc.args) from None
-    return EncapsulatedFrames(frames, meta["codec"], meta)
+    codec = meta["codec"]
+    if codec in SIZE_CHECKED:
+        shape = (meta["rows"], meta["columns"], meta["samples_per_pixel"])
+        for i, f in enumerate(frames):
+            with translated(name, f"{codec} frame {i}"):
+                check_frame(codec, f, shape)
+    return EncapsulatedFrames(frames, codec, meta)
 
 
 def read_many(
@@ -253,8 +248,8 @@ def read_many(
         def one(i: int) -> DicomImage | DicomError:
             try:
                 return read(names[i], **read_kwargs)
-            except DicomError as exc:
-                return exc
+            except Exception as exc:  # any failure (MemoryError too) is this file's, not the call's
+                return translate(names[i], exc)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for i, res in zip(library_work, pool.map(one, library_work)):
@@ -275,10 +270,8 @@ def display_lut(src: Source, value_range: tuple[int, int] | None = None) -> tupl
     min/max: pass ``value_range`` = (min, max) of the sign-extended stored values.
     """
     parsed = _parse(src, header_only=True)
-    try:
+    with translated(_name(src)):
         values, shift, mask, _ = parsed.display_lut(value_range)
-    except _dicom.NativeError as exc:
-        raise from_native(_name(src), *exc.args) from None
     return values, shift, mask
 
 

@@ -84,6 +84,55 @@ def test_crop_resize_rejects_bad_arguments():
         crop_resize([img], np.array([[0, 0, 4]]), np.array([False]), 4, **ok)
 
 
+_MUTATE_DURING_CROP = """
+import threading, time
+import numpy as np
+from cxrfast import _dicom
+for trial in range(4):
+    n = 16
+    images = [np.full((2000, 2000), k + 1, np.uint16) for k in range(n)]
+    boxes = np.array([[0, 0, 2000, 2000]] * n, np.int64)
+    out = np.zeros((n, 32, 32), np.float32)
+    def mutate():
+        time.sleep(0.0005 * (trial + 1))
+        images.clear()  # the list held the only references: the arrays are freed unless kept
+        junk = [np.zeros((2000, 2000), np.uint16) for _ in range(4)]  # and their memory reused
+    t = threading.Thread(target=mutate)
+    t.start()
+    try:
+        _dicom.crop_resize(images, boxes, np.zeros(n, bool), out, 1.0, 0.0, 1)
+    except ValueError:  # emptied before the call looked at it: nothing raced
+        t.join()
+        continue
+    t.join()
+    expected = np.arange(1, n + 1, dtype=np.float32)[:, None, None] * np.ones((n, 32, 32), np.float32)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+print("ok")
+"""
+
+
+def test_crop_resize_survives_the_list_changing_while_it_runs():
+    # Best-effort race (issue 9): another thread empties the list once the GIL is released.
+    # Before the binding kept its own references this read freed memory (SIGSEGV or wrong
+    # values). A subprocess, so that a crash fails this test instead of ending the session.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", _MUTATE_DURING_CROP], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+    assert res.stdout.strip() == "ok"
+
+
+def test_crop_resize_rejects_non_arrays_in_the_list():
+    out = torch.empty(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="uint8, uint16 or float32"):
+        crop_resize([[[0] * 5] * 5], np.array([[0, 0, 4, 4]]), np.array([False]), 4, value_scale=255.0,
+                    mean=MEAN, std=STD, out=out)
+
+
 def test_draw_crops_follow_the_recipe():
     n = 4000
     boxes, mirror = draw_crops(256, 200, np.arange(n), seed=3, epochs=1, scale=(0.2, 1.0))

@@ -138,3 +138,73 @@ def test_resize_matches_pillow_bilinear(size, shape):
     np.testing.assert_allclose(ours, ref, atol=2e-5)
     ours8 = dicom.read(data, size=size).pixels
     assert np.abs(ours8.astype(int) - np.round(ref * 255)).max() <= 1
+
+
+# Non-finite VOI and rescale values (issue 9): strtod reads "NaN", "inf", "-inf", and 1e999 is
+# inf. Each such value is ignored like an absent one; the file reads as if it were not there.
+_BAD = ["NaN", "inf", "-inf"]
+
+
+def _outputs(data: bytes) -> dict[str, np.ndarray]:
+    out = {f"display-{dt}": dicom.read(data, dtype=dt).pixels for dt in ("uint8", "uint16", "float32")}
+    out["modality"] = dicom.read(data, output="modality").pixels
+    out["resized"] = dicom.read(data, dtype="float32", size=(5, 7)).pixels
+    lut, _, _ = dicom.display_lut(data, (0, 4095))
+    out["lut"] = lut
+    return out
+
+
+def _assert_same_outputs(data: bytes, reference: bytes) -> None:
+    ours, expected = _outputs(data), _outputs(reference)
+    for key, value in ours.items():
+        assert np.isfinite(value.astype(np.float64)).all(), key
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+    assert ours["display-float32"].min() == 0.0 and ours["display-float32"].max() == 1.0  # not silent zeros
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns while writing the invalid DS
+@pytest.mark.parametrize("bad", _BAD)
+@pytest.mark.parametrize("which", ["center", "width"])
+def test_non_finite_window_is_ignored(bad, which):
+    a = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 30) % 4096
+    window = (bad, 1000) if which == "center" else (2000, bad)
+    data = make_dicom(a, bits_stored=12, window=window, rescale=(1.0, -1024.0))
+    reference = make_dicom(a, bits_stored=12, rescale=(1.0, -1024.0))  # no window: min/max
+    _assert_same_outputs(data, reference)
+    assert dicom.needs_value_range(data)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("bad", _BAD)
+@pytest.mark.parametrize("which", ["slope", "intercept"])
+def test_non_finite_rescale_value_is_ignored(bad, which):
+    a = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 30) % 4096
+    if which == "slope":
+        data = make_dicom(a, bits_stored=12, rescale=(bad, -1024.0), window=(0, 2000))
+        reference = make_dicom(a, bits_stored=12, extra={"RescaleIntercept": -1024.0}, window=(0, 2000))
+    else:
+        data = make_dicom(a, bits_stored=12, rescale=(2.0, bad), window=(4000, 6000))
+        reference = make_dicom(a, bits_stored=12, extra={"RescaleSlope": 2.0}, window=(4000, 6000))
+    _assert_same_outputs(data, reference)
+
+
+def test_rescale_beyond_float32_is_an_error():
+    # Finite, but stored values map beyond float32: refused rather than returning inf pixels.
+    a = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    data = make_dicom(a, bits_stored=12, rescale=(1e300, 0.0))
+    for output in ("modality", "display"):
+        with pytest.raises(dicom.InvalidDicomError, match="<bytes>.*Rescale"):
+            dicom.read(data, output=output)
+    assert dicom.read(data, output="stored").pixels.max() == 15  # stored values need no rescale
+
+
+def test_voi_lut_lookup_of_far_out_values_clamps():
+    # Modality values far outside the LUT (here 1e30 * v) take its last entry; a float -> int
+    # cast of such values was undefined behaviour (on x86 it wrapped to the first entry).
+    a = np.array([[0, 1], [2, 3]], np.uint16)
+    lut = np.arange(100, dtype=np.int64) * 40
+    data = make_dicom(a, bits_stored=12, rescale=(1e30, 0.0), voi_lut=lut_item(0, 12, lut))
+    out = dicom.read(data, dtype="float32").pixels
+    np.testing.assert_allclose(out, [[0.0, 3960 / 4095], [3960 / 4095, 3960 / 4095]], rtol=1e-6)
+    data = make_dicom(a, bits_stored=12, rescale=(-1e30, 0.0), voi_lut=lut_item(0, 12, lut))
+    np.testing.assert_allclose(dicom.read(data, dtype="float32").pixels, 0.0)
