@@ -238,6 +238,7 @@ StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
   const Header& h = ds.header;
   if (!h.has_pixel_data) throw Error(ErrorKind::NoPixelData, "no Pixel Data (7FE0,0010)");
   if (h.unknown_syntax) throw Error(ErrorKind::UnsupportedTransferSyntax, "unsupported transfer syntax " + h.transfer_syntax);
+  if (h.float_bits) throw Error(ErrorKind::Unsupported, "Float Pixel Data");
   check_geometry(h);
   int64_t nframes = frame_count(h);
   if (frame >= nframes) throw Error(ErrorKind::Invalid, "frame " + std::to_string(frame) + " out of range (" + std::to_string(nframes) + " frames)");

@@ -75,6 +75,7 @@ struct Header {
   std::vector<double> pixel_spacing;
 
   bool has_pixel_data = false;
+  int float_bits = 0;                     // 32 / 64: Float / Double Float Pixel Data (7FE0,0008 / 0009)
   bool encapsulated = false;
   bool pixel_vr_ow = false;               // OW pixel data: 16-bit words even when 8-bit
   Span pixel_data;                        // native pixel data, in the data set buffer
