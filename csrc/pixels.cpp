@@ -64,10 +64,12 @@ std::vector<FrameBytes> encapsulated_frames(const Dataset& ds) {
   std::vector<FrameBytes> out;
   if (frags.empty()) throw Error(ErrorKind::Truncated, "encapsulated pixel data has no fragments");
 
+  // Fragment positions increase strictly (the parser records them in file order), so an
+  // offset is found by binary search: O(frames log fragments) for any offset table.
   auto fragment_at = [&](uint64_t offset) -> size_t {
-    for (size_t i = 0; i < pos.size(); ++i)
-      if (pos[i] == offset) return i;
-    throw Error(ErrorKind::Invalid, "offset table points between fragments");
+    auto it = std::lower_bound(pos.begin(), pos.end(), offset);
+    if (it == pos.end() || *it != offset) throw Error(ErrorKind::Invalid, "offset table points between fragments");
+    return size_t(it - pos.begin());
   };
 
   if (!h.extended_offsets.empty()) {
