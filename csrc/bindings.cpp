@@ -204,7 +204,7 @@ PYBIND11_MODULE(_dicom, m) {
            [](const Parsed& p, const std::string& output, int64_t frame, const std::string& dtype, int longest,
               int size_h, int size_w) {
              RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
-             Rendered r = nogil([&] { return render(p.ds.header, decode_stored(p.ds, frame), o); });
+             Rendered r = nogil([&] { return decode_render(p.ds, frame, o); });
              return to_array(std::move(r), false);
            },
            py::arg("output"), py::arg("frame"), py::arg("dtype"), py::arg("longest"), py::arg("size_h"), py::arg("size_w"))
@@ -242,7 +242,10 @@ PYBIND11_MODULE(_dicom, m) {
                lo = t.first;
                hi = t.second;
              }
-             DisplayLut lut = nogil([&] { return display_lut(p.ds.header, has, lo, hi); });
+             DisplayLut lut = nogil([&] {
+               if (p.ds.header.float_bits) throw Error(ErrorKind::Unsupported, "display LUT for Float Pixel Data");
+               return display_lut(p.ds.header, has, lo, hi);
+             });
              py::array_t<float> values(py::ssize_t(lut.values.size()));
              std::copy(lut.values.begin(), lut.values.end(), values.mutable_data());
              return py::make_tuple(values, lut.shift, lut.mask, lut.needs_range);
@@ -294,7 +297,7 @@ PYBIND11_MODULE(_dicom, m) {
                 auto bytes = read_file(paths[i]);
                 Dataset ds = Dataset::parse(bytes.data(), bytes.size(), false);
                 r.header = ds.header;
-                r.image = render(ds.header, decode_stored(ds, frame), o);
+                r.image = decode_render(ds, frame, o);
                 r.ok = true;
               } catch (const Error& e) {
                 r.kind = kind_name(e.kind);

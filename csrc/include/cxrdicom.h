@@ -175,6 +175,15 @@ struct Rendered {
 
 Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& opt);
 
+// Float / Double Float Pixel Data (px of 4- or 8-byte IEEE samples): "stored" returns them as
+// float32 / float64, "modality" as float32 (no rescale applies), "display" maps the finite
+// min/max onto [0, 1] at 16-bit precision (NaN and -inf show as the minimum, +inf as the
+// maximum) and then runs render(). Resizing applies to "display" only.
+Rendered render_float(const Header& h, const StoredPixels& px, const RenderOptions& opt);
+
+// decode_stored + render (or render_float): what the bindings call for native decoding.
+Rendered decode_render(const Dataset& ds, int64_t frame, const RenderOptions& opt);
+
 // The display pipeline as a table over the stored bits (Bits Stored <= 16, grey): index with
 // (raw >> shift) & mask; values in [0, 1] are exactly what render() computes per pixel. Images
 // without a VOI window need the stored value range [lo, hi] (the min/max window).
