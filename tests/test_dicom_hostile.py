@@ -12,10 +12,17 @@ import zlib
 
 import numpy as np
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from cxrfast import dicom
-from dicom_factory import base_dataset, make_dicom, make_encapsulated, write
+from dicom_factory import (
+    base_dataset,
+    deflate_start,
+    deflated_with_zeros,
+    make_dicom,
+    number_of_frames_file,
+    rle_many_frames,
+)
 
 
 def _small() -> tuple[np.ndarray, bytes]:
@@ -85,43 +92,18 @@ def test_bare_data_sets_without_preamble_are_still_dicom():
 
 # -- deflate bombs ------------------------------------------------------------------------------
 
-def _deflate_start(data: bytes) -> int:
-    """Where the deflated data set starts: after the file meta, whose group length is at 140."""
-    return 144 + struct.unpack("<I", data[140:144])[0]
-
-
-def _deflated_with_zeros(extra_zeros: int) -> bytes:
-    """A valid 16x16 deflated file whose data set holds `extra_zeros` zero bytes in a private
-    element before Pixel Data: with 2 GB of zeros, a deflate bomb (~1000:1)."""
-    ds = base_dataset(np.zeros((16, 16), np.uint16), "MONOCHROME2", 12)
-    ds.add_new(0x00291010, "OB", b"\x00\x00")
-    data = write(ds, DeflatedExplicitVRLittleEndian)
-    marker = b"\x29\x00\x10\x10OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x00"
-    start = _deflate_start(data)
-    body = zlib.decompressobj(-15).decompress(data[start:])
-    head, tail = body.split(marker)
-    co = zlib.compressobj(9, zlib.DEFLATED, -15)
-    parts = [co.compress(head + marker[:8] + struct.pack("<I", extra_zeros)), co.flush(zlib.Z_FULL_FLUSH)]
-    chunk = 1 << 22
-    # after a full flush the compressor forgets its history, so one compressed chunk repeats
-    block = co.compress(bytes(chunk)) + co.flush(zlib.Z_FULL_FLUSH) if extra_zeros >= chunk else b""
-    parts.append(block * (extra_zeros // chunk))
-    parts += [co.compress(bytes(extra_zeros % chunk) + tail), co.flush()]
-    return data[:start] + b"".join(parts)
-
-
 def test_deflate_helper_builds_a_valid_file():
-    data = _deflated_with_zeros(1000)
+    data = deflated_with_zeros(1000)
     assert dicom.read_header(data)["transfer_syntax"] == DeflatedExplicitVRLittleEndian
     np.testing.assert_array_equal(dicom.read(data, output="stored").pixels, np.zeros((16, 16), np.uint16))
-    big = _deflated_with_zeros((1 << 23) + 10)
-    inflated = zlib.decompressobj(-15).decompress(big[_deflate_start(big) :])
+    big = deflated_with_zeros((1 << 23) + 10)
+    inflated = zlib.decompressobj(-15).decompress(big[deflate_start(big) :])
     assert len(inflated) > 1 << 23  # the repeated block really inflates
 
 
 @pytest.fixture(scope="module")
 def deflate_bomb() -> bytes:
-    data = _deflated_with_zeros(2_000_000_000)  # 2 GB of zeros before Pixel Data
+    data = deflated_with_zeros(2_000_000_000)  # 2 GB of zeros before Pixel Data
     assert len(data) < 4_000_000
     return data
 
@@ -159,16 +141,9 @@ def test_deflated_header_stops_at_pixel_data():
 
 # -- a Basic Offset Table with 80,000 fragments -------------------------------------------------
 
-def _rle_many_frames(n: int) -> bytes:
-    """n RLE frames of 1x1 8-bit (frame i holds i % 256), one fragment each, with a Basic Offset Table."""
-    frames = [struct.pack("<II", 1, 64) + bytes(56) + bytes([0, i % 256]) for i in range(n)]
-    return make_encapsulated(frames, transfer_syntax=RLELossless, rows=1, columns=1, bits_allocated=8,
-                             bits_stored=8, layout="bot")
-
-
 def test_basic_offset_table_with_80000_fragments_is_fast():
     n = 80_000
-    data = _rle_many_frames(n)
+    data = rle_many_frames(n)
     start = time.monotonic()
     frames = dicom.encapsulated_frames(data).frames
     px = dicom.read(data, output="stored").pixels
@@ -179,7 +154,7 @@ def test_basic_offset_table_with_80000_fragments_is_fast():
 
 
 def test_basic_offset_table_pointing_between_fragments_is_invalid():
-    data = bytearray(_rle_many_frames(3))
+    data = bytearray(rle_many_frames(3))
     bot = data.index(b"\xfe\xff\x00\xe0") + 8
     data[bot + 4 : bot + 8] = struct.pack("<I", 5)
     with pytest.raises(dicom.InvalidDicomError, match="between fragments"):
@@ -188,16 +163,9 @@ def test_basic_offset_table_pointing_between_fragments_is_invalid():
 
 # -- float header values cast to integers -------------------------------------------------------
 
-def _with_number_of_frames(text: bytes) -> bytes:
-    a = np.arange(12, dtype=np.uint16).reshape(3, 4)
-    data = make_dicom(a, extra={"NumberOfFrames": "123456"})
-    assert data.count(b"123456") == 1
-    return data.replace(b"123456", text.ljust(6))
-
-
 @pytest.mark.parametrize("text", [b"1e300", b"nan", b"inf", b"-inf", b"1e19", b"3e9"])
 def test_non_finite_or_huge_number_of_frames_is_a_dicom_error(text):
-    data = _with_number_of_frames(text)
+    data = number_of_frames_file(text)
     with pytest.raises(dicom.InvalidDicomError, match="Number of Frames"):
         dicom.read_header(data)
     with pytest.raises(dicom.InvalidDicomError, match="Number of Frames"):
@@ -205,7 +173,7 @@ def test_non_finite_or_huge_number_of_frames_is_a_dicom_error(text):
 
 
 def test_plain_number_of_frames_still_parses():
-    data = _with_number_of_frames(b"1")
+    data = number_of_frames_file(b"1")
     assert dicom.read_header(data)["number_of_frames"] == 1
     assert dicom.read(data, output="stored").pixels.shape == (3, 4)
 

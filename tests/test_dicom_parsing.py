@@ -16,7 +16,7 @@ from pydicom.uid import (
 )
 
 from cxrfast import dicom
-from dicom_factory import base_dataset, make_dicom, make_encapsulated, write
+from dicom_factory import base_dataset, float_file, make_dicom, make_encapsulated, write
 
 NATIVE = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
 DTYPES = [(np.uint8, 8), (np.int8, 7), (np.uint16, 12), (np.int16, 16), (np.uint32, 32), (np.int32, 20)]
@@ -214,19 +214,6 @@ def test_header_from_a_file_prefix_equals_header_from_all_bytes(tmp_path, case):
     assert from_path["window"] == (2048.0, 4096.0) and from_path["rows"] == 300
 
 
-def _float_file(a: np.ndarray, ts: str, photometric: str = "MONOCHROME2") -> bytes:
-    """Float (float32) or Double Float (float64) Pixel Data, no integer pixel attributes."""
-    ds = base_dataset(np.zeros(a.shape, np.uint16), photometric, 16)
-    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
-    ds.BitsAllocated = a.dtype.itemsize * 8
-    raw = (a.astype(a.dtype.newbyteorder(">")) if ts == ExplicitVRBigEndian else a).tobytes()
-    if a.dtype == np.float32:
-        ds.FloatPixelData = raw
-    else:
-        ds.DoubleFloatPixelData = raw
-    return write(ds, ts)
-
-
 @pytest.mark.parametrize("ts", NATIVE)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(5, 7), (3, 5, 7)])
@@ -235,7 +222,7 @@ def test_float_pixel_data_matches_pydicom(ts, dtype, shape):
 
     a = (np.random.default_rng().standard_normal(shape) * 1e3).astype(dtype)
     a.flat[3] = -0.0
-    data = _float_file(a, ts)
+    data = float_file(a, ts)
     ref = pydicom.dcmread(io.BytesIO(data)).pixel_array
     stored = dicom.read(data, output="stored").pixels
     assert stored.dtype == np.dtype(dtype) and ref.dtype.kind == "f" and ref.dtype.itemsize == stored.dtype.itemsize
@@ -252,7 +239,7 @@ def test_float_pixel_data_matches_pydicom(ts, dtype, shape):
 def test_float_pixel_data_display_is_the_min_max_window(photometric):
     a = np.random.default_rng().uniform(-5, 40, (2, 6, 9)).astype(np.float32)
     a[0, 0, 0], a[0, 0, 1], a[1, 2, 3] = np.nan, np.inf, -np.inf
-    data = _float_file(a, ExplicitVRLittleEndian, photometric)
+    data = float_file(a, ExplicitVRLittleEndian, photometric)
     finite = a[np.isfinite(a)]
     t = np.clip((np.nan_to_num(a.astype(np.float64), nan=-np.inf) - finite.min()) / np.ptp(finite), 0, 1)
     if photometric == "MONOCHROME1":
@@ -269,7 +256,7 @@ def test_float_pixel_data_display_is_the_min_max_window(photometric):
 
 
 def test_float_pixel_data_cut_short_is_truncated():
-    data = _float_file(np.zeros((4, 4), np.float32), ExplicitVRLittleEndian)
+    data = float_file(np.zeros((4, 4), np.float32), ExplicitVRLittleEndian)
     bad = bytearray(data)
     at = bad.rindex(b"\xe0\x7f\x08\x00OF") + 8
     bad[at : at + 4] = (60).to_bytes(4, "little")  # 60 of 64 bytes
