@@ -3,9 +3,12 @@
 Used twice: bounded inside the test suite (test_dicom_fuzz.py) and at length from the
 command line, e.g. under an ASan/UBSan build of the extension:
 
-    CXRFAST_SANITIZE=1 pip install --no-build-isolation -e .
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
+    CXRFAST_SANITIZE=1 python setup.py build_ext --inplace   # ASan + UBSan + float-cast-overflow
+    PYTHONPATH=. LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \\
+        ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \\
         python tests/dicom_fuzz.py --seconds 600
+
+(PYTHONPATH=. makes the script import this checkout's cxrfast, not an installed one.)
 
 A crash, a hang or any exception other than DicomError is a finding; the input is saved.
 """
