@@ -55,9 +55,25 @@ auto nogil(F&& f) -> decltype(f()) {
     } catch (const std::bad_alloc&) {
       kind = "invalid";
       message = "out of memory (a header announces an implausible size)";
+    } catch (const std::exception& e) {  // e.g. std::length_error: still this file's problem
+      kind = "invalid";
+      message = std::string("internal error: ") + e.what();
+    } catch (...) {
+      kind = "invalid";
+      message = "internal error";
     }
   }
   raise_native(kind.c_str(), message);
+}
+
+// True when the buffer's bytes are one C-contiguous block (any shape, any item size).
+bool c_contiguous(const py::buffer_info& b) {
+  py::ssize_t expect = b.itemsize;
+  for (py::ssize_t d = b.ndim - 1; d >= 0; --d) {
+    if (b.shape[size_t(d)] > 1 && b.strides[size_t(d)] != expect) return false;
+    expect *= b.shape[size_t(d)];
+  }
+  return true;
 }
 
 py::object maybe_str(const std::string& s) { return s.empty() ? py::none() : py::object(text(s)); }
@@ -136,6 +152,10 @@ struct Parsed {
 std::unique_ptr<Parsed> parse_buffer(py::buffer buf, bool header_only) {
   auto p = std::make_unique<Parsed>();
   p->view = std::make_unique<py::buffer_info>(buf.request());
+  // The parser reads [ptr, ptr + size): a strided view (memoryview(b)[::-1], [::2]) would
+  // make it read other bytes, or bytes outside the buffer.
+  if (!c_contiguous(*p->view))
+    throw py::value_error("the buffer is not C-contiguous (a strided view?): pass bytes(buffer)");
   p->owner = buf;
   auto* data = static_cast<const uint8_t*>(p->view->ptr);
   size_t size = size_t(p->view->size * p->view->itemsize);
@@ -184,7 +204,7 @@ PYBIND11_MODULE(_dicom, m) {
            [](const Parsed& p, const std::string& output, int64_t frame, const std::string& dtype, int longest,
               int size_h, int size_w) {
              RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
-             Rendered r = nogil([&] { return render(p.ds.header, decode_stored(p.ds, frame), o); });
+             Rendered r = nogil([&] { return decode_render(p.ds, frame, o); });
              return to_array(std::move(r), false);
            },
            py::arg("output"), py::arg("frame"), py::arg("dtype"), py::arg("longest"), py::arg("size_h"), py::arg("size_w"))
@@ -222,7 +242,10 @@ PYBIND11_MODULE(_dicom, m) {
                lo = t.first;
                hi = t.second;
              }
-             DisplayLut lut = nogil([&] { return display_lut(p.ds.header, has, lo, hi); });
+             DisplayLut lut = nogil([&] {
+               if (p.ds.header.float_bits) throw Error(ErrorKind::Unsupported, "display LUT for Float Pixel Data");
+               return display_lut(p.ds.header, has, lo, hi);
+             });
              py::array_t<float> values(py::ssize_t(lut.values.size()));
              std::copy(lut.values.begin(), lut.values.end(), values.mutable_data());
              return py::make_tuple(values, lut.shift, lut.mask, lut.needs_range);
@@ -263,6 +286,7 @@ PYBIND11_MODULE(_dicom, m) {
          const std::string& dtype, int longest, int size_h, int size_w) {
         RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
         std::vector<ManyResult> results(paths.size());
+        std::string failure;
         {
           py::gil_scoped_release release;
           std::atomic<size_t> next{0};
@@ -273,7 +297,7 @@ PYBIND11_MODULE(_dicom, m) {
                 auto bytes = read_file(paths[i]);
                 Dataset ds = Dataset::parse(bytes.data(), bytes.size(), false);
                 r.header = ds.header;
-                r.image = render(ds.header, decode_stored(ds, frame), o);
+                r.image = decode_render(ds, frame, o);
                 r.ok = true;
               } catch (const Error& e) {
                 r.kind = kind_name(e.kind);
@@ -281,15 +305,28 @@ PYBIND11_MODULE(_dicom, m) {
               } catch (const std::bad_alloc&) {
                 r.kind = "invalid";
                 r.message = "out of memory (a header announces an implausible size)";
+              } catch (const std::exception& e) {  // nothing may escape a worker thread
+                r.kind = "invalid";
+                r.message = std::string("internal error: ") + e.what();
+              } catch (...) {
+                r.kind = "invalid";
+                r.message = "internal error";
               }
             }
           };
           int n = std::max(1, std::min<int>(num_threads, int(paths.size())));
           std::vector<std::thread> pool;
-          for (int t = 1; t < n; ++t) pool.emplace_back(work);
-          work();
+          try {
+            for (int t = 1; t < n; ++t) pool.emplace_back(work);
+          } catch (const std::exception& e) {  // std::system_error: no memory or threads left
+            failure = "cannot start " + std::to_string(n) + " native threads (" + std::to_string(pool.size() + 1) +
+                      " started): " + e.what();
+            next = paths.size();  // the started workers stop after their current file
+          }
+          if (failure.empty()) work();
           for (auto& t : pool) t.join();
         }
+        if (!failure.empty()) throw std::runtime_error(failure);
         py::list out;
         for (auto& r : results) {
           if (r.ok)

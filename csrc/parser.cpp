@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 
@@ -17,6 +18,7 @@ namespace {
 constexpr uint32_t kItem = 0xFFFEE000u, kItemEnd = 0xFFFEE00Du, kSeqEnd = 0xFFFEE0DDu;
 constexpr uint32_t kUndefined = 0xFFFFFFFFu;
 constexpr uint32_t kPixelData = 0x7FE00010u;
+constexpr uint32_t kFloatPixelData = 0x7FE00008u, kDoubleFloatPixelData = 0x7FE00009u;
 constexpr int kMaxDepth = 64;
 
 std::string trim(const uint8_t* p, size_t n) {
@@ -252,8 +254,13 @@ class Parser {
       case 0x00280103u: h_.pixel_representation = us(); break;
       case 0x00280006u: h_.planar_configuration = us(); break;
       case 0x00280008u: {
+        // Checked before the cast: a double outside int64's range (or NaN) cast to an integer
+        // is undefined behaviour, and no file holds 2^31 frames.
         auto nums = parse_numbers(str());
-        h_.number_of_frames = nums.empty() ? 1 : int64_t(nums[0]);
+        if (nums.empty()) { h_.number_of_frames = 1; break; }
+        if (!std::isfinite(nums[0]) || nums[0] >= 2147483648.0)
+          throw Error(ErrorKind::Invalid, "Number of Frames '" + str() + "' is not a plausible frame count");
+        h_.number_of_frames = nums[0] < 1 ? 1 : int64_t(nums[0]);
         break;
       }
       case 0x00280004u: h_.photometric = str(); break;
@@ -298,9 +305,14 @@ class Parser {
   void parse_dataset(size_t pos, size_t end, Encoding enc, bool header_only) {
     Element el;
     while (next(pos, end, enc, el)) {
-      if (el.tag == kPixelData) {
+      if (el.tag == kPixelData || el.tag == kFloatPixelData || el.tag == kDoubleFloatPixelData) {
         h_.has_pixel_data = true;
+        h_.float_bits = el.tag == kPixelData ? 0 : el.tag == kFloatPixelData ? 32 : 64;
+        pixel_element_ = el.value;
+        pixel_length_ = el.length;
         if (header_only) return;
+        if (h_.float_bits && el.length == kUndefined)
+          throw Error(ErrorKind::Invalid, "Float Pixel Data of undefined length");
         parse_pixel_data(el, end, enc);
         if (el.length == kUndefined) return;
         pos = value_end(el, end);
@@ -351,6 +363,8 @@ class Parser {
   const uint8_t* p_;
   size_t n_;
   Header& h_;
+  size_t pixel_element_ = 0;     // where the value of the pixel data element starts
+  uint32_t pixel_length_ = 0;    // its declared length (kUndefined when encapsulated)
 };
 
 namespace {
@@ -380,38 +394,137 @@ const SyntaxInfo kSyntaxes[] = {
     {"1.2.840.10008.1.2.4.203", true, false, false, Codec::Htj2k},
 };
 
-std::vector<uint8_t> inflate_raw(const uint8_t* data, size_t size) {
+#ifndef CXRFAST_NO_ZLIB
+// A raw deflate stream (PS3.5 A.5) inflated step by step, so the caller decides how far.
+class Inflater {
+ public:
+  Inflater(const uint8_t* data, size_t size) {
+    std::memset(&zs_, 0, sizeof zs_);
+    if (inflateInit2(&zs_, -MAX_WBITS) != Z_OK) throw Error(ErrorKind::Invalid, "zlib init failed");
+    zs_.next_in = const_cast<Bytef*>(data);
+    zs_.avail_in = uInt(std::min<size_t>(size, 0x7FFFFFFF));
+  }
+  ~Inflater() { inflateEnd(&zs_); }
+  Inflater(const Inflater&) = delete;
+  Inflater& operator=(const Inflater&) = delete;
+
+  // Inflates until size() >= n (or a little more) or the stream stops.
+  void fill(size_t n) {
+    while (!stopped_ && out_.size() < n) {
+      size_t have = out_.size();
+      size_t step = std::min<size_t>(std::max<size_t>(n - have, size_t(1) << 16), 0x40000000);
+      out_.resize(have + step);
+      zs_.next_out = out_.data() + have;
+      zs_.avail_out = uInt(step);
+      int rc = inflate(&zs_, Z_NO_FLUSH);
+      out_.resize(have + (step - zs_.avail_out));
+      if (rc == Z_STREAM_END) {
+        stopped_ = complete_ = true;
+      } else if (rc == Z_BUF_ERROR || (rc == Z_OK && zs_.avail_in == 0 && zs_.avail_out > 0)) {
+        stopped_ = true;  // the input ended before the stream did: truncated
+      } else if (rc != Z_OK) {
+        throw Error(ErrorKind::Corrupt, "deflated data set is corrupt");
+      }
+    }
+  }
+  bool stopped() const { return stopped_; }
+  bool complete() const { return complete_; }
+  std::vector<uint8_t>& out() { return out_; }
+
+ private:
+  z_stream zs_;
+  std::vector<uint8_t> out_;
+  bool stopped_ = false, complete_ = false;
+};
+#endif
+
+std::string mib(size_t n) { return std::to_string((n + (1u << 20) - 1) >> 20) + " MiB"; }
+
+// Inflates a deflated data set no further than its parse needs, and parses it into h.
+//
+// The deflate-bomb rule: a deflated data set may inflate to at most
+//   budget = 1 MiB + 16 x its compressed size      (all elements but the pixels: headers
+//            compress far less than 16:1 unless padded on purpose)
+//   + the pixel bytes its header declares         (Rows x Columns x Samples x Bits Allocated
+//            x Frames / 8, and no more than the Pixel Data element's own length).
+// Anything beyond is refused with an error before it is inflated. A header-only parse
+// inflates only up to the Pixel Data element (in doubling steps, re-parsing the prefix).
+std::vector<uint8_t> inflate_bounded(const uint8_t* data, size_t size, Encoding enc, bool header_only, Header& h) {
 #ifdef CXRFAST_NO_ZLIB
-  (void)data;
-  (void)size;
+  (void)data, (void)size, (void)enc, (void)header_only, (void)h;
   throw Error(ErrorKind::Unsupported, "deflated transfer syntax: this build of cxrfast has no zlib");
 #else
-  std::vector<uint8_t> out;
-  z_stream zs;
-  std::memset(&zs, 0, sizeof zs);
-  if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) throw Error(ErrorKind::Invalid, "zlib init failed");
-  zs.next_in = const_cast<Bytef*>(data);
-  zs.avail_in = uInt(std::min<size_t>(size, 0x7FFFFFFF));
-  out.resize(std::max<size_t>(size * 4, 4096));
-  int rc = Z_OK;
-  while (true) {
-    zs.next_out = out.data() + zs.total_out;
-    zs.avail_out = uInt(std::min<size_t>(out.size() - zs.total_out, 0x7FFFFFFF));
-    rc = inflate(&zs, Z_NO_FLUSH);
-    if (rc == Z_STREAM_END) break;
-    if (rc == Z_BUF_ERROR && zs.avail_in == 0) break;  // input ended: truncated
-    if (rc != Z_OK && rc != Z_BUF_ERROR) {
-      inflateEnd(&zs);
-      throw Error(ErrorKind::Corrupt, "deflated data set is corrupt");
+  const size_t budget = (size_t(1) << 20) + 16 * std::min<size_t>(size, SIZE_MAX / 64);
+  Inflater inf(data, size);
+  const Header base = h;
+  size_t pixel_at = 0;
+  uint32_t pixel_length = 0;
+  for (size_t want = size_t(1) << 16;; want *= 2) {
+    inf.fill(std::min(want, budget + 1));
+    Header trial = base;
+    Parser p(inf.out().data(), inf.out().size(), trial);
+    bool found = false;
+    try {
+      p.parse_dataset(0, inf.out().size(), enc, true);
+      found = trial.has_pixel_data || inf.stopped();
+    } catch (const Error& e) {
+      if (e.kind != ErrorKind::Truncated || inf.stopped()) throw;
     }
-    if (zs.avail_out == 0) out.resize(out.size() * 2);
+    if (found) {
+      h = trial;
+      pixel_at = p.pixel_element_;
+      pixel_length = p.pixel_length_;
+      break;
+    }
+    if (inf.out().size() > budget)
+      throw Error(ErrorKind::Invalid, "deflated data set inflates past " + mib(budget) +
+                                          " before Pixel Data, more than a header needs (a deflate bomb?)");
   }
-  size_t total = zs.total_out;
-  inflateEnd(&zs);
-  if (rc != Z_STREAM_END) throw Error(ErrorKind::Truncated, "deflated data set ends early");
-  out.resize(total);
-  return out;
+  if (header_only) return std::move(inf.out());
+  if (!inf.complete() && h.has_pixel_data) {
+    double declared = double(h.rows) * h.columns * std::max(h.samples_per_pixel, 1) *
+                      std::max(h.bits_allocated, h.float_bits) * double(frame_count(h)) / 8.0;
+    if (pixel_length != 0xFFFFFFFFu) declared = std::min(declared, double(pixel_length));
+    size_t limit = pixel_at + size_t(std::min(declared, 0x1p62)) + budget;
+    inf.fill(limit + 1);
+    if (inf.out().size() > limit)
+      throw Error(ErrorKind::Invalid, "deflated data set inflates past " + mib(limit) +
+                                          ", more than its header declares (a deflate bomb?)");
+  }
+  if (!inf.complete()) throw Error(ErrorKind::Truncated, "deflated data set ends early");
+  h = base;
+  Parser inner(inf.out().data(), inf.out().size(), h);
+  inner.parse_dataset(0, inf.out().size(), enc, false);
+  return std::move(inf.out());
 #endif
+}
+
+// A data set without preamble or file meta (readable per PS3.10 7.1 as a fallback) must at
+// least begin with an element: an even group up to 7FE0 and a first value that fits.
+bool plausible_data_set(const uint8_t* d, size_t n) {
+  static const char* kVrs[] = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT",
+                               "OB", "OD", "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST",
+                               "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"};
+  if (n < 8) return false;
+  for (bool be : {false, true}) {
+    uint32_t group = be ? uint32_t(d[0]) << 8 | d[1] : uint32_t(d[1]) << 8 | d[0];
+    if (group % 2 || group < 2 || group > 0x7FE0) continue;
+    auto u16 = [&](size_t at) { return be ? uint32_t(d[at]) << 8 | d[at + 1] : uint32_t(d[at + 1]) << 8 | d[at]; };
+    auto u32 = [&](size_t at) { return be ? u16(at) << 16 | u16(at + 2) : u16(at + 2) << 16 | u16(at); };
+    bool known = false;
+    for (const char* v : kVrs) known = known || (d[4] == v[0] && d[5] == v[1]);
+    size_t head = 8;
+    uint64_t length = u32(4);
+    if (known && is_long_vr(d + 4)) {
+      if (n < 12) continue;
+      head = 12;
+      length = u32(8);
+    } else if (known) {
+      length = u16(6);
+    }
+    if (length == kUndefined || head + length <= n) return true;
+  }
+  return false;
 }
 
 }  // namespace
@@ -430,7 +543,9 @@ Dataset Dataset::parse(const uint8_t* data, size_t size, bool header_only) {
   } else if (size >= 8 && data[0] == 0x02 && data[1] == 0x00 && looks_like_vr(data + 4)) {
     pos = parser.parse_file_meta(0);
   }
-  if (size < 8) throw Error(ErrorKind::Invalid, "too short to be a DICOM file");
+  if (size < 8) throw Error(ErrorKind::Invalid, "not a DICOM file (only " + std::to_string(size) + " bytes)");
+  if (!h.has_file_meta && !plausible_data_set(data, size))
+    throw Error(ErrorKind::Invalid, "not a DICOM file (no DICM prefix, and the bytes do not begin a data set)");
 
   Encoding enc{false, false};
   if (!h.transfer_syntax.empty()) {
@@ -471,9 +586,7 @@ Dataset Dataset::parse(const uint8_t* data, size_t size, bool header_only) {
   h.big_endian = enc.big_endian;
 
   if (h.deflated) {
-    ds.inflated_ = inflate_raw(data + pos, size - pos);
-    Parser inner(ds.inflated_.data(), ds.inflated_.size(), h);
-    inner.parse_dataset(0, ds.inflated_.size(), enc, header_only);
+    ds.inflated_ = inflate_bounded(data + pos, size - pos, enc, header_only, h);
   } else {
     parser.parse_dataset(pos, size, enc, header_only);
   }

@@ -1,6 +1,7 @@
 // From a parsed data set to stored sample words: frame splitting of encapsulated pixel
 // data (PS3.5 A.4), native unpacking (PS3.5 8.1, 8.2), RLE Lossless (PS3.5 G).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cxrdicom.h"
@@ -24,6 +25,38 @@ void check_geometry(const Header& h) {
   if (h.bits_stored < 1 || h.bits_stored > ba) throw Error(ErrorKind::Invalid, "Bits Stored " + std::to_string(h.bits_stored) + " does not fit Bits Allocated");
   if (int64_t(h.rows) * h.columns * h.samples_per_pixel > (int64_t(1) << 31))
     throw Error(ErrorKind::Unsupported, "image too large");
+}
+
+// Float / Double Float Pixel Data (PS3.3 C.7.6.24): grey IEEE floats, never compressed.
+void check_float_geometry(const Header& h) {
+  if (h.rows <= 0 || h.columns <= 0) throw Error(ErrorKind::Invalid, "Rows or Columns missing or zero");
+  if (h.samples_per_pixel != 1)
+    throw Error(ErrorKind::Unsupported, "Float Pixel Data with Samples per Pixel " + std::to_string(h.samples_per_pixel));
+  if (h.bits_allocated != 0 && h.bits_allocated != h.float_bits)
+    throw Error(ErrorKind::Invalid, "Bits Allocated " + std::to_string(h.bits_allocated) + " with " +
+                                        (h.float_bits == 32 ? "Float" : "Double Float") + " Pixel Data");
+  if (int64_t(h.rows) * h.columns > (int64_t(1) << 31)) throw Error(ErrorKind::Unsupported, "image too large");
+  if (h.codec != Codec::Native || h.encapsulated)
+    throw Error(ErrorKind::Invalid, "Float Pixel Data in a compressed transfer syntax");
+}
+
+// The frames [first, first + count) of float pixel data: read in place when little endian.
+StoredPixels float_frames(const Dataset& ds, int64_t first, int64_t count, StoredPixels& px) {
+  const Header& h = ds.header;
+  const size_t bps = size_t(px.bytes_per_sample);
+  const size_t frame_bytes = size_t(h.rows) * h.columns * bps;
+  if (double(frame_bytes) * double(first + count) > double(h.pixel_data.length))
+    throw Error(ErrorKind::Truncated, "float pixel data holds " + std::to_string(h.pixel_data.length) +
+                                          " bytes, fewer than Rows x Columns x frames need");
+  const uint8_t* src = ds.bytes() + h.pixel_data.offset + size_t(first) * frame_bytes;
+  if (!h.big_endian) {
+    px.view = src;
+    return std::move(px);
+  }
+  px.data.resize(frame_bytes * size_t(count));
+  for (size_t i = 0; i < px.data.size(); i += bps)
+    for (size_t k = 0; k < bps; ++k) px.data[i + k] = src[i + bps - 1 - k];
+  return std::move(px);
 }
 
 // A JPEG stream ends in EOI, possibly followed by zero padding.
@@ -64,10 +97,12 @@ std::vector<FrameBytes> encapsulated_frames(const Dataset& ds) {
   std::vector<FrameBytes> out;
   if (frags.empty()) throw Error(ErrorKind::Truncated, "encapsulated pixel data has no fragments");
 
+  // Fragment positions increase strictly (the parser records them in file order), so an
+  // offset is found by binary search: O(frames log fragments) for any offset table.
   auto fragment_at = [&](uint64_t offset) -> size_t {
-    for (size_t i = 0; i < pos.size(); ++i)
-      if (pos[i] == offset) return i;
-    throw Error(ErrorKind::Invalid, "offset table points between fragments");
+    auto it = std::lower_bound(pos.begin(), pos.end(), offset);
+    if (it == pos.end() || *it != offset) throw Error(ErrorKind::Invalid, "offset table points between fragments");
+    return size_t(it - pos.begin());
   };
 
   if (!h.extended_offsets.empty()) {
@@ -238,7 +273,8 @@ StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
   const Header& h = ds.header;
   if (!h.has_pixel_data) throw Error(ErrorKind::NoPixelData, "no Pixel Data (7FE0,0010)");
   if (h.unknown_syntax) throw Error(ErrorKind::UnsupportedTransferSyntax, "unsupported transfer syntax " + h.transfer_syntax);
-  check_geometry(h);
+  if (h.float_bits) check_float_geometry(h);
+  else check_geometry(h);
   int64_t nframes = frame_count(h);
   if (frame >= nframes) throw Error(ErrorKind::Invalid, "frame " + std::to_string(frame) + " out of range (" + std::to_string(nframes) + " frames)");
   int64_t first = frame < 0 ? 0 : frame;
@@ -249,14 +285,19 @@ StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
   px.rows = h.rows;
   px.columns = h.columns;
   px.samples = h.samples_per_pixel;
-  px.bytes_per_sample = bytes_per_sample(h);
+  px.bytes_per_sample = h.float_bits ? h.float_bits / 8 : bytes_per_sample(h);
   size_t frame_words = size_t(h.rows) * h.columns * h.samples_per_pixel;
+  if (h.float_bits) return float_frames(ds, first, count, px);
   if (h.codec == Codec::Native) {
     if (h.encapsulated) throw Error(ErrorKind::Invalid, "native transfer syntax with encapsulated pixel data");
     // Check before allocating, so a corrupt header cannot ask for gigabytes.
     size_t frame_bytes = (frame_words * size_t(h.bits_allocated) + 7) / 8;
     if (h.photometric == "YBR_FULL_422" && h.samples_per_pixel == 3 && h.bits_allocated == 8) frame_bytes = frame_words * 2 / 3;
-    if (double(frame_bytes) * double(first + count) > double(h.pixel_data.length))
+    // 1-bit frames are packed back to back in bits, not bytes (PS3.5 8.1.1): a frame of
+    // Rows x Columns not divisible by 8 starts inside a byte.
+    double need = h.bits_allocated == 1 ? std::ceil(double(frame_words) * double(first + count) / 8.0)
+                                        : double(frame_bytes) * double(first + count);
+    if (need > double(h.pixel_data.length))
       throw Error(ErrorKind::Truncated, "pixel data holds " + std::to_string(h.pixel_data.length) +
                                             " bytes, fewer than Rows x Columns x frames need");
     bool in_place = !h.big_endian && h.bits_allocated >= 8 && px.bytes_per_sample * 8 == h.bits_allocated &&

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -140,3 +142,66 @@ def make_encapsulated(
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     return write(ds, transfer_syntax)
+
+
+def float_file(a: np.ndarray, ts: str, photometric: str = "MONOCHROME2") -> bytes:
+    """Float (float32) or Double Float (float64) Pixel Data, no integer pixel attributes."""
+    ds = base_dataset(np.zeros(a.shape, np.uint16), photometric, 16)
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = a.dtype.itemsize * 8
+    raw = (a.astype(a.dtype.newbyteorder(">")) if ts == "1.2.840.10008.1.2.2" else a).tobytes()
+    if a.dtype == np.float32:
+        ds.FloatPixelData = raw
+    else:
+        ds.DoubleFloatPixelData = raw
+    return write(ds, ts)
+
+
+def one_bit_file(bits: np.ndarray, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """Bits Allocated 1 (values 0/1), frames packed back to back in bits as pydicom packs them."""
+    from pydicom.pixels import pack_bits
+
+    ds = base_dataset(np.zeros(bits.shape, np.uint8), "MONOCHROME2", 1)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.PixelData = pack_bits(bits)
+    return write(ds, transfer_syntax)
+
+
+def rle_many_frames(n: int) -> bytes:
+    """n RLE frames of 1x1 8-bit (frame i holds i % 256), one fragment each, with a Basic Offset Table."""
+    frames = [struct.pack("<II", 1, 64) + bytes(56) + bytes([0, i % 256]) for i in range(n)]
+    return make_encapsulated(frames, transfer_syntax=RLELossless, rows=1, columns=1, bits_allocated=8,
+                             bits_stored=8, layout="bot")
+
+
+def deflate_start(data: bytes) -> int:
+    """Where the deflated data set starts: after the file meta, whose group length is at 140."""
+    return 144 + struct.unpack("<I", data[140:144])[0]
+
+
+def deflated_with_zeros(extra_zeros: int) -> bytes:
+    """A valid 16x16 deflated file whose data set holds `extra_zeros` zero bytes in a private
+    element before Pixel Data: with 2 GB of zeros, a deflate bomb (~1000:1)."""
+    ds = base_dataset(np.zeros((16, 16), np.uint16), "MONOCHROME2", 12)
+    ds.add_new(0x00291010, "OB", b"\x00\x00")
+    data = write(ds, DeflatedExplicitVRLittleEndian)
+    marker = b"\x29\x00\x10\x10OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x00"
+    start = deflate_start(data)
+    body = zlib.decompressobj(-15).decompress(data[start:])
+    head, tail = body.split(marker)
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [co.compress(head + marker[:8] + struct.pack("<I", extra_zeros)), co.flush(zlib.Z_FULL_FLUSH)]
+    chunk = 1 << 22
+    # after a full flush the compressor forgets its history, so one compressed chunk repeats
+    block = co.compress(bytes(chunk)) + co.flush(zlib.Z_FULL_FLUSH) if extra_zeros >= chunk else b""
+    parts.append(block * (extra_zeros // chunk))
+    parts += [co.compress(bytes(extra_zeros % chunk) + tail), co.flush()]
+    return data[:start] + b"".join(parts)
+
+
+def number_of_frames_file(text: bytes) -> bytes:
+    """A 3x4 file whose Number of Frames reads `text` (at most 6 bytes), e.g. b"1e300", b"nan"."""
+    a = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    data = make_dicom(a, extra={"NumberOfFrames": "123456"})
+    assert data.count(b"123456") == 1
+    return data.replace(b"123456", text.ljust(6))

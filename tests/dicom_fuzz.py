@@ -3,9 +3,12 @@
 Used twice: bounded inside the test suite (test_dicom_fuzz.py) and at length from the
 command line, e.g. under an ASan/UBSan build of the extension:
 
-    CXRFAST_SANITIZE=1 pip install --no-build-isolation -e .
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
+    CXRFAST_SANITIZE=1 python setup.py build_ext --inplace   # ASan + UBSan + float-cast-overflow
+    PYTHONPATH=. LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \\
+        ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \\
         python tests/dicom_fuzz.py --seconds 600
+
+(PYTHONPATH=. makes the script import this checkout's cxrfast, not an installed one.)
 
 A crash, a hang or any exception other than DicomError is a finding; the input is saved.
 """
@@ -24,11 +27,25 @@ from cxrfast import dicom  # noqa: E402
 
 
 def seed_corpus() -> list[bytes]:
-    """Small valid files covering every parser and decoder path."""
+    """Small valid files covering every parser and decoder path, then the hostile seeds."""
+    return valid_seeds() + hostile_seeds()
+
+
+def valid_seeds() -> list[bytes]:
+    """Small valid files covering every parser and decoder path (each reads as "ok")."""
     import imagecodecs
     from pydicom.uid import RLELossless
 
-    from dicom_factory import base_dataset, lut_item, make_dicom, make_encapsulated, write
+    from dicom_factory import (
+        base_dataset,
+        float_file,
+        lut_item,
+        make_dicom,
+        make_encapsulated,
+        one_bit_file,
+        rle_many_frames,
+        write,
+    )
     from jpeg_lossless_writer import encode
 
     rng = np.random.default_rng(0)
@@ -50,7 +67,28 @@ def seed_corpus() -> list[bytes]:
     ds = base_dataset(a, "MONOCHROME2", 12)
     ds.compress(RLELossless, encoding_plugin="pydicom")
     corpus.append(write(ds, RLELossless))
+    corpus += [
+        rle_many_frames(300),
+        float_file(rng.standard_normal((2, 5, 7)).astype(np.float32), "1.2.840.10008.1.2.1"),
+        float_file(rng.standard_normal((5, 7)), "1.2.840.10008.1.2.2"),
+        one_bit_file(rng.integers(0, 2, (3, 5, 7)).astype(np.uint8)),
+    ]
     return corpus
+
+
+def hostile_seeds() -> list[bytes]:
+    """Files that must fail cleanly (each raises a DicomError)."""
+    from dicom_factory import deflated_with_zeros, number_of_frames_file
+
+    # The hostile cases of issue 9 (the offset table of many fragments, float and 1-bit data
+    # are valid seeds above): a deflate bomb (2 MiB of zeros in a ~3 KB file, past the
+    # inflation budget), a Number of Frames that is not finite, a PNG.
+    return [
+        deflated_with_zeros(2 << 20),
+        number_of_frames_file(b"1e300"),
+        number_of_frames_file(b"nan"),
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(60),
+    ]
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
@@ -79,7 +117,14 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 def exercise(data: bytes) -> str:
     """Runs every entry point on one input; returns 'ok' or the DicomError class name."""
     outcome = "ok"
-    calls = [lambda: dicom.read(data, output="stored"), lambda: dicom.read(data, size=16)]
+    calls = [lambda: dicom.read(data, output="stored"), lambda: dicom.read(data, size=16),
+             lambda: dicom.read(data, output="modality", frame=0)]
+    if len(data) >= 2:  # a strided view must be refused, never read
+        try:
+            dicom.read(memoryview(data)[::-1])
+            raise AssertionError("a reversed buffer was read")
+        except ValueError:
+            pass
     try:
         if dicom.read_header(data)["codec"] != "native":
             calls.append(lambda: dicom.encapsulated_frames(data))

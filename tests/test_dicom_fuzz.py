@@ -13,9 +13,13 @@ def test_mutated_inputs_decode_or_raise_dicom_error():
 
 
 def test_every_truncation_of_every_seed():
-    from dicom_fuzz import exercise, seed_corpus
+    from dicom_fuzz import exercise, hostile_seeds, valid_seeds
 
-    for data in seed_corpus():
+    for data in valid_seeds():
         for n in range(0, len(data), max(1, len(data) // 97)):
             exercise(data[:n])
         assert exercise(data) == "ok"
+    for data in hostile_seeds():  # each fails cleanly, and so does every truncation of it
+        for n in range(0, len(data), max(1, len(data) // 97)):
+            exercise(data[:n])
+        assert exercise(data) == "InvalidDicomError"

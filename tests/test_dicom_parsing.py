@@ -16,7 +16,7 @@ from pydicom.uid import (
 )
 
 from cxrfast import dicom
-from dicom_factory import base_dataset, make_dicom, make_encapsulated, write
+from dicom_factory import base_dataset, float_file, make_dicom, make_encapsulated, write
 
 NATIVE = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
 DTYPES = [(np.uint8, 8), (np.int8, 7), (np.uint16, 12), (np.int16, 16), (np.uint32, 32), (np.int32, 20)]
@@ -212,3 +212,78 @@ def test_header_from_a_file_prefix_equals_header_from_all_bytes(tmp_path, case):
     assert from_path == from_bytes
     assert from_path["has_pixel_data"] == (case != "no_pixel_data")
     assert from_path["window"] == (2048.0, 4096.0) and from_path["rows"] == 300
+
+
+@pytest.mark.parametrize("ts", NATIVE)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 5, 7)])
+def test_float_pixel_data_matches_pydicom(ts, dtype, shape):
+    import pydicom
+
+    a = (np.random.default_rng().standard_normal(shape) * 1e3).astype(dtype)
+    a.flat[3] = -0.0
+    data = float_file(a, ts)
+    ref = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    stored = dicom.read(data, output="stored").pixels
+    assert stored.dtype == np.dtype(dtype) and ref.dtype.kind == "f" and ref.dtype.itemsize == stored.dtype.itemsize
+    np.testing.assert_array_equal(stored, ref)
+    np.testing.assert_array_equal(stored, a)
+    if len(shape) == 3:
+        np.testing.assert_array_equal(dicom.read(data, output="stored", frame=2).pixels, a[2])
+    modality = dicom.read(data, output="modality").pixels
+    assert modality.dtype == np.float32
+    np.testing.assert_array_equal(modality, a.astype(np.float32))
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_float_pixel_data_display_is_the_min_max_window(photometric):
+    a = np.random.default_rng().uniform(-5, 40, (2, 6, 9)).astype(np.float32)
+    a[0, 0, 0], a[0, 0, 1], a[1, 2, 3] = np.nan, np.inf, -np.inf
+    data = float_file(a, ExplicitVRLittleEndian, photometric)
+    finite = a[np.isfinite(a)]
+    t = np.clip((np.nan_to_num(a.astype(np.float64), nan=-np.inf) - finite.min()) / np.ptp(finite), 0, 1)
+    if photometric == "MONOCHROME1":
+        t = 1 - t
+    shown = dicom.read(data, dtype="float32").pixels
+    assert np.isfinite(shown).all()
+    np.testing.assert_allclose(shown, t, atol=1e-5)
+    assert np.abs(dicom.read(data).pixels.astype(int) - np.round(t * 255)).max() <= 1
+    assert dicom.read(data, size=3).pixels.shape == (2, 2, 3)
+    with pytest.raises(dicom.UnsupportedFeatureError, match="resizing Float Pixel Data"):
+        dicom.read(data, output="stored", size=3)
+    with pytest.raises(dicom.UnsupportedFeatureError):
+        dicom.display_lut(data, (0, 1))
+
+
+def test_float_pixel_data_cut_short_is_truncated():
+    data = float_file(np.zeros((4, 4), np.float32), ExplicitVRLittleEndian)
+    bad = bytearray(data)
+    at = bad.rindex(b"\xe0\x7f\x08\x00OF") + 8
+    bad[at : at + 4] = (60).to_bytes(4, "little")  # 60 of 64 bytes
+    with pytest.raises(dicom.TruncatedError):
+        dicom.read(bytes(bad[: at + 4 + 60]), output="stored")
+
+
+@pytest.mark.parametrize("ts", NATIVE)
+@pytest.mark.parametrize("shape", [(5, 7), (3, 5, 7), (4, 3, 3), (2, 8, 8)])
+def test_one_bit_frames_packed_across_byte_boundaries(ts, shape):
+    """Bits Allocated 1 with Rows x Columns not a multiple of 8: frames are packed back to
+    back in bits (PS3.5 8.1.1), like pydicom's liver_nonbyte_aligned.dcm."""
+    import pydicom
+    from pydicom.pixels import pack_bits
+
+    bits = np.random.default_rng().integers(0, 2, shape).astype(np.uint8)
+    ds = base_dataset(np.zeros(shape, np.uint8), "MONOCHROME2", 1)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.PixelData = pack_bits(bits)
+    data = write(ds, ts)
+    ref = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    ours = dicom.read(data, output="stored").pixels
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(ours, bits)
+    if len(shape) == 3:
+        for f in range(shape[0]):
+            np.testing.assert_array_equal(dicom.read(data, output="stored", frame=f).pixels, bits[f])
+    ds.PixelData = pack_bits(bits)[:-2]  # pack_bits pads to even length with at most one byte
+    with pytest.raises(dicom.TruncatedError):
+        dicom.read(write(ds, ExplicitVRLittleEndian), output="stored")

@@ -75,6 +75,7 @@ struct Header {
   std::vector<double> pixel_spacing;
 
   bool has_pixel_data = false;
+  int float_bits = 0;                     // 32 / 64: Float / Double Float Pixel Data (7FE0,0008 / 0009)
   bool encapsulated = false;
   bool pixel_vr_ow = false;               // OW pixel data: 16-bit words even when 8-bit
   Span pixel_data;                        // native pixel data, in the data set buffer
@@ -173,6 +174,15 @@ struct Rendered {
 };
 
 Rendered render(const Header& h, const StoredPixels& px, const RenderOptions& opt);
+
+// Float / Double Float Pixel Data (px of 4- or 8-byte IEEE samples): "stored" returns them as
+// float32 / float64, "modality" as float32 (no rescale applies), "display" maps the finite
+// min/max onto [0, 1] at 16-bit precision (NaN and -inf show as the minimum, +inf as the
+// maximum) and then runs render(). Resizing applies to "display" only.
+Rendered render_float(const Header& h, const StoredPixels& px, const RenderOptions& opt);
+
+// decode_stored + render (or render_float): what the bindings call for native decoding.
+Rendered decode_render(const Dataset& ds, int64_t frame, const RenderOptions& opt);
 
 // The display pipeline as a table over the stored bits (Bits Stored <= 16, grey): index with
 // (raw >> shift) & mask; values in [0, 1] are exactly what render() computes per pixel. Images
