@@ -139,7 +139,7 @@ def test_pretrained_takes_preset_size_and_channels_from_the_checkpoint(tmp_path,
     cfg, explicit = config.parse(finetune.FinetuneConfig, ["--pretrained", str(cxrfast_ckpt)], "f", "")
     assert cfg.model == "vit_base" and cfg.img_size == 224
     cfg, ckpt = finetune.resolve_pretrained(cfg, explicit)
-    assert (cfg.model, cfg.img_size, cfg.in_chans) == ("vit_tiny", 64, 1) and "model" in ckpt
+    assert (cfg.model, cfg.img_size, cfg.in_chans) == ("vit_tiny", 64, 1) and set(ckpt) == {"model"}
     assert "--model vit_tiny" in capsys.readouterr().out
     # an explicit other size is a known conversion (position embeddings resampled)
     cfg, explicit = config.parse(finetune.FinetuneConfig, ["--pretrained", str(cxrfast_ckpt), "--img_size", "128"],

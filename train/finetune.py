@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
-from cxrfast.models.checkpoints import CheckpointError, check_fits, load_file, load_pretrained, saved_config
+from cxrfast.models.checkpoints import (CheckpointError, check_fits, load_file, load_pretrained, saved_config,
+                                        unwrap)
 from cxrfast.models.vit import param_groups
 
 from . import checkpoints, config, engine, inference, labelled, logs, metrics, runtime
@@ -84,16 +85,19 @@ def main(argv: list[str] | None = None) -> dict:
             updates["pretrained"] = str(latest)
         cfg = dataclasses.replace(cfg, **updates)
     cfg, pretrained = resolve_pretrained(cfg, explicit)
-    return engine.launch(cfg, lambda rt: finetune(cfg, rt, pretrained))
+    held = {"weights": pretrained}  # handed over once, so the run does not keep a second copy alive
+    del pretrained
+    return engine.launch(cfg, lambda rt: finetune(cfg, rt, held.pop("weights", None)))
 
 
-def resolve_pretrained(cfg: FinetuneConfig, explicit: set[str]) -> tuple[FinetuneConfig, Any]:
+def resolve_pretrained(cfg: FinetuneConfig, explicit: set[str]) -> tuple[FinetuneConfig, dict | None]:
     """Reads ``--pretrained`` before anything is written and makes the model fit it.
 
     The preset, image size and channels come from the checkpoint's saved config unless set
     explicitly; an explicit other preset is an error (its tensors cannot fit), an explicit
     other size or channel count is converted (position-embedding resampling, channel
-    sum/repeat). Every problem ends in one ``error:`` line and exit code 2.
+    sum/repeat). Every problem ends in one ``error:`` line and exit code 2. Returns the
+    config and the checkpoint's weights alone (``{'model': state dict}``, no optimizer state).
     """
     if not cfg.pretrained:
         return cfg, None
@@ -102,6 +106,8 @@ def resolve_pretrained(cfg: FinetuneConfig, explicit: set[str]) -> tuple[Finetun
     except CheckpointError as exc:
         logs.die(f"--pretrained {exc}" if not Path(cfg.pretrained).is_file() else str(exc))
     saved = saved_config(ckpt)
+    if isinstance(ckpt, dict):
+        ckpt = {"model": unwrap(ckpt)}
     if "model" in saved and "model" in explicit and saved["model"] != cfg.model:
         logs.die(f"--model {cfg.model} does not fit --pretrained {cfg.pretrained}, a {saved['model']} checkpoint; "
                  f"leave --model out (or pass --model {saved['model']}) to fine-tune it")
