@@ -90,7 +90,7 @@ def _on_any_rank(flag: torch.Tensor, rt: runtime.Runtime) -> bool:
     return bool(flag.item())  # host-device sync: the stop decision is taken on the host
 
 
-def params_finite(model: torch.nn.Module) -> torch.Tensor:
+def params_not_finite(model: torch.nn.Module) -> torch.Tensor:
     """1 (int32, on the parameters' device) when some parameter is NaN/inf or exploded.
 
     One fused norm over all parameters: NaN/inf propagate into it, and parameters beyond
@@ -207,7 +207,8 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
     def checkpoint() -> Path:
         """Writes a checkpoint (rank 0) unless the parameters went non-finite; every rank calls it."""
         nonlocal good
-        if _on_any_rank(params_finite(model), rt):  # host sync, once per checkpoint
+        if _on_any_rank(params_not_finite(model), rt):  # host sync, once per checkpoint
+            bar.close()  # the error then starts on its own line
             raise NonFiniteLoss(f"parameters are not finite after step {global_step} (epoch {epoch}): the update "
                                 f"exploded, so no checkpoint was written. {last_good_text(good)}; try a lower lr "
                                 "or --clip_grad.")
@@ -252,11 +253,12 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
                     loss = loss * float("nan")
                 bad = (~torch.isfinite(loss.detach())).to(torch.int32)
                 if _on_any_rank(bad, rt):  # every rank stops here together, none waits in a collective
+                    bar.close()
                     where = (f"loss is {loss.item()}" if not rt.distributed
                              else f"loss is not finite on at least one of {rt.world_size} ranks")
                     raise NonFiniteLoss(f"{where} at step {global_step + 1} (epoch {epoch}); stopping. "
                                         f"{last_good_text(good)}; try a lower lr or --clip_grad.")
-                loss_value = loss.item()  # the value for the log (synced above already)
+                loss_value = loss.item()  # for the log; cheap, the flag's sync above already waited for it
                 (loss / cfg.accum_iter).backward()
             micro += 1
             seen += cfg.batch_size
