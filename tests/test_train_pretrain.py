@@ -40,7 +40,7 @@ def losses(folder: Path) -> dict[int, float]:
     for line in open(folder / "metrics.jsonl"):
         rec = json.loads(line)
         if "loss" in rec:
-            out[rec["step"]] = rec["loss"]  # a resumed run rewrites the steps after its checkpoint
+            out[rec["step"]] = rec["loss"]
     return out
 
 
@@ -80,13 +80,15 @@ def test_killed_run_resumes_bit_identically(tmp_path, data):
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
     proc.wait()
     for ckpt in out.glob("checkpoint-*.pth"):  # whatever the moment of the kill, every checkpoint is whole
-        assert torch.load(ckpt, weights_only=False)["global_step"] > 0
+        assert torch.load(ckpt, weights_only=True)["global_step"] > 0
     resumed_from = max(int(p.stem.split("-")[1]) for p in out.glob("checkpoint-*.pth"))
     assert resumed_from < 10
     r = run(["--data", str(data), "--output_dir", str(out), "--max_steps", "10", "--save_every", "2",
              "--resume", "auto", *TINY])
     assert f"step {resumed_from}" in r.stdout
     got = losses(out)
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == sorted(set(steps)), f"metrics.jsonl repeats steps after the resume: {steps}"
     for step in range(resumed_from + 1, 11):
         assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
 
@@ -106,16 +108,62 @@ def test_two_process_ddp_ranks_agree(tmp_path, data):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
+    """lr 1e30: step 1 (lr 0 in warmup) is good, step 2's update explodes. Its checkpoint must
+    not be written, and the message must name the step-1 checkpoint, which resumes."""
     out = tmp_path / "nan"
     args = ["--data", str(data), "--output_dir", str(out), "--save_every", "1", "--max_steps", "20", *TINY]
     args[args.index("--lr") + 1] = "1e30"
     proc = run(args, check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "loss is" in proc.stderr and "last good checkpoint" in proc.stderr
-    ckpts = sorted(out.glob("checkpoint-*.pth"))
-    assert ckpts, "at least the first step's checkpoint exists"
-    state = torch.load(ckpts[-1], weights_only=False)
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    good = out / "checkpoint-00000001.pth"
+    assert "not finite" in proc.stderr and f"last good checkpoint is {good}" in proc.stderr
+    assert [p.name for p in out.glob("checkpoint-*.pth")] == [good.name]
+    state = torch.load(good, weights_only=True)
+    assert all(v.abs().max() < 1e3 for v in state["model"].values() if v.is_floating_point())
+    r = run(["--data", str(data), "--output_dir", str(out), "--max_steps", "2", "--resume", str(good), *TINY])
+    assert "step 1" in r.stdout
+
+
+def test_non_finite_before_any_checkpoint_says_so(tmp_path, data):
+    out = tmp_path / "nan"
+    args = ["--data", str(data), "--output_dir", str(out), "--max_steps", "20", *TINY]
+    args[args.index("--lr") + 1] = "1e30"
+    proc = run(args, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "No checkpoint has been written yet" in proc.stderr and "None" not in proc.stderr
+    assert not list(out.glob("checkpoint-*.pth"))
+
+
+def test_ddp_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, data):
+    """Rank 1's loss turns NaN at step 2: both ranks exit 3 with the same message, neither
+    waits for the other in a collective (launched without torchrun, so no agent kills them)."""
+    import re
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp_nan"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                   CXRFAST_TEST_NAN_LOSS="1:2")
+        procs.append(subprocess.Popen([sys.executable, "-m", "train.pretrain", "--data", str(data), "--output_dir",
+                                       str(out), "--max_steps", "5", "--device", "cpu", *TINY], cwd=ROOT, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    codes, errors = [], []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)  # a rank left waiting would hang for gloo's 30 minutes
+            codes.append(proc.returncode)
+            errors.append(re.findall(r"error: .*", err))  # the progress bar may precede it on its line
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert codes == [3, 3], errors
+    assert len(errors[0]) == 1 and errors[0] == errors[1]
+    assert "not finite" in errors[0][0] and "step 2" in errors[0][0] and "checkpoint-00000001.pth" in errors[0][0]
 
 
 def test_unreadable_files_are_logged_and_skipped(tmp_path, data):

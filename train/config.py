@@ -40,6 +40,7 @@ def user_errors() -> Iterator[None]:
     """Turns a :class:`UsageError` (or a prepared folder that cannot be read as it is) raised
     inside into :func:`fail` (no traceback)."""
     from cxrfast.data.shards import PreparedFormatError
+    from cxrfast.models.checkpoints import CheckpointError
 
     try:
         yield
@@ -47,6 +48,8 @@ def user_errors() -> Iterator[None]:
         fail(str(exc))
     except PreparedFormatError as exc:  # its message names the folder and says what to do
         fail(f"--data {exc}")
+    except CheckpointError as exc:  # unreadable, unsafe or ill-fitting: the message names the file
+        fail(str(exc))
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -67,6 +67,8 @@ class ImageConfig(LoopConfig):
                                      minimum=1)
     loader: str = opt("auto", "for prepared shards: dali, torch (GPU tensors), cpu, or auto (DALI, then torch "
                               "on GPU, else cpu); files are always decoded by the CPU DataLoader", choices=BACKENDS)
+    allow_mismatch: bool = opt(False, "load a pretrained checkpoint even when tensors other than the head do not "
+                                      "fit the model (they stay at their initialisation)")
 
     def validate(self) -> None:
         check_patch(self.model, self.img_size)
@@ -80,7 +82,44 @@ def check_patch(model: str, img_size: int) -> None:
 
 
 class NonFiniteLoss(RuntimeError):
-    """Raised when the loss is NaN or infinite; the last checkpoint is left as it was."""
+    """Raised on every rank when the loss on any rank, or the parameters about to be saved,
+    are NaN or infinite; the last good checkpoint is left as it was."""
+
+
+FAULT_ENV = "CXRFAST_TEST_NAN_LOSS"  # "RANK:STEP": that rank's loss turns NaN at that step (tests only)
+
+
+def _injected_fault(rank: int) -> int | None:
+    """The optimizer step at which this rank's loss is made NaN, from FAULT_ENV."""
+    value = os.environ.get(FAULT_ENV, "")
+    if ":" not in value:
+        return None
+    r, step = value.split(":", 1)
+    return int(step) if int(r) == rank else None
+
+
+def _on_any_rank(flag: torch.Tensor, rt: runtime.Runtime) -> bool:
+    """True on every rank when ``flag`` (a 0/1 int tensor on the device) is set on any rank."""
+    if rt.distributed:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # one tiny collective
+    return bool(flag.item())  # host-device sync: the stop decision is taken on the host
+
+
+def params_not_finite(model: torch.nn.Module) -> torch.Tensor:
+    """1 (int32, on the parameters' device) when some parameter is NaN/inf or exploded.
+
+    One fused norm over all parameters: NaN/inf propagate into it, and parameters beyond
+    ~1e19 (an exploding step, e.g. lr 1e30) overflow its fp32 square to inf. No host sync here.
+    """
+    params = [p.detach() for p in model.parameters()]
+    norm = torch.nn.utils.get_total_norm(params, norm_type=2.0, foreach=True)
+    return (~torch.isfinite(norm)).to(torch.int32)
+
+
+def last_good_text(path: Path | None) -> str:
+    if path is None:
+        return "No checkpoint has been written yet, so there is nothing to resume from"
+    return f"The last good checkpoint is {path} (resume with --resume {path})"
 
 
 @dataclass
@@ -106,6 +145,9 @@ def launch(cfg: LoopConfig, body: Callable[[runtime.Runtime], dict]) -> dict:
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
+    except checkpoints.CheckpointError as exc:  # unreadable, unsafe or ill-fitting checkpoint
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         runtime.teardown()
 
@@ -153,40 +195,54 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
     optimizer = torch.optim.AdamW(job.param_groups, lr=base_lr, betas=tuple(cfg.betas), fused=rt.device.type == "cuda")
 
     epoch, step_in_epoch, global_step = 0, 0, 0
-    resume_path = checkpoints.resolve(cfg.resume, out)
-    if resume_path is not None:
-        state = checkpoints.load(resume_path)
+    resume_path = None
+    resumed = checkpoints.load_resume(cfg.resume, out, warn=rt.main)
+    if resumed is not None:
+        resume_path, state = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         rngs = state["rng"]
-        runtime.set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
+        runtime.set_rng_state(checkpoints.rng_from_saved(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0]))
         job.load_job_state(state.get("job", {}))
+        del state
         logs.announce(f"resumed from {resume_path} at epoch {epoch}, step {global_step}", rt.main)
 
     net = DistributedDataParallel(model) if rt.distributed else model
     if cfg.compile:
         net = torch.compile(net)
-    log = logs.MetricsLog(out, enabled=rt.main)
+    log = logs.MetricsLog(out, enabled=rt.main, resume_step=global_step if resume_path is not None else None)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     bar = logs.progress(total_steps, global_step, rt.main, job.kind)
 
-    def checkpoint() -> Path | None:
+    good = resume_path  # the newest checkpoint known to hold finite parameters, on every rank
+
+    def checkpoint() -> Path:
+        """Writes a checkpoint (rank 0) unless the parameters went non-finite; every rank calls it."""
+        nonlocal good
+        if _on_any_rank(params_not_finite(model), rt):  # host sync, once per checkpoint
+            bar.close()  # the error then starts on its own line
+            raise NonFiniteLoss(f"parameters are not finite after step {global_step} (epoch {epoch}): the update "
+                                f"exploded, so no checkpoint was written. {last_good_text(good)}; try a lower lr "
+                                "or --clip_grad.")
         rngs = [runtime.rng_state()]
         if rt.distributed:  # every rank joins the gather; only rank 0 writes
             rngs = [None] * rt.world_size
             torch.distributed.all_gather_object(rngs, runtime.rng_state())
+        good = checkpoints.path_for(out, global_step)
         if not rt.main:
-            return None
+            return good
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                 "step_in_epoch": step_in_epoch, "global_step": global_step, "rng": rngs, "job": job.job_state(),
+                 "step_in_epoch": step_in_epoch, "global_step": global_step,
+                 "rng": [checkpoints.rng_to_saved(r) for r in rngs], "job": job.job_state(),
                  "config": config.to_dict(cfg), "kind": job.kind}
         path = checkpoints.save(out, global_step, state, cfg.keep_last)
         config.save(cfg, out / "config.json")
         return path
 
+    fault_step = _injected_fault(rt.rank)
     last_path, loss_value, t_last, seen = None, float("nan"), time.perf_counter(), 0
     while epoch < cfg.epochs and global_step < total_steps:
         sampler.set_epoch(epoch, start=step_in_epoch * per_step)
@@ -208,11 +264,16 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
             with sync:
                 with runtime.autocast(rt.device):
                     loss = job.loss(net, batch)
-                loss_value = loss.item()  # host-device sync: the non-finite guard needs the value
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(f"loss is {loss_value} at step {global_step + 1} (epoch {epoch}); stopping. "
-                                        f"The last good checkpoint is {checkpoints.latest(out)}; try a lower lr "
-                                        "or --clip_grad.")
+                if fault_step == global_step + 1:
+                    loss = loss * float("nan")
+                bad = (~torch.isfinite(loss.detach())).to(torch.int32)
+                if _on_any_rank(bad, rt):  # every rank stops here together, none waits in a collective
+                    bar.close()
+                    where = (f"loss is {loss.item()}" if not rt.distributed
+                             else f"loss is not finite on at least one of {rt.world_size} ranks")
+                    raise NonFiniteLoss(f"{where} at step {global_step + 1} (epoch {epoch}); stopping. "
+                                        f"{last_good_text(good)}; try a lower lr or --clip_grad.")
+                loss_value = loss.item()  # for the log; cheap, the flag's sync above already waited for it
                 (loss / cfg.accum_iter).backward()
             micro += 1
             seen += cfg.batch_size

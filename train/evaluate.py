@@ -31,7 +31,7 @@ from cxrfast.data.direct import ImageDataset
 from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import PRESETS, classifier
-from cxrfast.models.checkpoints import load_pretrained
+from cxrfast.models.checkpoints import load_file, load_pretrained
 
 from . import config, engine, inference, labelled, logs, metrics, pictures, runtime
 from .config import opt
@@ -85,7 +85,7 @@ def _pick(value, saved: dict, key: str, default=None):
 
 
 def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_file(path)  # data only: a checkpoint cannot run code
     saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
     data_src, labels_src = _pick(cfg.data, saved, "data"), _pick(cfg.labels, saved, "labels")
     prepared = is_prepared(data_src)
@@ -111,7 +111,7 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     model = classifier(model_name, img_size=img_size, in_chans=in_chans, num_classes=len(names),
                        global_pool=saved.get("global_pool", True), drop_path_rate=0.0)
     if cfg.linear_probe:
-        load_pretrained(model, ckpt)
+        load_pretrained(model, ckpt, name=str(path))
     else:
         model.load_state_dict(ckpt["model"])
     model.to(rt.device)

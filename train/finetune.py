@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ from cxrfast.data.direct import ImageDataset
 from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
-from cxrfast.models.checkpoints import load_pretrained
+from cxrfast.models.checkpoints import (CheckpointError, check_fits, load_file, load_pretrained, saved_config,
+                                        unwrap)
 from cxrfast.models.vit import param_groups
 
 from . import checkpoints, config, engine, inference, labelled, logs, metrics, runtime
@@ -98,7 +100,45 @@ def _main(argv: list[str] | None) -> dict:
                                  "(or pass --pretrained)")
             updates["pretrained"] = str(latest)
         cfg = dataclasses.replace(cfg, **updates)
-    return engine.launch(cfg, lambda rt: finetune(cfg, rt))
+    cfg, pretrained = resolve_pretrained(cfg, explicit)
+    held = {"weights": pretrained}  # handed over once, so the run does not keep a second copy alive
+    del pretrained
+    return engine.launch(cfg, lambda rt: finetune(cfg, rt, held.pop("weights", None)))
+
+
+def resolve_pretrained(cfg: FinetuneConfig, explicit: set[str]) -> tuple[FinetuneConfig, dict | None]:
+    """Reads ``--pretrained`` before anything is written and makes the model fit it.
+
+    The preset, image size and channels come from the checkpoint's saved config unless set
+    explicitly; an explicit other preset is an error (its tensors cannot fit), an explicit
+    other size or channel count is converted (position-embedding resampling, channel
+    sum/repeat). Every problem ends in one ``error:`` line and exit code 2. Returns the
+    config and the checkpoint's weights alone (``{'model': state dict}``, no optimizer state).
+    """
+    if not cfg.pretrained:
+        return cfg, None
+    try:
+        ckpt = load_file(cfg.pretrained)
+    except CheckpointError as exc:
+        config.fail(f"--pretrained {exc}" if not Path(cfg.pretrained).is_file() else str(exc))
+    saved = saved_config(ckpt)
+    if isinstance(ckpt, dict):
+        ckpt = {"model": unwrap(ckpt)}
+    if "model" in saved and "model" in explicit and saved["model"] != cfg.model:
+        config.fail(f"--model {cfg.model} does not fit --pretrained {cfg.pretrained}, a {saved['model']} checkpoint; "
+                 f"leave --model out (or pass --model {saved['model']}) to fine-tune it")
+    taken = {k: v for k, v in saved.items() if k not in explicit and v != getattr(cfg, k)}
+    if taken:
+        cfg = dataclasses.replace(cfg, **taken)
+        logs.announce(f"from {cfg.pretrained}'s config: " + ", ".join(f"--{k} {v}" for k, v in taken.items()),
+                      os.environ.get("RANK", "0") == "0")
+    try:
+        with torch.device("meta"):  # shapes only: checks the fit before the output folder exists
+            probe = build_model(cfg, 1)
+        check_fits(probe, ckpt, cfg.allow_mismatch, cfg.pretrained)
+    except (CheckpointError, ValueError) as exc:
+        config.fail(str(exc))
+    return cfg, ckpt
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cfg: FinetuneConfig):
@@ -140,7 +180,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> torch.nn.Module:
                       global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path)
 
 
-def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
+def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -> dict:
     out = Path(cfg.output_dir)  # made (with config.json) only once the inputs are known to be good
     batches = None
     if is_prepared(cfg.data):
@@ -172,8 +212,10 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime) -> dict:
     logs.announce(f"{len(names)} labels {names}; images: " + ", ".join(f"{k} {v}" for k, v in counts.items()), rt.main)
     model = build_model(cfg, len(names)).to(rt.device)
     if cfg.pretrained:
-        result = load_pretrained(model, cfg.pretrained)
-        logs.announce(f"loaded {cfg.pretrained}; newly initialised: {result.missing_keys}", rt.main)
+        report = load_pretrained(model, pretrained if pretrained is not None else cfg.pretrained,
+                                 allow_mismatch=cfg.allow_mismatch, name=cfg.pretrained)
+        pretrained = None  # the weights now live in the model
+        logs.announce(f"loaded {cfg.pretrained}: {report.describe()}", rt.main)
     best = {"mean_auroc": -1.0, "epoch": 0}
 
     def on_epoch_end(epoch: int, step: int) -> dict:

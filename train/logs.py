@@ -9,23 +9,30 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cxrfast import atomic
+
 
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    Only the main rank writes; other ranks get a no-op log.
+    Only the main rank writes; other ranks get a no-op log. A run resumed at ``resume_step``
+    first drops what the killed run logged after that step (both logs), so no step repeats.
     """
 
-    def __init__(self, folder: Path, enabled: bool = True):
+    def __init__(self, folder: Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = folder / "metrics.jsonl"
         self.tb = None
         if enabled:
             folder.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                truncate_jsonl(self.path, resume_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(folder / "tensorboard"))
+                # purge_step: readers drop events at steps >= it that earlier runs wrote
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency, but a log must never stop a run
                 print("tensorboard not installed: writing metrics.jsonl only", file=sys.stderr)
 
@@ -43,6 +50,21 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the records with step <= last_step (and drops a line torn by a kill), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line + "\n")
+    atomic.write_text(path, "".join(kept))
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:

@@ -108,8 +108,8 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
     engine.start(cfg, rt)
     model = build_model(cfg).to(rt.device)
     if cfg.init:
-        result = load_pretrained(model, cfg.init)
-        logs.announce(f"initialised from {cfg.init} (missing keys: {result.missing_keys})", rt.main)
+        report = load_pretrained(model, cfg.init, allow_mismatch=cfg.allow_mismatch)
+        logs.announce(f"initialised from {cfg.init}: {report.describe()}", rt.main)
 
     def on_epoch_end(epoch: int, step: int) -> dict:
         if rt.main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
