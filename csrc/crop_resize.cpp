@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <exception>
+#include <mutex>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -28,12 +31,28 @@ void crop_resize_many(const std::vector<CropJob>& jobs, int bytes_per_sample, in
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) worker = &crop_worker_avx2;
 #endif
   std::atomic<size_t> next{0};
-  auto work = [&] { worker(jobs, next, bytes_per_sample, size, gain, offset); };
+  std::mutex failure_mutex;
+  std::exception_ptr failure;
+  auto work = [&] {  // nothing may escape a thread (std::terminate): the first failure is kept
+    try {
+      worker(jobs, next, bytes_per_sample, size, gain, offset);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+      next = jobs.size();  // the other threads stop after their current image
+    }
+  };
   const int n = std::max(1, std::min<int>(num_threads, int(jobs.size())));
   std::vector<std::thread> pool;
-  for (int t = 1; t < n; ++t) pool.emplace_back(work);
+  try {
+    for (int t = 1; t < n; ++t) pool.emplace_back(work);
+  } catch (const std::system_error&) {
+    // No memory or threads left for another one: the threads started and this one share
+    // the jobs through `next`, so the result is the same, only slower.
+  }
   work();
   for (auto& t : pool) t.join();
+  if (failure) std::rethrow_exception(failure);
 }
 
 }  // namespace cxr

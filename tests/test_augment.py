@@ -237,3 +237,34 @@ def test_random_batches_and_bad_boxes_short_fuzz():
     import crop_fuzz
 
     assert crop_fuzz.run(seconds=2.0, seed=int(np.random.default_rng().integers(2**31))) > 50
+
+
+def test_crop_resize_with_more_threads_than_can_start_still_gives_the_result(tmp_path):
+    """Thread creation that fails (an address-space cap) must not abort the process: the
+    threads that did start and the caller finish the batch, with the same values."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import resource
+        import numpy as np
+        from cxrfast.data.augment import crop_resize
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 255, (40, 40), dtype=np.uint8) for _ in range(1000)]
+        boxes = np.array([[2, 3, 30, 31]] * 1000, dtype=np.int64)
+        mirror = np.zeros(1000, dtype=bool)
+        expected = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=1)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmSize:"):
+                limit = int(line.split()[1]) * 1024 + (256 << 20)  # a few thread stacks, not 1000
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        got = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=1000)
+        print("equal" if bool((got == expected).all()) else "different")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "terminate called" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "equal"
