@@ -34,17 +34,19 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic, dicom
+from . import atomic, cli, dicom
 from . import manifest as mf
 from .atomic import atomic_open
-from .data.files import IMAGE_SUFFIXES, find_images, load_image
-from .data.labels import LabelTable, read_labels
+from .data.files import IMAGE_SUFFIXES, load_image
+from .data.labels import LabelTable
 from .data.shards import FORMAT_VERSION
 from .data.splits import patient_split
 from .manifest import INDEX_COLUMNS, PrepareError, Record
@@ -253,32 +255,18 @@ def _check_arguments(src: str, size: int, dtype: str, workers: int | None, shard
         raise PrepareError(f"--workers must be at least 1, got {workers!r}")
     if not (isinstance(shard_gb, (int, float)) and math.isfinite(shard_gb) and shard_gb > 0):
         raise PrepareError(f"--shard-gb must be a positive number, got {shard_gb!r}")
-    fr = tuple(split_fractions)
-    if len(fr) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in fr) \
-            or abs(sum(fr) - 1.0) > 1e-6:
-        raise PrepareError(f"--split-fractions must be three non-negative numbers summing to 1, got {fr!r}")
+    cli.check_fractions(split_fractions, "--split-fractions")
     if uncertain not in ("ones", "zeros", "ignore"):
         raise PrepareError(f"--uncertain must be ones, zeros or ignore, got {uncertain!r}")
 
 
-def _read_labels(labels: str, label_format: str, uncertain: str) -> LabelTable:
-    if not Path(labels).is_file():
-        raise PrepareError(f"--labels {labels}: no such file")
+@contextmanager
+def _as_prepare_error() -> Iterator[None]:
+    """The shared input checks raise UsageError; prepare's callers catch PrepareError."""
     try:
-        return read_labels(labels, label_format, uncertain)
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
-        msg = _reason(exc)
-        raise PrepareError(msg if str(labels) in msg else f"--labels {labels}: {msg}") from None
-
-
-def _find(src: str) -> list[Path]:
-    try:
-        files = find_images(src)
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
-        raise PrepareError(_reason(exc)) from None
-    if not files:
-        raise PrepareError(f"no images found in {src}")
-    return files
+        yield
+    except cli.UsageError as exc:
+        raise PrepareError(str(exc)) from None
 
 
 def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels: str | None = None,
@@ -290,10 +278,11 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     Every input is checked before anything is written (PrepareError otherwise). A rerun keeps
     finished shards whose source files are unchanged and decodes only the rest; ``overwrite``
     first removes what an earlier run wrote (and nothing else)."""
-    _check_arguments(src, size, dtype, workers, shard_gb, split_fractions, uncertain)
-    table = _read_labels(labels, label_format, uncertain) if labels else None
+    with _as_prepare_error():
+        _check_arguments(src, size, dtype, workers, shard_gb, split_fractions, uncertain)
+        table = cli.label_table(labels, label_format, uncertain) if labels else None
+        files = cli.image_files(src, option="")
     label_names = list(table.names) if table else []
-    files = _find(src)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise PrepareError(f"{out}: exists and is not a folder")
@@ -380,14 +369,6 @@ def _keys(path: Path, root: Path) -> list[str]:
     return keys
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one line ``error: ...`` (exit 2), without the usage block."""
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _fractions(text: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(x) for x in text.split(","))
@@ -399,7 +380,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="python -m cxrfast.prepare", description=__doc__,
+    parser = cli.Parser(prog="python -m cxrfast.prepare", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="folder of DICOM/PNG/JPEG files, or a CSV with a 'path' column")
     parser.add_argument("out", help="output folder (created; a rerun resumes)")
@@ -424,8 +405,7 @@ def main(argv: list[str] | None = None) -> None:
                        label_format=args.label_format, uncertain=args.uncertain, workers=args.workers,
                        shard_gb=args.shard_gb, split_fractions=args.split_fractions, overwrite=args.overwrite)
     except PrepareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        cli.fail(str(exc))
     rate = meta["files_seen"] / meta["seconds"] if meta["seconds"] else 0
     dropped = f"; {meta['dropped_this_run']} removed or changed since the last run" if meta["dropped_this_run"] else ""
     print(f"prepared {meta['images']} images into {len(meta['shards'])} shards under {args.out} "

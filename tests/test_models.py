@@ -141,7 +141,7 @@ def test_export_then_import_gives_identical_outputs(tmp_path, suffix):
     assert not result.missing_keys
     x = torch.randn(2, 1, 64, 64)
     assert torch.equal(a(x), b(x))
-    keys = set(torch.load(path) if suffix == ".pth" else __import__("safetensors.torch").torch.load_file(str(path)))
+    keys = set(torch.load(path, weights_only=True) if suffix == ".pth" else __import__("safetensors.torch").torch.load_file(str(path)))
     assert "blocks.0.attn.qkv.weight" in keys and "fc_norm.weight" in keys and "head.weight" in keys
 
 

@@ -70,7 +70,7 @@ def test_source_without_images(tmp_path, capsys, content):
     for name in content:
         (empty / name).write_text("not an image")
     line = _fails(capsys, [str(empty), str(tmp_path / "out")])
-    assert line == f"error: no images found in {empty}"
+    assert line == f"error: {empty}: no image files (DICOM, PNG, JPEG) found there"  # as train.* says it
     assert not (tmp_path / "out").exists()
 
 

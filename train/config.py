@@ -13,26 +13,17 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
-import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 from cxrfast import atomic
+from cxrfast.cli import Parser, UsageError, fail  # noqa: F401 (used by every job as config.*)
 
 T = TypeVar("T")
-
-
-class UsageError(Exception):
-    """A user mistake (an option, a config file, an input path): reported as one line, exit 2."""
-
-
-def fail(message: str) -> NoReturn:
-    """Ends the process the way every user mistake ends: ``error: ...`` on stderr, exit code 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 @contextlib.contextmanager
@@ -53,10 +44,11 @@ def user_errors() -> Iterator[None]:
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,
-        maximum: float | None = None) -> Any:
-    """A dataclass field with its help text and the limits :func:`check` enforces."""
+        maximum: float | None = None, allow_nonfinite: bool = False) -> Any:
+    """A dataclass field with its help text and the limits :func:`check` enforces; a float
+    field rejects NaN and infinities unless ``allow_nonfinite``."""
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
-                "minimum": minimum, "maximum": maximum}
+                "minimum": minimum, "maximum": maximum, "allow_nonfinite": allow_nonfinite}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -74,20 +66,16 @@ def check(cfg: Any) -> None:
         for v in items:
             if choices is not None and v not in choices:
                 raise UsageError(f"--{f.name} {v}: not one of {', '.join(map(str, choices))}")
-            if lo is not None and v < lo:
+            if isinstance(v, float) and not math.isfinite(v) and not f.metadata.get("allow_nonfinite"):
+                raise UsageError(f"--{f.name} {v}: must be a finite number")
+            # written as "not >=" so that a NaN (every comparison with it is false) fails too
+            if lo is not None and not v >= lo:
                 raise UsageError(f"--{f.name} {v}: must be at least {lo}")
-            if hi is not None and v > hi:
+            if hi is not None and not v <= hi:
                 raise UsageError(f"--{f.name} {v}: must be at most {hi}")
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``error: ...``), not usage + message."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(message)
 
 
 def _converter(tp: Any):
@@ -160,7 +148,7 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> 
     so callers can fill in defaults that depend on other choices (e.g. the demo).
     """
     hints = typing.get_type_hints(cls)
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+    parser = Parser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of options (keys as below); "
                         "command-line options override it")
