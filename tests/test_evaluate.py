@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from cxrfast.data.direct import ImageDataset, UnreadableImage
-from cxrfast.models import classifier
+from cxrfast.models import classifier, mae
 from cxrfast.synthetic import FINDINGS, ensure_demo_dataset
-from train import evaluate, inference
+from train import evaluate, inference, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = ("cxr_003.dcm", "cxr_010.dcm", "cxr_017.dcm")
@@ -37,16 +37,18 @@ def setup(tmp_path_factory):
         data = (demo / r["path"]).read_bytes()
         (images / r["path"]).write_bytes(data[:400] if r["path"] in BAD else data)
 
-    def write(path, keep):
+    def write(path, keep, columns=FINDINGS, extra=()):
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "patient_id", "split", *FINDINGS])
-            for r in rows:
+            w.writerow(["path", "patient_id", "split", *columns, *extra])
+            for i, r in enumerate(rows):
                 if keep(r["path"]):
-                    w.writerow([r["path"], r["path"], "test", *(r[k] for k in FINDINGS)])
+                    w.writerow([r["path"], r["path"], "test", *(r[k] for k in columns), *(i % 2 for _ in extra)])
 
     write(root / "all.csv", lambda p: True)
     write(root / "good.csv", lambda p: p not in BAD)
+    write(root / "reversed.csv", lambda p: True, columns=FINDINGS[::-1], extra=("Hernia",))
+    write(root / "partial.csv", lambda p: True, columns=FINDINGS[1:])
     torch.manual_seed(0)
     model = classifier("vit_tiny", img_size=64, in_chans=1, num_classes=len(FINDINGS), global_pool=True)
     ckpt = root / "model.pth"
@@ -55,11 +57,23 @@ def setup(tmp_path_factory):
     return root, images, ckpt
 
 
-def _evaluate(setup, labels, out, capsys):
-    root, images, ckpt = setup
-    result = evaluate.main(["--checkpoint", str(ckpt), "--data", str(images), "--labels", str(root / labels),
+def _evaluate(setup, labels, out, capsys, ckpt=None, data=None):
+    root, images, model = setup
+    labels = ["--labels", str(root / labels)] if labels else []
+    result = evaluate.main(["--checkpoint", str(ckpt or model), "--data", str(data or images), *labels,
                             "--output_dir", str(out), "--device", "cpu", "--batch_size", "5"])
     return result, capsys.readouterr().out
+
+
+def _fails(capsys, code, *argv):
+    """Runs train.evaluate expecting exit ``code``; returns its one stderr line."""
+    with pytest.raises(SystemExit) as info:
+        evaluate.main([*map(str, argv), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert info.value.code == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
 
 
 def test_unreadable_images_are_dropped_with_their_labels(setup, tmp_path, capsys):
@@ -77,7 +91,7 @@ def test_unreadable_images_are_dropped_with_their_labels(setup, tmp_path, capsys
     with open(errors_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(Path(r["path"]).name for r in rows) == sorted(BAD)
-    assert all("TruncatedError" in r["error"] or "Error" in r["error"] for r in rows)
+    assert [r["error"].split(":")[0] for r in rows] == ["TruncatedError"] * len(BAD)  # cut at 400 bytes
     assert "evaluated 19 of 22 images" in (tmp_path / "all" / "metrics.md").read_text()
 
 
@@ -132,3 +146,121 @@ def test_two_process_evaluation_matches_one_process(setup, tmp_path, capsys):
         assert two["classes"][name]["auprc"] == pytest.approx(one["classes"][name]["auprc"], abs=1e-6)
     assert two["mean_auroc"] == pytest.approx(one["mean_auroc"], abs=1e-6)
     assert proc.stdout.count("evaluated 19 of 22 images") == 1  # rank 0 reports, once
+
+
+def test_label_columns_are_paired_by_name_not_position(setup, tmp_path, capsys):
+    """A CSV with its label columns in another order (and one the model does not predict)
+    gives the same per-class metrics; the ignored column is named in the summary."""
+    same, _ = _evaluate(setup, "all.csv", tmp_path / "same", capsys)
+    turned, stdout = _evaluate(setup, "reversed.csv", tmp_path / "turned", capsys)
+    assert list(turned["classes"]) == list(FINDINGS)
+    for name in FINDINGS:
+        assert turned["classes"][name] == pytest.approx(same["classes"][name], abs=1e-9, nan_ok=True)
+    assert turned["ignored_labels"] == ["Hernia"]
+    assert "label columns not in the checkpoint, ignored: Hernia" in stdout
+
+
+def test_prepared_folder_pairs_labels_by_name(setup, tmp_path, capsys):
+    from cxrfast.prepare import prepare
+
+    root, images, _ = setup
+    prepare(str(images), str(tmp_path / "p_same"), size=64, workers=1, labels=str(root / "all.csv"))
+    prepare(str(images), str(tmp_path / "p_turned"), size=64, workers=1, labels=str(root / "reversed.csv"))
+    same, _ = _evaluate(setup, None, tmp_path / "same", capsys, data=tmp_path / "p_same")
+    turned, _ = _evaluate(setup, None, tmp_path / "turned", capsys, data=tmp_path / "p_turned")
+    assert same["images"] == turned["images"] == 19
+    for name in FINDINGS:
+        assert turned["classes"][name] == pytest.approx(same["classes"][name], abs=1e-9, nan_ok=True)
+
+
+def test_checkpoint_label_missing_from_the_data_is_one_error_line(setup, tmp_path, capsys):
+    root, images, ckpt = setup
+    out = tmp_path / "out"
+    line = _fails(capsys, 2, "--checkpoint", ckpt, "--data", images, "--labels", root / "partial.csv",
+                  "--output_dir", out)
+    assert FINDINGS[0] in line and "partial.csv" in line
+    assert not out.exists()
+
+
+def test_non_finite_scores_are_an_error_not_a_metric():
+    labels = np.array([[0.0], [1.0], [0.0], [1.0], [1.0], [0.0]])
+    with pytest.raises(ValueError, match="6 of 6 scores are non-finite"):
+        metrics.per_class(labels, np.full((6, 1), np.nan), ["a"])  # was AUROC 0.833
+    with pytest.raises(ValueError, match="1 of 6"):
+        metrics.per_class(labels, np.array([[0.1], [0.9], [np.inf], [0.8], [0.7], [0.2]]), ["a"])
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.average_precision(labels[:, 0], np.full(6, np.nan))
+    assert metrics.per_class(labels, np.array([[0.1], [0.9], [0.3], [0.8], [0.7], [0.2]]), ["a"])["mean_auroc"] == 1.0
+
+
+def test_nan_model_exits_3_with_one_error_line(setup, tmp_path, capsys):
+    root, images, ckpt = setup
+    saved = torch.load(ckpt, weights_only=True)
+    saved["model"]["head.bias"] = torch.full_like(saved["model"]["head.bias"], float("nan"))
+    torch.save(saved, tmp_path / "nan.pth")
+    out = tmp_path / "out"
+    line = _fails(capsys, 3, "--checkpoint", tmp_path / "nan.pth", "--data", images, "--labels", root / "all.csv",
+                  "--output_dir", out)
+    assert "non-finite" in line and "nan.pth" in line
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("with_kind", [True, False])
+def test_pretraining_checkpoint_points_to_linear_probe(setup, tmp_path, capsys, with_kind):
+    root, images, _ = setup
+    model = mae("vit_tiny", img_size=64, in_chans=1)
+    ckpt = {"model": model.state_dict(), "config": {"model": "vit_tiny", "img_size": 64}}
+    if with_kind:
+        ckpt["kind"] = "pretrain"
+    torch.save(ckpt, tmp_path / "pre.pth")
+    out = tmp_path / "out"
+    line = _fails(capsys, 2, "--checkpoint", tmp_path / "pre.pth", "--data", images, "--labels", root / "all.csv",
+                  "--output_dir", out)
+    assert "--linear_probe true" in line and "pre.pth" in line
+    assert not out.exists()
+
+
+def test_classifier_that_does_not_fit_is_a_checkpoint_error(setup, tmp_path, capsys):
+    root, images, _ = setup
+    model = classifier("vit_tiny", img_size=64, in_chans=1, num_classes=2)  # 2 outputs, 3 label names
+    torch.save({"model": model.state_dict(), "label_names": list(FINDINGS), "kind": "cxrfast-classifier",
+                "config": {"model": "vit_tiny", "img_size": 64}}, tmp_path / "odd.pth")
+    out = tmp_path / "out"
+    line = _fails(capsys, 2, "--checkpoint", tmp_path / "odd.pth", "--data", images, "--labels", root / "all.csv",
+                  "--output_dir", out)
+    assert "odd.pth" in line and "head.weight" in line
+    assert not out.exists()
+
+
+def test_training_errors_file_lists_each_bad_file_once(setup, tmp_path):
+    """Epochs, workers, a resumed run (a new dataset on the same run folder): one row per file."""
+    from torch.utils.data import DataLoader
+
+    _, images, _ = setup
+    files = sorted(images.glob("*.dcm"))
+    errors = tmp_path / "errors.tsv"
+    for run in range(2):  # the second is a rerun / resume into the same folder
+        ds = ImageDataset(files, img_size=32, train=True, errors_path=errors)
+        for epoch in range(2):
+            for i in range(len(ds)):
+                ds[(i, epoch)]
+        loader = DataLoader(list(range(len(ds))), batch_size=4, num_workers=2,
+                            collate_fn=lambda idx, ds=ds: [ds[(i, 5)] for i in idx])
+        for _ in loader:
+            pass
+    rows = errors.read_text().splitlines()
+    assert sorted(Path(r.split("\t")[0]).name for r in rows) == sorted(BAD)
+    assert all(r.split("\t")[1].startswith("TruncatedError: ") for r in rows)
+
+
+def test_clean_validation_rewrites_a_stale_val_errors_file(tmp_path):
+    from train import finetune
+
+    data = ensure_demo_dataset(tmp_path / "cxr", count=12, size=64)
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "val_errors.csv").write_text("path,error\nold.dcm,TruncatedError: from an earlier run\n")
+    finetune.main(["--data", str(data), "--labels", str(data / "labels.csv"), "--output_dir", str(out),
+                   "--model", "vit_tiny", "--img_size", "64", "--device", "cpu", "--num_workers", "0",
+                   "--max_steps", "1", "--batch_size", "4", "--split_fractions", "0.5,0.5,0.0"])
+    assert (out / "val_errors.csv").read_text().splitlines() == ["path,error"]

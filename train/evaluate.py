@@ -19,6 +19,7 @@ torchrun the images are shared out across the ranks and the scores gathered.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,9 +32,9 @@ from cxrfast.data.direct import ImageDataset
 from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import PRESETS, classifier
-from cxrfast.models.checkpoints import load_file, load_pretrained
+from cxrfast.models.checkpoints import CheckpointError, load_file, load_pretrained, unwrap
 
-from . import config, engine, inference, labelled, logs, metrics, pictures, runtime
+from . import config, engine, inference, inputs, labelled, logs, metrics, pictures, runtime
 from .config import opt
 
 DEMO_CHECKPOINT = Path("outputs") / "finetune_demo" / "best.pth"
@@ -64,6 +65,8 @@ class EvaluateConfig:
     def validate(self) -> None:
         if self.img_size is not None:
             engine.check_patch(self.model or "vit_base", self.img_size)
+        if self.split_fractions is not None:
+            inputs.check_fractions(self.split_fractions, "--split_fractions")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,13 +110,15 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     model_name = _pick(cfg.model, saved, "model", "vit_base")
     img_size = _pick(cfg.img_size, saved, "img_size", 224)
     in_chans = saved.get("in_chans", 1)
-    names = ckpt.get("label_names", data.names) if not cfg.linear_probe else data.names
+    names = list(ckpt.get("label_names", data.names)) if not cfg.linear_probe else list(data.names)
+    where = f"--data {data_src}" if prepared else f"--labels {labels_src}"
+    cols, ignored = label_columns(names, list(data.names), where)
     model = classifier(model_name, img_size=img_size, in_chans=in_chans, num_classes=len(names),
                        global_pool=saved.get("global_pool", True), drop_path_rate=0.0)
     if cfg.linear_probe:
         load_pretrained(model, ckpt, name=str(path))
     else:
-        model.load_state_dict(ckpt["model"])
+        load_classifier(model, ckpt, path, model_name)
     model.to(rt.device)
 
     def ds(part):
@@ -144,13 +149,20 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     if not len(pred.indices) or (cfg.linear_probe and not len(feats_train.indices)):
         which = f"the {cfg.split} split" if not len(pred.indices) else "the train split (for the probe)"
         raise SystemExit(f"error: no image of {which} could be read; see {errors_csv}")
-    labels = split.labels[pred.indices]  # the labels of exactly the images that were scored
-    result = metrics.per_class(labels, scores, names)
+    # the labels of exactly the images that were scored, in the checkpoint's label order
+    labels = np.asarray(split.labels)[pred.indices][:, cols]
+    try:
+        result = metrics.per_class(labels, scores, names)
+    except ValueError as exc:  # NaN/inf scores: a diverged model, not a user mistake
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
     counted = summary_line(len(pred.indices), size, pred.unreadable, errors_csv)
     if cfg.linear_probe and feats_train.unreadable:
         counted += f" (and {feats_train.unreadable} of the probe's train split)"
+    if ignored:
+        counted += f"; label columns not in the checkpoint, ignored: {', '.join(ignored)}"
     result.update(checkpoint=str(path), split=cfg.split, images=len(pred.indices), images_in_split=size,
-                  unreadable=pred.unreadable, errors=str(errors_csv),
+                  unreadable=pred.unreadable, errors=str(errors_csv), ignored_labels=ignored,
                   mode="linear_probe" if cfg.linear_probe else "classifier")
     if not rt.main:
         return result
@@ -169,6 +181,38 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     logs.announce(f"{result['mode']} on the {cfg.split} split: {counted}\n{text}\n"
                   f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, {out / 'roc.png'}, {errors_csv}", rt.main)
     return result
+
+
+def label_columns(names: list[str], columns: list[str], source: str) -> tuple[list[int], list[str]]:
+    """The data's label column of each of the model's label ``names`` (matched by name, never
+    by position: a CSV may order its columns differently), and the data columns left over.
+    A label the model predicts but the data lacks is a UsageError naming it."""
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise config.UsageError(f"{source}: has no column for the checkpoint's label(s) "
+                                f"{', '.join(missing)} (its label columns: {', '.join(columns)})")
+    return [columns.index(n) for n in names], [c for c in columns if c not in names]
+
+
+def load_classifier(model: torch.nn.Module, ckpt, path: Path, model_name: str) -> None:
+    """Loads a fine-tuned classifier's weights exactly (every key, every shape).
+
+    A pretraining (MAE) checkpoint has an encoder and a decoder but no classifier head: it is
+    a UsageError that points to ``--linear_probe true``. Any other misfit is a CheckpointError
+    naming the file."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, not a dict of tensors)")
+    state = unwrap(ckpt)
+    mae = any(k.startswith("decoder") or k == "mask_token" for k in state) and "head.weight" not in state
+    if ckpt.get("kind") == "pretrain" or mae:
+        raise config.UsageError(f"--checkpoint {path}: a pretraining checkpoint (no classifier head); evaluate its "
+                                "encoder with --linear_probe true, or fine-tune it first (python -m train.finetune)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing / unexpected keys or other shapes
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: does not fit a {model_name} classifier with {model.head.out_features} "
+                              f"labels ({first})") from None
 
 
 def summary_line(evaluated: int, total: int, unreadable: int, errors_csv: Path) -> str:

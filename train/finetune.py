@@ -36,7 +36,7 @@ from cxrfast.models.checkpoints import (CheckpointError, check_fits, load_file, 
                                         unwrap)
 from cxrfast.models.vit import param_groups
 
-from . import checkpoints, config, engine, inference, labelled, logs, metrics, runtime
+from . import checkpoints, config, engine, inference, inputs, labelled, logs, metrics, runtime
 from .config import opt
 
 DEMO_DATA = Path("outputs") / "demo_dicom"
@@ -72,9 +72,7 @@ class FinetuneConfig(engine.ImageConfig):
         super().validate()
         if not self.label_fraction > 0:
             raise config.UsageError(f"--label_fraction {self.label_fraction}: must be in (0, 1]")
-        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
-            raise config.UsageError(f"--split_fractions {','.join(map(str, self.split_fractions))}: "
-                                    "three fractions (train,val,test) that sum to 1")
+        inputs.check_fractions(self.split_fractions, "--split_fractions")
 
 
 DEMO = dict(output_dir="outputs/finetune_demo", model="vit_tiny", img_size=128, epochs=12, warmup_epochs=2,
@@ -224,7 +222,7 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
         if val is None:
             return {}
         pred = inference.predict(model, val, rt.device, cfg.batch_size)
-        if pred.unreadable and rt.main:
+        if rt.main:  # rewritten every time, so a clean run leaves no stale rows of an earlier one
             inference.write_errors(out / "val_errors.csv", pred.failed)
         if not len(pred.indices):
             return {"val_images": 0, "val_unreadable": pred.unreadable}

@@ -1,7 +1,19 @@
-"""Multi-label classification metrics in numpy: AUROC, AUPRC, ROC curves (NaN labels ignored)."""
+"""Multi-label classification metrics in numpy: AUROC, AUPRC, ROC curves (NaN labels ignored).
+
+A NaN or infinite score is an error (ValueError), never ranked: sorted like a number, the
+scores of a diverged model would still give a plausible-looking AUROC.
+"""
 from __future__ import annotations
 
 import numpy as np
+
+
+def check_finite(scores: np.ndarray) -> None:
+    """Raises ValueError saying how many scores are NaN or infinite."""
+    bad = int(np.size(scores) - np.count_nonzero(np.isfinite(scores)))
+    if bad:
+        raise ValueError(f"{bad} of {np.size(scores)} scores are non-finite (NaN or infinite): the model "
+                         "produced non-finite outputs, so no metric can be computed")
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -21,6 +33,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U); NaN when one class is absent."""
+    check_finite(score)
     keep = ~np.isnan(y)
     y, score = y[keep] > 0.5, score[keep]
     pos, neg = int(y.sum()), int((~y).sum())
@@ -32,6 +45,7 @@ def auroc(y: np.ndarray, score: np.ndarray) -> float:
 
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     """Area under the precision-recall curve as average precision (step interpolation)."""
+    check_finite(score)
     keep = ~np.isnan(y)
     y, score = y[keep] > 0.5, score[keep]
     if y.sum() == 0:
@@ -46,6 +60,8 @@ def average_precision(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates), one point per distinct threshold."""
+    check_finite(score)
     keep = ~np.isnan(y)
     y, score = y[keep] > 0.5, score[keep]
     order = np.argsort(-score, kind="mergesort")
@@ -58,6 +74,7 @@ def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def per_class(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> dict:
     """{'classes': {name: {auroc, auprc, positives}}, 'mean_auroc', 'mean_auprc'}."""
+    check_finite(scores)  # all of them at once, so the message counts them all
     classes = {}
     for j, name in enumerate(names):
         y = labels[:, j]
