@@ -29,6 +29,7 @@ def inputs(tmp_path_factory):
     (root / "bad.toml").write_text("epochs = [\n")
     (root / "bad.json").write_text("{\"epochs\": 1,,}")
     (root / "list.json").write_text("[1, 2]")
+    (root / "nan.json").write_text('{"lr": NaN}')  # json reads NaN
     (root / "all_test.csv").write_text("path,split,Effusion\n" + "".join(
         f"cxr_{i:03d}.dcm,test,{i % 2}\n" for i in range(12)))
     from cxrfast.prepare import prepare
@@ -79,6 +80,15 @@ CASES = [
         (["--crop_scale", "0.5,2"], "--crop_scale 2.0"),
         (["--data", "{root}/no_path.csv"], "no_path.csv"),
         (["--data", "{root}/old_prepared"], "old_prepared"),
+        # NaN passes `v < lo` (every comparison with NaN is false); no float option takes NaN or inf
+        (["--lr", "nan"], "--lr nan"),
+        (["--lr", "inf"], "--lr inf"),
+        (["--blr", "nan"], "--blr nan"),
+        (["--warmup_epochs", "nan"], "--warmup_epochs nan"),
+        (["--betas", "nan,0.999"], "--betas nan"),
+        (["--weight_decay=-inf"], "--weight_decay -inf"),
+        (["--clip_grad", "nan"], "--clip_grad nan"),
+        (["--config", "{root}/nan.json"], "--lr nan"),
     ]
 ] + [
     (job, args, expect) for job in ("finetune", "evaluate") for args, expect in [
@@ -91,6 +101,11 @@ CASES = [
     ("finetune", ["--label_fraction", "0"], "--label_fraction 0"),
     ("finetune", ["--split_fractions", "0.5,0.2"], "--split_fractions 0.5,0.2"),
     ("pretrain", ["--mask_ratio", "1.5"], "--mask_ratio 1.5"),
+    ("pretrain", ["--mask_ratio", "nan"], "--mask_ratio nan"),
+    ("finetune", ["--label_fraction", "nan"], "--label_fraction nan"),
+    ("finetune", ["--split_fractions", "nan,0.5,0.5"], "--split_fractions nan"),
+    ("evaluate", ["--probe_l2", "nan"], "--probe_l2 nan"),
+    ("evaluate", ["--split_fractions", "0.5,0.2"], "--split_fractions 0.5,0.2"),
     ("evaluate", ["--split", "holdout"], "--split holdout"),
     ("evaluate", ["--split", "val", "--labels", "{root}/all_test.csv"], "--split val"),
     ("evaluate", ["--checkpoint", "{root}/none.pth"], "none.pth"),
@@ -156,3 +171,29 @@ def test_checks_come_from_field_metadata():
     for name in ("batch_size", "accum_iter", "save_every", "log_every"):
         assert meta[name]["minimum"] == 1
     assert meta["device"]["choices"] == ("auto", "cuda", "cpu")
+
+
+def test_nan_fails_every_range_check():
+    """`not v >= lo` / `not v <= hi`: a NaN is outside every range, also with only a maximum."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        a: float = config.opt(0.5, "a", maximum=1)
+        b: float = config.opt(0.5, "b", allow_nonfinite=True)
+
+    with pytest.raises(config.UsageError, match="--a nan: must be a finite number"):
+        config.check(C(a=float("nan")))
+    config.check(C(b=float("inf")))  # a field may allow it explicitly
+
+
+def test_one_usage_error_for_prepare_and_train():
+    """train.config re-uses cxrfast.cli (cxrfast never imports train)."""
+    import cxrfast.cli as cli
+    from cxrfast import prepare
+    from train import inputs
+
+    assert config.UsageError is cli.UsageError and config.fail is cli.fail and config.Parser is cli.Parser
+    assert inputs.image_files is cli.image_files and inputs.label_table is cli.label_table
+    assert issubclass(prepare.PrepareError, ValueError)
+    assert not hasattr(prepare, "_Parser") and not hasattr(prepare, "_read_labels") and not hasattr(prepare, "_find")
