@@ -153,8 +153,9 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     labels = np.asarray(split.labels)[pred.indices][:, cols]
     try:
         result = metrics.per_class(labels, scores, names)
-    except ValueError as exc:  # NaN/inf scores: a diverged model, not a user mistake
-        print(f"error: {path}: {exc}", file=sys.stderr)
+    except ValueError as exc:  # NaN/inf scores: a diverged model, not a user mistake; every rank stops
+        if rt.main:
+            print(f"error: {path}: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
     counted = summary_line(len(pred.indices), size, pred.unreadable, errors_csv)
     if cfg.linear_probe and feats_train.unreadable:
