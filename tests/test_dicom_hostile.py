@@ -76,6 +76,61 @@ def test_non_dicom_files_say_not_a_dicom_file(tmp_path, data):
         dicom.read_header(path)
 
 
+def _zip() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("scan.dcm", b"x" * 300)
+    return buf.getvalue()
+
+
+def _gzip() -> bytes:
+    import gzip
+
+    return gzip.compress(b"a DICOM file inside a gzip is still a gzip\n" * 10)
+
+
+def _tiff(order: bytes) -> bytes:
+    e = "<" if order == b"II" else ">"
+    # header, first IFD at 8: one entry (ImageWidth SHORT 16), no next IFD, then pixels
+    return order + struct.pack(e + "HI", 42, 8) + struct.pack(e + "HHHIHHI", 1, 256, 3, 1, 16, 0, 0) + bytes(256)
+
+
+def _nifti(e: str) -> bytes:
+    hdr = bytearray(352)
+    struct.pack_into(e + "i", hdr, 0, 348)  # sizeof_hdr
+    struct.pack_into(e + "8h", hdr, 40, 2, 16, 16, 1, 1, 1, 1, 1)  # dim
+    struct.pack_into(e + "hh", hdr, 70, 4, 16)  # datatype int16, bitpix
+    hdr[344:348] = b"n+1\0"
+    return bytes(hdr) + bytes(512)
+
+
+OTHER_FORMATS = {
+    "zip": _zip(),
+    "gzip": _gzip(),
+    "tiff_le": _tiff(b"II"),
+    "tiff_be": _tiff(b"MM"),
+    "nifti_le": _nifti("<"),
+    "nifti_be": _nifti(">"),
+    "png": PNG,
+    "text": TEXT,
+    **{f"random{seed}": np.random.default_rng(seed).bytes(1000) for seed in range(12)},
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_FORMATS))
+def test_other_file_formats_say_not_a_dicom_file(tmp_path, name):
+    """Only the preamble, a file meta group, or a data set whose first elements parse (sensible
+    first group, ascending tags, known VRs, lengths inside the file) make a file DICOM."""
+    path = tmp_path / f"upload.{name}"
+    path.write_bytes(OTHER_FORMATS[name])
+    for call in (dicom.read, dicom.read_header):
+        with pytest.raises(dicom.InvalidDicomError, match=rf"upload\.{name}: not a DICOM file"):
+            call(path)
+
+
 def test_bare_data_sets_without_preamble_are_still_dicom():
     import io
 
