@@ -268,3 +268,32 @@ def test_crop_resize_with_more_threads_than_can_start_still_gives_the_result(tmp
     assert "terminate called" not in proc.stderr
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "equal"
+
+
+def test_crop_resize_survives_bad_alloc_while_growing_its_thread_pool(tmp_path):
+    """std::bad_alloc (not std::system_error) after one thread started: the started thread
+    and the caller finish the batch instead of std::terminate (issue 9)."""
+    import textwrap
+
+    import thread_fault
+
+    lib = thread_fault.build(tmp_path)
+    if lib is None:
+        pytest.skip("needs Linux and a C++ compiler for the fault-injection library")
+    script = textwrap.dedent("""
+        import ctypes
+        import numpy as np
+        from cxrfast.data.augment import crop_resize
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 255, (40, 40), dtype=np.uint8) for _ in range(64)]
+        boxes = np.array([[2, 3, 30, 31]] * 64, dtype=np.int64)
+        mirror = np.zeros(64, dtype=bool)
+        expected = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=1)
+        ctypes.CDLL(None).cxr_fault_after_threads(1)
+        got = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=4)
+        print("equal" if bool((got == expected).all()) else "different")
+    """)
+    proc = thread_fault.run(script, lib)
+    assert "terminate called" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "equal"

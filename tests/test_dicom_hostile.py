@@ -262,3 +262,30 @@ def test_thread_creation_failure_raises_instead_of_aborting(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "terminate called" not in proc.stderr
     assert "raised: cannot start" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_read_many_survives_bad_alloc_while_growing_its_thread_pool(tmp_path):
+    """std::bad_alloc after one thread started: read_many raises (like a thread that cannot
+    start) instead of std::terminate, and the process goes on."""
+    import thread_fault
+
+    lib = thread_fault.build(tmp_path)
+    if lib is None:
+        pytest.skip("needs Linux and a C++ compiler for the fault-injection library")
+    _, data = _small()
+    path = tmp_path / "a.dcm"
+    path.write_bytes(data)
+    script = textwrap.dedent(f"""
+        import ctypes
+        from cxrfast import dicom
+        ctypes.CDLL(None).cxr_fault_after_threads(1)
+        try:
+            dicom.read_many([{str(path)!r}] * 16, num_threads=4)
+        except RuntimeError as exc:
+            print("raised:", exc)
+        print(len(dicom.read_many([{str(path)!r}] * 16, num_threads=4)))
+    """)
+    proc = thread_fault.run(script, lib)
+    assert "terminate called" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["raised: cannot start 4 native threads (2 started): std::bad_alloc", "16"]
