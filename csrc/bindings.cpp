@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "cxrdicom.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 using namespace cxr;
@@ -286,7 +287,9 @@ PYBIND11_MODULE(_dicom, m) {
          const std::string& dtype, int longest, int size_h, int size_w) {
         RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
         std::vector<ManyResult> results(paths.size());
-        std::string failure;
+        std::exception_ptr failed_start;
+        size_t started = 0;
+        const int n = std::max(1, std::min<int>(num_threads, int(paths.size())));
         {
           py::gil_scoped_release release;
           std::atomic<size_t> next{0};
@@ -294,39 +297,44 @@ PYBIND11_MODULE(_dicom, m) {
             for (size_t i = next++; i < paths.size(); i = next++) {
               ManyResult& r = results[i];
               try {
-                auto bytes = read_file(paths[i]);
-                Dataset ds = Dataset::parse(bytes.data(), bytes.size(), false);
-                r.header = ds.header;
-                r.image = decode_render(ds, frame, o);
-                r.ok = true;
-              } catch (const Error& e) {
-                r.kind = kind_name(e.kind);
-                r.message = e.what();
-              } catch (const std::bad_alloc&) {
+                try {
+                  auto bytes = read_file(paths[i]);
+                  Dataset ds = Dataset::parse(bytes.data(), bytes.size(), false);
+                  r.header = ds.header;
+                  r.image = decode_render(ds, frame, o);
+                  r.ok = true;
+                } catch (const Error& e) {
+                  r.kind = kind_name(e.kind);
+                  r.message = e.what();
+                } catch (const std::bad_alloc&) {
+                  r.kind = "invalid";
+                  r.message = "out of memory (a header announces an implausible size)";
+                } catch (const std::exception& e) {  // nothing may escape a worker thread
+                  r.kind = "invalid";
+                  r.message = std::string("internal error: ") + e.what();
+                } catch (...) {
+                  r.kind = "invalid";
+                  r.message = "internal error";
+                }
+              } catch (...) {  // a handler above could not allocate its message
+                r.ok = false;
                 r.kind = "invalid";
-                r.message = "out of memory (a header announces an implausible size)";
-              } catch (const std::exception& e) {  // nothing may escape a worker thread
-                r.kind = "invalid";
-                r.message = std::string("internal error: ") + e.what();
-              } catch (...) {
-                r.kind = "invalid";
-                r.message = "internal error";
+                r.message = "out of memory";  // both short enough to need no allocation
               }
             }
           };
-          int n = std::max(1, std::min<int>(num_threads, int(paths.size())));
           std::vector<std::thread> pool;
-          try {
-            for (int t = 1; t < n; ++t) pool.emplace_back(work);
-          } catch (const std::exception& e) {  // std::system_error: no memory or threads left
-            failure = "cannot start " + std::to_string(n) + " native threads (" + std::to_string(pool.size() + 1) +
-                      " started): " + e.what();
+          failed_start = start_threads(pool, n - 1, work);  // no memory or threads left
+          if (failed_start)
             next = paths.size();  // the started workers stop after their current file
-          }
-          if (failure.empty()) work();
+          else
+            work();
           for (auto& t : pool) t.join();
+          started = pool.size() + 1;
         }
-        if (!failure.empty()) throw std::runtime_error(failure);
+        if (failed_start)
+          throw std::runtime_error("cannot start " + std::to_string(n) + " native threads (" +
+                                   std::to_string(started) + " started): " + exception_text(failed_start));
         py::list out;
         for (auto& r : results) {
           if (r.ok)

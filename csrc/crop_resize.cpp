@@ -7,12 +7,12 @@
 #include <cmath>
 #include <exception>
 #include <mutex>
-#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "cxrdicom.h"
+#include "thread_pool.h"
 
 #define CXR_CROP_WORKER crop_worker_baseline
 #include "crop_resize_kernel.h"
@@ -44,12 +44,9 @@ void crop_resize_many(const std::vector<CropJob>& jobs, int bytes_per_sample, in
   };
   const int n = std::max(1, std::min<int>(num_threads, int(jobs.size())));
   std::vector<std::thread> pool;
-  try {
-    for (int t = 1; t < n; ++t) pool.emplace_back(work);
-  } catch (const std::system_error&) {
-    // No memory or threads left for another one: the threads started and this one share
-    // the jobs through `next`, so the result is the same, only slower.
-  }
+  // A thread that cannot start (no memory or threads left): the threads started and this one
+  // share the jobs through `next`, so the result is the same, only slower.
+  (void)start_threads(pool, n - 1, work);
   work();
   for (auto& t : pool) t.join();
   if (failure) std::rethrow_exception(failure);

@@ -32,6 +32,14 @@ float narrow(double v) {
   return float(v);
 }
 
+// t in [0, 1] to 0..65535 with every non-finite t mapped explicitly before lround (lround of
+// NaN or of a value beyond long is undefined): NaN -> 0, +inf -> 65535, -inf -> 0.
+uint16_t quantise16(double t) {
+  if (std::isnan(t)) return 0;
+  t = std::clamp(t, 0.0, 1.0);
+  return uint16_t(std::lround(t * 65535.0));
+}
+
 bool resizes(const StoredPixels& px, const RenderOptions& opt) {
   if (opt.size_h > 0 && opt.size_w > 0) return opt.size_h != px.rows || opt.size_w != px.columns;
   if (opt.size_longest > 0) return opt.size_longest != std::max(px.rows, px.columns);
@@ -78,13 +86,15 @@ Rendered render_float(const Header& h, const StoredPixels& px, const RenderOptio
   q.frames = px.frames, q.rows = px.rows, q.columns = px.columns, q.samples = 1;
   q.bytes_per_sample = 2;
   q.data.resize(n * 2);
-  const double span = hi > lo ? hi - lo : 0.0;
+  // In halves: hi - lo overflows to inf when the finite values span more than DBL_MAX
+  // (e.g. -1e308 .. 1e308), and inf / inf would be NaN; half of each stays finite.
+  const double half_span = hi > lo ? hi * 0.5 - lo * 0.5 : 0.0;
   with_float(px, [&](auto tag) {
     using F = decltype(tag);
     for (size_t i = 0; i < n; ++i) {
       double v = double(sample<F>(src, i));
-      double t = std::isnan(v) || span == 0.0 ? 0.0 : std::clamp((v - lo) / span, 0.0, 1.0);  // +-inf clamp
-      uint16_t w = uint16_t(std::lround(t * 65535.0));
+      double t = half_span > 0.0 ? (v * 0.5 - lo * 0.5) / half_span : 0.0;
+      uint16_t w = quantise16(t);
       std::memcpy(q.data.data() + 2 * i, &w, 2);
     }
   });

@@ -499,32 +499,59 @@ std::vector<uint8_t> inflate_bounded(const uint8_t* data, size_t size, Encoding 
 #endif
 }
 
-// A data set without preamble or file meta (readable per PS3.10 7.1 as a fallback) must at
-// least begin with an element: an even group up to 7FE0 and a first value that fits.
-bool plausible_data_set(const uint8_t* d, size_t n) {
+// Whether the first elements of d parse as a top-level data set in one encoding: a first
+// group a data set begins with (even, 0002..0028: file meta, directory, identification such
+// as 0008, patient, acquisition, image), strictly ascending tags in no illegal group, known
+// VRs (explicit), lengths that stay inside the buffer (undefined only where the standard
+// allows it). Four elements, or all of a shorter buffer, are enough.
+bool plausible_walk(const uint8_t* d, size_t n, bool be, bool explicit_vr) {
   static const char* kVrs[] = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT",
                                "OB", "OD", "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST",
                                "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"};
-  if (n < 8) return false;
-  for (bool be : {false, true}) {
-    uint32_t group = be ? uint32_t(d[0]) << 8 | d[1] : uint32_t(d[1]) << 8 | d[0];
-    if (group % 2 || group < 2 || group > 0x7FE0) continue;
-    auto u16 = [&](size_t at) { return be ? uint32_t(d[at]) << 8 | d[at + 1] : uint32_t(d[at + 1]) << 8 | d[at]; };
-    auto u32 = [&](size_t at) { return be ? u16(at) << 16 | u16(at + 2) : u16(at + 2) << 16 | u16(at); };
-    bool known = false;
-    for (const char* v : kVrs) known = known || (d[4] == v[0] && d[5] == v[1]);
+  auto u16 = [&](size_t at) { return be ? uint32_t(d[at]) << 8 | d[at + 1] : uint32_t(d[at + 1]) << 8 | d[at]; };
+  auto u32 = [&](size_t at) { return be ? u16(at) << 16 | u16(at + 2) : u16(at + 2) << 16 | u16(at); };
+  size_t pos = 0;
+  uint32_t prev = 0;
+  for (int seen = 0; seen < 4; ++seen) {
+    if (pos == n && seen > 0) return true;
+    if (n - pos < 8) return false;
+    const uint32_t group = u16(pos), tag = group << 16 | u16(pos + 2);
+    if (seen == 0 && (group % 2 || group < 0x0002 || group > 0x0028)) return false;
+    if (seen > 0 && tag <= prev) return false;
+    if (group == 0x0001 || group == 0x0003 || group == 0x0005 || group == 0x0007 || group >= 0xFFFE)
+      return false;
+    prev = tag;
     size_t head = 8;
-    uint64_t length = u32(4);
-    if (known && is_long_vr(d + 4)) {
-      if (n < 12) continue;
-      head = 12;
-      length = u32(8);
-    } else if (known) {
-      length = u16(6);
+    uint64_t length = u32(pos + 4);
+    bool undefined_ok = true;  // implicit VR: a sequence may have undefined length
+    if (explicit_vr) {
+      const uint8_t* vr = d + pos + 4;
+      bool known = false;
+      for (const char* v : kVrs) known = known || (vr[0] == v[0] && vr[1] == v[1]);
+      if (!known) return false;
+      if (is_long_vr(vr)) {
+        if (n - pos < 12) return false;
+        head = 12;
+        length = u32(pos + 8);
+        undefined_ok = (vr[0] == 'S' && vr[1] == 'Q') || (vr[0] == 'U' && vr[1] == 'N') ||
+                       (vr[0] == 'O' && (vr[1] == 'B' || vr[1] == 'W'));
+      } else {
+        length = u16(pos + 6);
+        undefined_ok = false;
+      }
     }
-    if (length == kUndefined || head + length <= n) return true;
+    if (length == kUndefined) return undefined_ok;  // cannot step over it without parsing items
+    if (length > n - pos - head) return false;
+    pos += head + size_t(length);
   }
-  return false;
+  return true;
+}
+
+// A data set without preamble or file meta (readable per PS3.10 7.1 as a fallback) must
+// begin like one in explicit VR little or big endian or implicit VR little endian; ZIP
+// ("PK" is group 4B50), gzip, TIFF, NIfTI, PNG and text do not.
+bool plausible_data_set(const uint8_t* d, size_t n) {
+  return plausible_walk(d, n, false, true) || plausible_walk(d, n, true, true) || plausible_walk(d, n, false, false);
 }
 
 }  // namespace

@@ -205,3 +205,16 @@ def number_of_frames_file(text: bytes) -> bytes:
     data = make_dicom(a, extra={"NumberOfFrames": "123456"})
     assert data.count(b"123456") == 1
     return data.replace(b"123456", text.ljust(6))
+
+
+def jpeg_declaring_more_than_header(declared: int = 65535) -> bytes:
+    """A JPEG baseline file whose header says 16x16 while the frame's SOF0 declares
+    declared x declared (a library would allocate for the SOF before noticing)."""
+    import struct
+
+    import imagecodecs
+
+    stream = bytearray(imagecodecs.jpeg8_encode(np.full((16, 16), 100, np.uint8)))
+    struct.pack_into(">HH", stream, stream.index(b"\xff\xc0") + 5, declared, declared)  # SOF0: Lf, P, Y, X
+    return make_encapsulated([bytes(stream)], transfer_syntax="1.2.840.10008.1.2.4.50", rows=16, columns=16,
+                             bits_allocated=8, bits_stored=8)

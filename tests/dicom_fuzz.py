@@ -77,18 +77,47 @@ def valid_seeds() -> list[bytes]:
 
 
 def hostile_seeds() -> list[bytes]:
-    """Files that must fail cleanly (each raises a DicomError)."""
-    from dicom_factory import deflated_with_zeros, number_of_frames_file
+    """Files that must fail cleanly or read without NaN pixels (see hostile_cases)."""
+    return [data for _, data, _ in hostile_cases()]
 
-    # The hostile cases of issue 9 (the offset table of many fragments, float and 1-bit data
-    # are valid seeds above): a deflate bomb (2 MiB of zeros in a ~3 KB file, past the
-    # inflation budget), a Number of Frames that is not finite, a PNG.
-    return [
-        deflated_with_zeros(2 << 20),
-        number_of_frames_file(b"1e300"),
-        number_of_frames_file(b"nan"),
-        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(60),
+
+def hostile_cases() -> list[tuple[str, bytes, str]]:
+    """(name, file, expected outcome of exercise: "ok" or the DicomError class name).
+
+    The hostile cases of issue 9 (the offset table of many fragments, float and 1-bit data
+    are valid seeds above): a deflate bomb (2 MiB of zeros in a ~3 KB file, past the
+    inflation budget), a Number of Frames that is not finite, a PNG, a ZIP, non-finite
+    Window Center / Width and Rescale Slope / Intercept (ignored like absent ones: the file
+    reads, without NaN pixels), and a JPEG whose SOF declares 65535x65535 under a 16x16
+    header (refused before any library sees it)."""
+    import io
+    import warnings
+    import zipfile
+
+    from dicom_factory import deflated_with_zeros, jpeg_declaring_more_than_header, make_dicom, number_of_frames_file
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.dcm", b"x" * 100)
+    cases = [
+        ("deflate-bomb", deflated_with_zeros(2 << 20), "InvalidDicomError"),
+        ("frames-1e300", number_of_frames_file(b"1e300"), "InvalidDicomError"),
+        ("frames-nan", number_of_frames_file(b"nan"), "InvalidDicomError"),
+        ("png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(60), "InvalidDicomError"),
+        ("zip", buf.getvalue(), "InvalidDicomError"),
+        ("jpeg-sof-65535", jpeg_declaring_more_than_header(65535), "CorruptCodestreamError"),
     ]
+    a = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 30) % 4096
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns while writing the invalid DS values
+        for bad in ("NaN", "inf", "-inf"):
+            cases += [
+                (f"window-center-{bad}", make_dicom(a, bits_stored=12, window=(bad, 1000)), "ok"),
+                (f"window-width-{bad}", make_dicom(a, bits_stored=12, window=(2000, bad)), "ok"),
+                (f"rescale-slope-{bad}", make_dicom(a, bits_stored=12, rescale=(bad, -1024.0)), "ok"),
+                (f"rescale-intercept-{bad}", make_dicom(a, bits_stored=12, rescale=(2.0, bad), window=(0, 4000)), "ok"),
+            ]
+    return cases
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
@@ -117,8 +146,21 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 def exercise(data: bytes) -> str:
     """Runs every entry point on one input; returns 'ok' or the DicomError class name."""
     outcome = "ok"
-    calls = [lambda: dicom.read(data, output="stored"), lambda: dicom.read(data, size=16),
-             lambda: dicom.read(data, output="modality", frame=0)]
+    def display() -> None:  # display output is never NaN or infinite, whatever the header says
+        if not np.isfinite(dicom.read(data, size=16, dtype="float32").pixels).all():
+            raise AssertionError("display output with NaN or infinite pixels")
+
+    stored_kind = []
+
+    def stored() -> None:
+        stored_kind.append(dicom.read(data, output="stored").pixels.dtype.kind)
+
+    def modality() -> None:  # nor is the modality output of integer pixel data
+        pixels = dicom.read(data, output="modality", frame=0).pixels
+        if stored_kind and stored_kind[0] in "iu" and not np.isfinite(pixels).all():
+            raise AssertionError("modality output of integer pixel data with NaN or infinite pixels")
+
+    calls = [stored, display, modality]
     if len(data) >= 2:  # a strided view must be refused, never read
         try:
             dicom.read(memoryview(data)[::-1])

@@ -13,13 +13,26 @@ def test_mutated_inputs_decode_or_raise_dicom_error():
 
 
 def test_every_truncation_of_every_seed():
-    from dicom_fuzz import exercise, hostile_seeds, valid_seeds
+    from dicom_fuzz import exercise, hostile_cases, valid_seeds
 
     for data in valid_seeds():
         for n in range(0, len(data), max(1, len(data) // 97)):
             exercise(data[:n])
         assert exercise(data) == "ok"
-    for data in hostile_seeds():  # each fails cleanly, and so does every truncation of it
+    for name, data, expected in hostile_cases():  # each ends as expected, every truncation cleanly
         for n in range(0, len(data), max(1, len(data) // 97)):
             exercise(data[:n])
-        assert exercise(data) == "InvalidDicomError"
+        assert exercise(data) == expected, name
+
+
+def test_hostile_seeds_cover_issue_9():
+    """The seeds the review asked for: non-finite VOI and rescale values read without NaN
+    pixels (exercise checks the outputs), the 65535x65535 JPEG is refused."""
+    from dicom_fuzz import hostile_cases, hostile_seeds
+
+    cases = {name: expected for name, _, expected in hostile_cases()}
+    for what in ("window-center", "window-width", "rescale-slope", "rescale-intercept"):
+        for bad in ("NaN", "inf", "-inf"):
+            assert cases[f"{what}-{bad}"] == "ok"
+    assert cases["jpeg-sof-65535"] == "CorruptCodestreamError"
+    assert len(hostile_seeds()) == len(cases)

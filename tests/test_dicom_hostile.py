@@ -76,6 +76,61 @@ def test_non_dicom_files_say_not_a_dicom_file(tmp_path, data):
         dicom.read_header(path)
 
 
+def _zip() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("scan.dcm", b"x" * 300)
+    return buf.getvalue()
+
+
+def _gzip() -> bytes:
+    import gzip
+
+    return gzip.compress(b"a DICOM file inside a gzip is still a gzip\n" * 10)
+
+
+def _tiff(order: bytes) -> bytes:
+    e = "<" if order == b"II" else ">"
+    # header, first IFD at 8: one entry (ImageWidth SHORT 16), no next IFD, then pixels
+    return order + struct.pack(e + "HI", 42, 8) + struct.pack(e + "HHHIHHI", 1, 256, 3, 1, 16, 0, 0) + bytes(256)
+
+
+def _nifti(e: str) -> bytes:
+    hdr = bytearray(352)
+    struct.pack_into(e + "i", hdr, 0, 348)  # sizeof_hdr
+    struct.pack_into(e + "8h", hdr, 40, 2, 16, 16, 1, 1, 1, 1, 1)  # dim
+    struct.pack_into(e + "hh", hdr, 70, 4, 16)  # datatype int16, bitpix
+    hdr[344:348] = b"n+1\0"
+    return bytes(hdr) + bytes(512)
+
+
+OTHER_FORMATS = {
+    "zip": _zip(),
+    "gzip": _gzip(),
+    "tiff_le": _tiff(b"II"),
+    "tiff_be": _tiff(b"MM"),
+    "nifti_le": _nifti("<"),
+    "nifti_be": _nifti(">"),
+    "png": PNG,
+    "text": TEXT,
+    **{f"random{seed}": np.random.default_rng(seed).bytes(1000) for seed in range(12)},
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_FORMATS))
+def test_other_file_formats_say_not_a_dicom_file(tmp_path, name):
+    """Only the preamble, a file meta group, or a data set whose first elements parse (sensible
+    first group, ascending tags, known VRs, lengths inside the file) make a file DICOM."""
+    path = tmp_path / f"upload.{name}"
+    path.write_bytes(OTHER_FORMATS[name])
+    for call in (dicom.read, dicom.read_header):
+        with pytest.raises(dicom.InvalidDicomError, match=rf"upload\.{name}: not a DICOM file"):
+            call(path)
+
+
 def test_bare_data_sets_without_preamble_are_still_dicom():
     import io
 
@@ -207,3 +262,30 @@ def test_thread_creation_failure_raises_instead_of_aborting(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "terminate called" not in proc.stderr
     assert "raised: cannot start" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_read_many_survives_bad_alloc_while_growing_its_thread_pool(tmp_path):
+    """std::bad_alloc after one thread started: read_many raises (like a thread that cannot
+    start) instead of std::terminate, and the process goes on."""
+    import thread_fault
+
+    lib = thread_fault.build(tmp_path)
+    if lib is None:
+        pytest.skip("needs Linux and a C++ compiler for the fault-injection library")
+    _, data = _small()
+    path = tmp_path / "a.dcm"
+    path.write_bytes(data)
+    script = textwrap.dedent(f"""
+        import ctypes
+        from cxrfast import dicom
+        ctypes.CDLL(None).cxr_fault_after_threads(1)
+        try:
+            dicom.read_many([{str(path)!r}] * 16, num_threads=4)
+        except RuntimeError as exc:
+            print("raised:", exc)
+        print(len(dicom.read_many([{str(path)!r}] * 16, num_threads=4)))
+    """)
+    proc = thread_fault.run(script, lib)
+    assert "terminate called" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["raised: cannot start 4 native threads (2 started): std::bad_alloc", "16"]

@@ -255,6 +255,21 @@ def test_float_pixel_data_display_is_the_min_max_window(photometric):
         dicom.display_lut(data, (0, 1))
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_float_pixel_data_display_survives_a_range_beyond_dbl_max(photometric):
+    """max - min overflows to inf for [-1e308, 1e308]: the window must still spread the values
+    (computed in halves), not give NaN -> 0 for every pixel."""
+    a = np.array([[-1e308, 0.0, 1e308, 5e307]], np.float64)
+    data = float_file(a, ExplicitVRLittleEndian, photometric)
+    t = (a * 0.5 - a.min() * 0.5) / (a.max() * 0.5 - a.min() * 0.5)
+    if photometric == "MONOCHROME1":
+        t = 1 - t
+    shown = dicom.read(data, dtype="float32").pixels
+    assert np.isfinite(shown).all()
+    np.testing.assert_allclose(shown, t, atol=1e-4)
+    assert np.abs(dicom.read(data).pixels.astype(int) - np.round(t * 255)).max() <= 1
+
+
 def test_float_pixel_data_cut_short_is_truncated():
     data = float_file(np.zeros((4, 4), np.float32), ExplicitVRLittleEndian)
     bad = bytearray(data)
