@@ -276,6 +276,17 @@ def test_init_that_does_not_fit_is_refused_before_anything_is_written(tmp_path, 
                                     "--init", str(ckpt), *TINY], capsys)
     assert str(ckpt) in line and "do not fit" in line
     assert not out.exists()
+    # one that fits is read before the folder exists and loaded after the model is built
+    from train import pretrain
+
+    fits = tmp_path / "tiny.pth"
+    src = mae("vit_tiny", img_size=64, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+    torch.save({"model": src.state_dict()}, fits)
+    pretrain.main(["--data", str(data), "--output_dir", str(out), "--max_steps", "1", "--init", str(fits), *TINY,
+                   "--lr", "0", "--device", "cpu"])  # lr 0: the saved weights are the loaded ones
+    assert f"initialised from {fits}" in capsys.readouterr().out
+    saved = torch.load(out / "checkpoint-00000001.pth", weights_only=True)["model"]
+    assert torch.equal(saved["blocks.0.mlp.fc1.weight"], src.state_dict()["blocks.0.mlp.fc1.weight"])
 
 
 @pytest.mark.parametrize("job", ["pretrain", "finetune"])
