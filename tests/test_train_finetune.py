@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cxrfast.data import patient_split, read_labels
 from cxrfast.data.labels import fraction_subset
@@ -139,3 +140,83 @@ def test_two_process_validation_drops_unreadable_and_matches_evaluate(tmp_path):
                             "--output_dir", str(tmp_path / "ev")])
     assert (result["images"], result["unreadable"]) == (7, 1)
     assert val[0]["val_mean_auroc"] == pytest.approx(result["mean_auroc"], abs=1e-6)
+
+
+FT_TINY = ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_workers", "0", "--epochs", "3",
+           "--warmup_epochs", "1", "--lr", "1e-3", "--log_every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def two_step_epochs(tmp_path_factory):
+    """8 training images (2 steps of batch 4 per epoch) and 8 validation images."""
+    root = tmp_path_factory.mktemp("ft2")
+    data = ensure_demo_dataset(root / "cxr", count=16, size=64)
+    rows = ["path,split,Effusion,Nodule"] + [f"cxr_{i:03d}.dcm,{'train' if i < 8 else 'val'},{i % 2},{(i // 2) % 2}"
+                                             for i in range(16)]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return ["--data", str(data), "--labels", str(root / "labels.csv"), *FT_TINY]
+
+
+def _finetune(args, check=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "train.finetune", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_exploding_update_writes_no_best_or_final_model(tmp_path, two_step_epochs):
+    """lr 1e30: step 1 (lr 0 in warmup) is fine, step 2 (the epoch's last) explodes. The epoch
+    end must stop before validation, so no best.pth with 1e29 weights is left for evaluate."""
+    out = tmp_path / "ft"
+    args = [*two_step_epochs, "--output_dir", str(out), "--save_every", "100"]
+    args[args.index("--lr") + 1] = "1e30"
+    proc = _finetune(args, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "parameters are not finite after step 2" in proc.stderr
+    assert not (out / "best.pth").exists() and not (out / "final.pth").exists()
+    assert not list(out.glob("checkpoint-*.pth"))
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert not [r for r in records if "val_mean_auroc" in r], "validation ran on exploded parameters"
+
+
+def test_save_model_refuses_non_finite_parameters(tmp_path):
+    from cxrfast.models import classifier
+    from train import config, engine, finetune
+
+    model = classifier("vit_tiny", img_size=64, num_classes=2)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    cfg, _ = config.parse(finetune.FinetuneConfig, ["--model", "vit_tiny", "--img_size", "64"], "f", "")
+    with pytest.raises(engine.NonFiniteLoss, match="final.pth"):
+        finetune.save_model(tmp_path / "final.pth", model, cfg, ["A", "B"], None)
+    assert not (tmp_path / "final.pth").exists()
+
+
+def test_resume_from_an_epoch_end_checkpoint_repeats_no_metric(tmp_path, two_step_epochs):
+    """--save_every 2 with 2 steps per epoch puts every checkpoint on an epoch's last step. A
+    run stopped there (--max_steps 4) and resumed logs each (step, key) once, and its losses
+    and validation AUROCs equal those of an uninterrupted run."""
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    common = [*two_step_epochs, "--save_every", "2"]
+    _finetune([*common, "--output_dir", str(ref)])
+    _finetune([*common, "--output_dir", str(part), "--max_steps", "4"])
+    state = torch.load(part / "checkpoint-00000004.pth", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 0), "an epoch-end checkpoint resumes in the next epoch"
+    r = _finetune([*common, "--output_dir", str(part), "--resume", "auto"])
+    assert "step 4" in r.stdout
+
+    def logged(folder):
+        seen = {}
+        for line in open(folder / "metrics.jsonl"):
+            rec = json.loads(line)
+            for key in ("loss", "val_mean_auroc", "val_mean_auprc", "val_images"):
+                if key in rec:
+                    assert (rec["step"], key) not in seen, f"{folder.name}: step {rec['step']} {key} logged twice"
+                    seen[rec["step"], key] = rec[key]
+        return seen
+
+    expected, got = logged(ref), logged(part)
+    assert sum(k == "val_mean_auroc" for _, k in expected) == 3
+    assert got == expected

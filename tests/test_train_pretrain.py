@@ -224,3 +224,102 @@ def test_resume_on_a_prepared_folder_repeats_the_crops(tmp_path, data):
     expected, got = losses(ref), losses(part)
     assert len(expected) == 6 and len(set(expected.values())) == 6
     assert all(got[s] == expected[s] for s in range(1, 7)), (got, expected)
+
+
+def _main_error(job, argv, capsys, warnings=False):
+    """The one `error:` line of a user mistake (exit 2); ``warnings``: `warning:` lines may precede it."""
+    from train import finetune, pretrain
+
+    with pytest.raises(SystemExit) as info:
+        {"pretrain": pretrain.main, "finetune": finetune.main}[job](argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not (warnings and line.startswith("warning: "))]
+    assert info.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("option", ["--init", "--resume"])
+def test_bad_checkpoint_path_is_refused_before_anything_is_written(tmp_path, data, capsys, option):
+    missing = tmp_path / "missing.pth"
+    out = tmp_path / "new"
+    line = _main_error("pretrain", ["--data", str(data), "--output_dir", str(out), "--max_steps", "1",
+                                    option, str(missing), *TINY], capsys)
+    assert f"{option} {missing}" in line
+    assert not out.exists()
+    # an existing run's folder keeps its config.json as it was
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text('{"epochs": 7}')
+    _main_error("pretrain", ["--data", str(data), "--output_dir", str(old), "--max_steps", "1",
+                             option, str(missing), *TINY], capsys)
+    assert (old / "config.json").read_text() == '{"epochs": 7}' and sorted(os.listdir(old)) == ["config.json"]
+
+
+def test_resume_auto_with_only_unreadable_checkpoints_writes_nothing(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-00000002.pth").write_bytes(b"garbage")
+    line = _main_error("pretrain", ["--data", str(data), "--output_dir", str(out), "--max_steps", "1",
+                                    "--resume", "auto", *TINY], capsys, warnings=True)
+    assert "none of the 1 checkpoints" in line
+    assert sorted(os.listdir(out)) == ["checkpoint-00000002.pth"]
+
+
+def test_init_that_does_not_fit_is_refused_before_anything_is_written(tmp_path, data, capsys):
+    from cxrfast.models import mae
+
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": mae("vit_small", img_size=64).state_dict()}, ckpt)
+    out = tmp_path / "out"
+    line = _main_error("pretrain", ["--data", str(data), "--output_dir", str(out), "--max_steps", "1",
+                                    "--init", str(ckpt), *TINY], capsys)
+    assert str(ckpt) in line and "do not fit" in line
+    assert not out.exists()
+    # one that fits is read before the folder exists and loaded after the model is built
+    from train import pretrain
+
+    fits = tmp_path / "tiny.pth"
+    src = mae("vit_tiny", img_size=64, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+    torch.save({"model": src.state_dict()}, fits)
+    pretrain.main(["--data", str(data), "--output_dir", str(out), "--max_steps", "1", "--init", str(fits), *TINY,
+                   "--lr", "0", "--device", "cpu"])  # lr 0: the saved weights are the loaded ones
+    assert f"initialised from {fits}" in capsys.readouterr().out
+    saved = torch.load(out / "checkpoint-00000001.pth", weights_only=True)["model"]
+    assert torch.equal(saved["blocks.0.mlp.fc1.weight"], src.state_dict()["blocks.0.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_batch_larger_than_the_data_is_a_usage_error(tmp_path, data, capsys, job):
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--output_dir", str(out), "--max_steps", "1", *TINY]
+    if job == "finetune":
+        argv = ["--data", str(data), "--labels", str(data / "labels.csv"), "--output_dir", str(out),
+                "--model", "vit_tiny", "--img_size", "64", "--num_workers", "0", "--max_steps", "1"]
+    argv += ["--batch_size", "64"]
+    line = _main_error(job, argv, capsys)
+    assert "--batch_size 64" in line and "too few" in line
+    assert not out.exists()
+    argv[-1] = "4"
+    line = _main_error(job, argv + ["--accum_iter", "5"], capsys)  # 4 x 5 > 12 images
+    assert "--batch_size 4" in line and "--accum_iter 5" in line
+    assert not out.exists()
+
+
+def test_demo_finetune_without_pretraining_checkpoint_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no outputs/pretrain_demo here
+    line = _main_error("finetune", [], capsys)
+    assert "no demo pretraining checkpoint" in line and "train.pretrain" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_summary_is_replaced_atomically(tmp_path, data):
+    """summary.json is written to a temporary file and renamed: a file that shares the old
+    summary's inode (a hard link, or a reader holding it open) keeps the old content whole."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "kept.json").write_text('{"old": true}')
+    os.link(tmp_path / "kept.json", out / "summary.json")
+    run(["--data", str(data), "--output_dir", str(out), "--max_steps", "1", *TINY])
+    assert (tmp_path / "kept.json").read_text() == '{"old": true}'
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1

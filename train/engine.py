@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from cxrfast import atomic
 from cxrfast.data import ResumableSampler
 from cxrfast.data.loaders import BACKENDS
 from cxrfast.data.shards import collate
@@ -116,6 +117,13 @@ def params_not_finite(model: torch.nn.Module) -> torch.Tensor:
     return (~torch.isfinite(norm)).to(torch.int32)
 
 
+def require_finite(model: torch.nn.Module, rt: runtime.Runtime, what: str) -> None:
+    """Raises NonFiniteLoss on every rank (``what`` is its message) when any rank's parameters
+    are not finite, so nothing is validated or saved from an exploded model."""
+    if _on_any_rank(params_not_finite(model), rt):  # host sync: once per checkpoint or epoch end
+        raise NonFiniteLoss(what)
+
+
 def last_good_text(path: Path | None) -> str:
     if path is None:
         return "No checkpoint has been written yet, so there is nothing to resume from"
@@ -152,8 +160,28 @@ def launch(cfg: LoopConfig, body: Callable[[runtime.Runtime], dict]) -> dict:
         runtime.teardown()
 
 
+Resumed = tuple[Path, dict]  # (checkpoint path, its training state)
+
+
+def read_resume(cfg: LoopConfig, rt: runtime.Runtime) -> Resumed | None:
+    """Reads ``--resume`` (a path or ``auto``) before :func:`start` writes anything, so a bad
+    path ends in one error line with the output folder (and an existing config.json) untouched."""
+    return checkpoints.load_resume(cfg.resume, Path(cfg.output_dir), warn=rt.main)
+
+
+def check_batch(images: int, cfg: LoopConfig, world_size: int) -> None:
+    """One optimizer step needs batch x accum images on each rank (the sampler gives each rank
+    ceil(images / world_size)); checked before :func:`start`, as a usage error."""
+    per_rank = -(-images // world_size)
+    if per_rank < cfg.batch_size * cfg.accum_iter:
+        raise config.UsageError(f"--batch_size {cfg.batch_size} --accum_iter {cfg.accum_iter}: {images} images are "
+                                f"too few for batch {cfg.batch_size} x accum {cfg.accum_iter} x {world_size} processes")
+
+
 def start(cfg: LoopConfig, rt: runtime.Runtime) -> Path:
-    """The output folder (made, with the resolved config, by rank 0) and per-rank seeding."""
+    """The output folder (made, with the resolved config, by rank 0) and per-rank seeding.
+
+    Call it only once every input (data, --init, --resume, batch size) is known to be good."""
     out = Path(cfg.output_dir)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -182,21 +210,19 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device, non_blocking=True)
 
 
-def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
+def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job, resumed: Resumed | None) -> dict:
+    """Trains ``job`` from the start or from ``resumed`` (:func:`read_resume`); returns the summary."""
     out = Path(cfg.output_dir)
+    check_batch(len(job.dataset), cfg, rt.world_size)  # the job checked it before start; kept for other callers
     sampler = ResumableSampler(len(job.dataset), rank=rt.rank, world_size=rt.world_size, seed=cfg.seed)
     per_step = cfg.batch_size * cfg.accum_iter
     steps_per_epoch = len(sampler.indices()) // per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(job.dataset)} images are too few for batch {cfg.batch_size} x accum "
-                         f"{cfg.accum_iter} x {rt.world_size} processes")
     model = job.model
     base_lr = schedule.effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, rt.world_size)
     optimizer = torch.optim.AdamW(job.param_groups, lr=base_lr, betas=tuple(cfg.betas), fused=rt.device.type == "cuda")
 
     epoch, step_in_epoch, global_step = 0, 0, 0
     resume_path = None
-    resumed = checkpoints.load_resume(cfg.resume, out, warn=rt.main)
     if resumed is not None:
         resume_path, state = resumed
         model.load_state_dict(state["model"])
@@ -205,7 +231,7 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
         rngs = state["rng"]
         runtime.set_rng_state(checkpoints.rng_from_saved(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0]))
         job.load_job_state(state.get("job", {}))
-        del state
+        del state, resumed
         logs.announce(f"resumed from {resume_path} at epoch {epoch}, step {global_step}", rt.main)
 
     net = DistributedDataParallel(model) if rt.distributed else model
@@ -219,14 +245,21 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
 
     good = resume_path  # the newest checkpoint known to hold finite parameters, on every rank
 
-    def checkpoint() -> Path:
+    def ensure_finite() -> None:
+        """Stops every rank before anything (validation, best.pth, a checkpoint) uses exploded parameters."""
+        try:
+            require_finite(model, rt, f"parameters are not finite after step {global_step} (epoch {epoch}): the "
+                                      f"update exploded, so nothing was saved from it. {last_good_text(good)}; try "
+                                      "a lower lr or --clip_grad.")
+        except NonFiniteLoss:
+            bar.close()  # the error then starts on its own line
+            raise
+
+    def checkpoint(checked: bool = False) -> Path:
         """Writes a checkpoint (rank 0) unless the parameters went non-finite; every rank calls it."""
         nonlocal good
-        if _on_any_rank(params_not_finite(model), rt):  # host sync, once per checkpoint
-            bar.close()  # the error then starts on its own line
-            raise NonFiniteLoss(f"parameters are not finite after step {global_step} (epoch {epoch}): the update "
-                                f"exploded, so no checkpoint was written. {last_good_text(good)}; try a lower lr "
-                                "or --clip_grad.")
+        if not checked:
+            ensure_finite()
         rngs = [runtime.rng_state()]
         if rt.distributed:  # every rank joins the gather; only rank 0 writes
             rngs = [None] * rt.world_size
@@ -246,7 +279,9 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
     last_path, loss_value, t_last, seen = None, float("nan"), time.perf_counter(), 0
     while epoch < cfg.epochs and global_step < total_steps:
         sampler.set_epoch(epoch, start=step_in_epoch * per_step)
-        if job.batches is not None:
+        if step_in_epoch >= steps_per_epoch:
+            loader = ()  # a checkpoint written before its epoch's end (older cxrfast): only the end is left
+        elif job.batches is not None:
             loader = job.batches(sampler)
         else:
             # prepared shards are cropped by native threads in this process (workers would only
@@ -295,18 +330,22 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
                 t_last, seen = now, 0
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
                 log.write(global_step, epoch=epoch, loss=mean_loss, lr=lr, images_per_s=round(ips, 1))
+            if step_in_epoch >= steps_per_epoch:
+                break  # the epoch end below validates and writes this step's checkpoint
             if global_step % cfg.save_every == 0 or global_step == total_steps:
                 last_path = checkpoint()
-            if global_step >= total_steps or step_in_epoch >= steps_per_epoch:
-                break  # never start a partial accumulation group at the end of an epoch
+            if global_step >= total_steps:
+                break
         if step_in_epoch >= steps_per_epoch:
+            ensure_finite()  # validation and best.pth never see exploded parameters
             epoch += 1
             step_in_epoch = 0
             metrics = job.on_epoch_end(epoch, global_step)
             if metrics:
                 log.write(global_step, epoch=epoch, **metrics)
-            if global_step % cfg.save_every != 0 and global_step != total_steps:
-                last_path = checkpoint()  # epoch boundaries are natural resume points
+            # every epoch end is a resume point, written after its validation and best.pth with
+            # the position of the next epoch, so a resume never repeats the epoch end
+            last_path = checkpoint(checked=True)  # validation does not change the parameters
     bar.close()
     if last_path is None and rt.main:
         last_path = checkpoints.latest(out)
@@ -315,8 +354,7 @@ def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> dict:
                "checkpoint": str(last_path) if last_path else None, "world_size": rt.world_size,
                "ranks_agree": agree, "param_checksums": sums}
     if rt.main:
-        with open(out / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
         log.close()
     if not agree:
         raise RuntimeError(f"ranks disagree after training: parameter checksums {sums}")

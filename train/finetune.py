@@ -94,8 +94,8 @@ def _main(argv: list[str] | None) -> dict:
         if cfg.pretrained is None:
             latest = checkpoints.latest(DEMO_PRETRAIN)
             if latest is None:
-                raise SystemExit("error: no demo pretraining checkpoint; run `python -m train.pretrain` first "
-                                 "(or pass --pretrained)")
+                raise config.UsageError(f"no demo pretraining checkpoint in {DEMO_PRETRAIN}; run `python -m "
+                                        "train.pretrain` first (or pass --pretrained)")
             updates["pretrained"] = str(latest)
         cfg = dataclasses.replace(cfg, **updates)
     cfg, pretrained = resolve_pretrained(cfg, explicit)
@@ -206,6 +206,8 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
                            labels=val_split.labels, substitute=False) if val_split.files else None
         val_labels = val_split.labels
         counts = {k: len(v.files) for k, v in data.splits.items()}
+    engine.check_batch(len(dataset), cfg, rt.world_size)
+    resumed = engine.read_resume(cfg, rt)
     engine.start(cfg, rt)
     logs.announce(f"{len(names)} labels {names}; images: " + ", ".join(f"{k} {v}" for k, v in counts.items()), rt.main)
     model = build_model(cfg, len(names)).to(rt.device)
@@ -238,7 +240,7 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
     job = engine.Job("finetune", model, dataset, param_groups(model, cfg.weight_decay, cfg.layer_decay),
                      loss=make_loss(cfg), on_epoch_end=on_epoch_end, job_state=lambda: dict(best),
                      load_job_state=lambda s: best.update(s), batches=batches)
-    summary = engine.run(cfg, rt, job)
+    summary = engine.run(cfg, rt, job, resumed)
     if val is not None and best["epoch"] == 0:  # stopped (max_steps) before any epoch ended: judge the
         on_epoch_end(summary["epochs_done"], summary["steps"])  # final model (every rank takes part)
     if rt.main:
@@ -255,7 +257,12 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
 
 
 def save_model(path: Path, model: torch.nn.Module, cfg: FinetuneConfig, names: list[str], result) -> Path:
-    """A self-describing model file: weights, label names, the config that built it."""
+    """A self-describing model file: weights, label names, the config that built it.
+
+    Never written from non-finite parameters: train.evaluate reads best.pth by default."""
+    if engine.params_not_finite(model).item():  # host sync, once per model file
+        raise engine.NonFiniteLoss(f"parameters are not finite, so {path} was not written; try a lower lr or "
+                                   "--clip_grad.")
     checkpoints.save_atomic({"model": model.state_dict(), "label_names": names, "config": config.to_dict(cfg),
                              "val_metrics": result, "kind": "cxrfast-classifier"}, path)
     return path

@@ -27,7 +27,7 @@ import torch
 from cxrfast.data.direct import MEAN, STD, ImageDataset
 from cxrfast.data.shards import PreparedData, PreparedDataset, is_prepared
 from cxrfast.models import mae
-from cxrfast.models.checkpoints import load_pretrained
+from cxrfast.models.checkpoints import CheckpointError, check_fits, load_file, load_pretrained
 from cxrfast.models.vit import param_groups
 from cxrfast.synthetic import ensure_demo_dataset
 
@@ -105,10 +105,14 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
                                crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, decode_size=cfg.decode_size,
                                errors_path=out / "errors.tsv")
         preview = ImageDataset(files[:8], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False)
+    engine.check_batch(len(dataset), cfg, rt.world_size)
+    init = read_init(cfg)
+    resumed = engine.read_resume(cfg, rt)
     engine.start(cfg, rt)
     model = build_model(cfg).to(rt.device)
-    if cfg.init:
-        report = load_pretrained(model, cfg.init, allow_mismatch=cfg.allow_mismatch)
+    if init is not None:
+        report = load_pretrained(model, init, allow_mismatch=cfg.allow_mismatch, name=cfg.init)
+        del init  # the weights now live in the model
         logs.announce(f"initialised from {cfg.init}: {report.describe()}", rt.main)
 
     def on_epoch_end(epoch: int, step: int) -> dict:
@@ -118,7 +122,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
 
     job = engine.Job("pretrain", model, dataset, param_groups(model, cfg.weight_decay),
                      loss=lambda net, imgs: net(imgs)[0], on_epoch_end=on_epoch_end, batches=batches)
-    summary = engine.run(cfg, rt, job)
+    summary = engine.run(cfg, rt, job, resumed)
     if rt.main:
         picture = save_reconstructions(model, preview, rt.device, out / "reconstructions" / "final.png")
         print(f"\npretraining done: {summary['steps']} steps, last loss {summary['final_loss']:.4f}\n"
@@ -128,6 +132,21 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
               f"  reconstructions: {picture}\n"
               f"  unreadable files (if any): {out / 'errors.tsv'}")
     return summary
+
+
+def read_init(cfg: PretrainConfig):
+    """The ``--init`` checkpoint, read and checked against the model's shapes before anything
+    is written (a missing, unreadable, unsafe or ill-fitting file is one error line, exit 2)."""
+    if not cfg.init:
+        return None
+    try:
+        ckpt = load_file(cfg.init)
+        with torch.device("meta"):  # shapes only, nothing allocated
+            probe = build_model(cfg)
+        check_fits(probe, ckpt, cfg.allow_mismatch, cfg.init)
+    except CheckpointError as exc:
+        raise config.UsageError(f"--init {exc}" if not Path(cfg.init).is_file() else str(exc)) from None
+    return ckpt
 
 
 @torch.no_grad()
