@@ -143,7 +143,7 @@ def test_process_exit_and_no_traceback(inputs, tmp_path, job):
     proc = subprocess.run([sys.executable, "-m", f"train.{job}", *_base(job, root, data), "--batch_size", "0",
                            "--output_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: --batch_size 0: must be at least 1"]
+    assert proc.stderr.strip().splitlines() == ["error: --batch_size 0: must be at least 1"]
     assert not out.exists()
 
 
