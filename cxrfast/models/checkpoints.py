@@ -84,7 +84,7 @@ def load_file(path: str | os.PathLike) -> Any:
                 "code; a checkpoint may hold only tensors, numbers, strings, lists, dicts and argparse.Namespace"
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_sentence(exc)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated zip, empty file, bad header
+    except Exception as exc:  # truncated zip, empty file, bad header; garbage can raise anything (IndexError...)
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not written by torch.save: "
                               f"{_first_sentence(exc)})") from None
 
