@@ -119,7 +119,11 @@ class Launch:
 
 
 def _source_hash(fn) -> str:
-    """Hash of the kernel's source file (its helpers and launch code live there too)."""
+    """Hash of the kernel's source: Triton's own key (the kernel, the @jit helpers it calls
+    and the globals they read) where it has one, else the whole source file."""
+    key = getattr(fn, "cache_key", None)
+    if isinstance(key, str):
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
     return hashlib.sha256(Path(fn.fn.__code__.co_filename).read_bytes()).hexdigest()[:16]
 
 
@@ -339,7 +343,8 @@ def compile_launch(launch: Launch, arch: int, cache_dir: Path | None = None) -> 
     constexprs = {**launch.mode, **launch.config.blocks}
     sig, consts, attrs = specialise(launch.fn, launch.args, constexprs)
     options = dict(num_warps=launch.config.num_warps, num_stages=launch.config.num_stages)
-    key_text = json.dumps([launch.fn.__name__, _source_hash(launch.fn), sig, sorted((k, repr(v)) for k, v in consts.items()),
+    key_text = json.dumps([launch.fn.__name__, _source_hash(launch.fn), sig,
+                           sorted((k, repr(v)) for k, v in consts.items()),
                            sorted((list(k), v) for k, v in attrs.items()), arch, options, version])
     key = hashlib.sha256(key_text.encode()).hexdigest()
     path = (cache_dir / f"{key}.json") if cache_dir else None
@@ -451,9 +456,10 @@ def format_table(records: list[dict]) -> str:
             lines.append([r["arch"], "SDPA fallback", r["dtype"], r["shape"], "(over the tile limit)", "", "", "", "",
                           "", "", "", ", ".join(r["used_by"])])
             continue
+        note = "  DOES NOT FIT: " + "; ".join(r["problems"]) if r["problems"] else ""
         lines.append([r["arch"], r["kernel"], r["dtype"], r["shape"], r["blocks"], str(r["regs"]), str(r["spill"]),
                       str(r["shared"]), str(r["warps"]), str(r["stages"]), f"{r['occupancy']:.0%}", r["mma"],
-                      ", ".join(r["used_by"]) + ("  DOES NOT FIT: " + "; ".join(r["problems"]) if r["problems"] else "")])
+                      ", ".join(r["used_by"]) + note])
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])

@@ -9,7 +9,9 @@ Modes (one kernel, addressing chosen per mode):
 
 Design limits: sequence length <= 512 (BLOCK_N = next power of two >= N holds every key);
 head dims 16-256 (32, 64, 80, 128 are the tested ones; 80 is padded to 128 in registers);
-fp32, bf16, fp16; keys plus values of one sequence within MAX_TILE_BYTES (see ``fits``).
+fp32, bf16, fp16; the tiles of one program within the target GPU's shared memory per block
+(``fits``: ``smem_bytes`` against kernels.launch.SMEM_PER_BLOCK, or torch's figure for the
+device; without a GPU, the H100's).
 Each program handles BLOCK_M queries of one (sequence, head) against all its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
 Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
 form: one kernel for dQ (per query block), one for dK/dV (per key block, looping over the
@@ -282,9 +284,9 @@ class AttentionFn(torch.autograd.Function):
         _attn_bwd_dq[(triton.cdiv(n, dq_cfg.blocks["BLOCK_M"]), batch * h)](
             q, k, v, do, dq, lse, delta, kpm_arg, cu_arg, *strides, *_strides(dq, varlen), h, n, d, t_total, scale,
             **common, **dq_cfg.kwargs())
-        _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](q, k, v, do, dk, dv, lse, delta, kpm_arg, cu_arg, *strides,
-                                                       *_strides(dk, varlen), *_strides(dv, varlen), h, n, d, t_total,
-                                                       scale, **common, **dkdv_cfg.kwargs())
+        _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](
+            q, k, v, do, dk, dv, lse, delta, kpm_arg, cu_arg, *strides, *_strides(dk, varlen), *_strides(dv, varlen),
+            h, n, d, t_total, scale, **common, **dkdv_cfg.kwargs())
         return dq, dk, dv, None, None, None, None
 
 
