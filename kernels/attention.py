@@ -44,27 +44,36 @@ def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
         raise ValueError(f"head dim {d} outside the kernel's range 16-256")
     block_n = _pow2(max_n)
     block_d = _pow2(d)
-    warps = 4 if block_n * block_d <= 64 * 128 else 8
-    # Query rows per program: with 256 keys, 32 rows on 4 warps need over 255 registers a
-    # thread (dQ spilled 256-280 bytes at N = 197, D = 32), so 4 warps take 16 rows.
-    block_m = min(block_n, 64 if block_n <= 128 else 32 if block_n <= 256 and warps == 8 else 16)
+    small = block_n * block_d <= 64 * 128
+    # Forward and dQ hold a (BLOCK_M, BLOCK_N) score tile and the sequence's K and V. Checked
+    # with bench/gpu_static.py: 32 query rows on 4 warps against 256 keys need over 255
+    # registers (dQ spilled 256-280 bytes at N = 197, D = 32), 16 rows on 8 warps against 512
+    # keys spill 8 bytes in the varlen forward; so 256 keys take 16 rows (32 from D = 64) on
+    # 8 warps and 512 keys 16 rows on 16 warps.
+    if block_n <= 128:
+        block_m, warps = min(block_n, 64), 4 if small else 8
+    elif block_n == 256:
+        block_m, warps = 32 if block_d >= 64 else 16, 8
+    else:
+        block_m, warps = 16, 16
     pack = 4 if block_n <= 32 else 2 if block_n <= 64 else 1
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     return {"fwd": Config({**blocks, "PACK": pack}, warps, 3),
             "bwd_dq": Config(blocks, warps, 3),
             "bwd_dkdv": Config(dict(BLOCK_M=16 if block_d > 64 else 32, BLOCK_N=min(block_n, 64), BLOCK_D=block_d),
-                               warps, 3)}
+                               4 if small else 8, 3)}
 
 
 def smem_bytes(max_n: int, d: int, dtype: torch.dtype) -> int:
     """Upper bound on the shared memory of the three launches: the K and V tiles, a query-side
-    tile pair (Q, dO) and the scores, for the largest of the three configurations (what
-    ``fits`` compares with the target's limit; tests/test_gpu_static.py checks that it is at
-    least what Triton's compiler reports for every launch at the model shapes)."""
+    tile pair (Q, dO; one per pipeline stage in dK/dV), the scores and 1 KiB of barriers and
+    scratch, for the largest of the three configurations. ``fits`` compares it with the
+    target's limit; tests/test_gpu_static.py checks it against what Triton's compiler reports."""
     need = 0
-    for cfg in launch_configs(max_n, d, dtype).values():
+    for name, cfg in launch_configs(max_n, d, dtype).items():
         bm, bn, bd = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_D"]
-        need = max(need, (2 * bn * bd + 2 * bm * bd + bm * bn) * dtype.itemsize)
+        query_tiles = 2 * (cfg.num_stages if name == "bwd_dkdv" else 1)  # dK/dV pipelines its loop over Q, dO
+        need = max(need, (2 * bn * bd + query_tiles * bm * bd + bm * bn) * dtype.itemsize + 1024)
     return need
 
 
