@@ -23,6 +23,7 @@ Triton version) under ``--cache-dir``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -47,6 +48,20 @@ from cxrfast.models.vit import PRESETS  # noqa: E402
 from kernels.launch import SMEM_PER_BLOCK, SMEM_PER_SM, Config  # noqa: E402
 
 
+@contextlib.contextmanager
+def _interpreter_off():
+    """TRITON_INTERPRET=0 for the block (Triton reads it when kernels are decorated)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def _compilable(name: str):
     """kernels.<name> with real @triton.jit kernels: the imported module when it has them,
     else (TRITON_INTERPRET=1, as under the tests) a private copy loaded with the interpreter
@@ -63,18 +78,11 @@ def _compilable(name: str):
     alias = f"_gpu_static_kernels_{name}"
     if alias in sys.modules:
         return sys.modules[alias]
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
+    with _interpreter_off():
         spec = importlib.util.spec_from_file_location(alias, mod.__file__)
         copy = importlib.util.module_from_spec(spec)
         sys.modules[alias] = copy
         spec.loader.exec_module(copy)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
     return copy
 
 
@@ -336,18 +344,28 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cxrfast" / "gpu_static"
 
 
-def compile_launch(launch: Launch, arch: int, cache_dir: Path | None = None) -> dict:
-    """Compiles one launch for sm_<arch> and reports registers, spills, shared memory and
-    MMA kind; cached as JSON by (source hash, signature, constexprs, target, Triton)."""
+def _compile_args(launch: Launch, arch: int) -> tuple[dict, dict, dict, dict, str]:
+    """(signature, constexprs, attrs, options, cache key) of one launch for sm_<arch>."""
     version = _triton_version()
-    constexprs = {**launch.mode, **launch.config.blocks}
-    sig, consts, attrs = specialise(launch.fn, launch.args, constexprs)
+    sig, consts, attrs = specialise(launch.fn, launch.args, {**launch.mode, **launch.config.blocks})
     options = dict(num_warps=launch.config.num_warps, num_stages=launch.config.num_stages)
     key_text = json.dumps([launch.fn.__name__, _source_hash(launch.fn), sig,
                            sorted((k, repr(v)) for k, v in consts.items()),
                            sorted((list(k), v) for k, v in attrs.items()), arch, options, version])
-    key = hashlib.sha256(key_text.encode()).hexdigest()
-    path = (cache_dir / f"{key}.json") if cache_dir else None
+    return sig, consts, attrs, options, hashlib.sha256(key_text.encode()).hexdigest()
+
+
+def cache_path(launch: Launch, arch: int, cache_dir: Path) -> Path:
+    """Where compile_launch keeps the result of ``launch`` on sm_<arch>."""
+    return cache_dir / f"{_compile_args(launch, arch)[4]}.json"
+
+
+def compile_launch(launch: Launch, arch: int, cache_dir: Path | None = None) -> dict:
+    """Compiles one launch for sm_<arch> and reports registers, spills, shared memory and
+    MMA kind; cached as JSON by (source hash, signature, constexprs, target, Triton).
+    Compile in a process without TRITON_INTERPRET=1 (Triton reads it while compiling)."""
+    sig, consts, attrs, options, key = _compile_args(launch, arch)
+    path = cache_dir / f"{key}.json" if cache_dir else None
     if path is not None and path.exists():
         try:
             return json.loads(path.read_text())
@@ -494,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated targets ({', '.join(ARCHS)})")
     parser.add_argument("--model", default=",".join(MODELS), help=f"comma-separated models ({', '.join(MODELS)})")
     parser.add_argument("--dtype", default=",".join(DTYPES), help="comma-separated autocast dtypes (bf16, fp16)")
+    parser.add_argument("--workload", default=",".join(f"{p}:{i}" for p, i in WORKLOADS),
+                        help="comma-separated phase:image size (pretrain:224, pretrain:448, finetune:224, finetune:448)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     parser.add_argument("--no-varlen", action="store_true", help="leave out the varlen attention launches "
                         "(the model itself calls the dense ones)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -503,12 +524,14 @@ def main(argv: list[str] | None = None) -> int:
         archs = _choices(args.arch, ARCHS, "--arch")
         models = _choices(args.model, MODELS, "--model")
         dtypes = _choices(args.dtype, DTYPES, "--dtype")
+        names = {f"{p}:{i}": (p, i) for p, i in WORKLOADS}
+        workloads = tuple(names[w] for w in _choices(args.workload, names, "--workload"))
         _triton_version()
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cache = args.cache_dir or default_cache_dir()
-    rows = collect(archs, models, dtypes, varlen=not args.no_varlen)
+    rows = collect(archs, models, dtypes, varlen=not args.no_varlen, phases=workloads)
 
     def progress(i, n, arch, launch):
         if launch is not None and sys.stderr.isatty():
@@ -517,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     records = report(rows, cache, progress)
     if sys.stderr.isatty():
         print("\r".ljust(72), file=sys.stderr)
+    if args.json:
+        write_text(args.json, json.dumps(records, indent=1))
     print(format_table(records))
     print()
     print(summary(records))
