@@ -46,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         from kernels.attention import attention as kernel
         from kernels.attention import fits
 
-        if fits(q.shape[2], q.shape[-1], q.dtype):  # else too long for one tile: SDPA below
+        if fits(q.shape[2], q.shape[-1], q.dtype, device=q.device):  # else over this GPU's shared memory: SDPA
             return kernel(q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 

@@ -9,7 +9,9 @@ Modes (one kernel, addressing chosen per mode):
 
 Design limits: sequence length <= 512 (BLOCK_N = next power of two >= N holds every key);
 head dims 16-256 (32, 64, 80, 128 are the tested ones; 80 is padded to 128 in registers);
-fp32, bf16, fp16; keys plus values of one sequence within MAX_TILE_BYTES (see ``fits``).
+fp32, bf16, fp16; the tiles of one program within the target GPU's shared memory per block
+(``fits``: ``smem_bytes`` against kernels.launch.SMEM_PER_BLOCK, or torch's figure for the
+device; without a GPU, the H100's).
 Each program handles BLOCK_M queries of one (sequence, head) against all its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
 Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
 form: one kernel for dQ (per query block), one for dK/dV (per key block, looping over the
@@ -23,21 +25,63 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Config, smem_per_block
+
 MAX_SEQLEN = 512
-# One program holds a whole sequence's keys and values (2 x BLOCK_N x BLOCK_D elements). The
-# GPU-tested shapes go up to N = 197, D = 128 in 16-bit (128 KiB); bigger tiles would exceed
-# the shared memory of an A100/H100 (164/228 KiB) once the query tile and scores are added,
-# so they are refused here and cxrfast.ops sends them to scaled_dot_product_attention.
-MAX_TILE_BYTES = 128 * 1024
 
 
 def _pow2(x: int) -> int:
     return max(16, 1 << (max(x, 1) - 1).bit_length())
 
 
-def fits(n: int, d: int, dtype: torch.dtype) -> bool:
-    """Whether sequences of up to n tokens with head dim d fit the kernel's single tile."""
-    return n <= MAX_SEQLEN and 16 <= d <= 256 and 2 * _pow2(n) * _pow2(d) * dtype.itemsize <= MAX_TILE_BYTES
+def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
+    """Block sizes, warps and stages of the forward ('fwd') and the two backward kernels
+    ('bwd_dq', 'bwd_dkdv') for sequences of up to max_n tokens with head dim d: the one
+    place they are chosen (the launches below and bench/gpu_static.py call it)."""
+    if max_n > MAX_SEQLEN:
+        raise ValueError(f"sequence length {max_n} exceeds the kernel's limit {MAX_SEQLEN}")
+    if not 16 <= d <= 256:
+        raise ValueError(f"head dim {d} outside the kernel's range 16-256")
+    block_n = _pow2(max_n)
+    block_d = _pow2(d)
+    small = block_n * block_d <= 64 * 128
+    # Forward and dQ hold a (BLOCK_M, BLOCK_N) score tile and the sequence's K and V. Checked
+    # with bench/gpu_static.py: 32 query rows on 4 warps against 256 keys need over 255
+    # registers (dQ spilled 256-280 bytes at N = 197, D = 32), 16 rows on 8 warps against 512
+    # keys spill 8 bytes in the varlen forward; so 256 keys take 16 rows (32 from D = 64) on
+    # 8 warps and 512 keys 16 rows on 16 warps.
+    if block_n <= 128:
+        block_m, warps = min(block_n, 64), 4 if small else 8
+    elif block_n == 256:
+        block_m, warps = 32 if block_d >= 64 else 16, 8
+    else:
+        block_m, warps = 16, 16
+    pack = 4 if block_n <= 32 else 2 if block_n <= 64 else 1
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    return {"fwd": Config({**blocks, "PACK": pack}, warps, 3),
+            "bwd_dq": Config(blocks, warps, 3),
+            "bwd_dkdv": Config(dict(BLOCK_M=16 if block_d > 64 else 32, BLOCK_N=min(block_n, 64), BLOCK_D=block_d),
+                               4 if small else 8, 3)}
+
+
+def smem_bytes(max_n: int, d: int, dtype: torch.dtype) -> int:
+    """Upper bound on the shared memory of the three launches: the K and V tiles, a query-side
+    tile pair (Q, dO; one per pipeline stage in dK/dV), the scores and 1 KiB of barriers and
+    scratch, for the largest of the three configurations. ``fits`` compares it with the
+    target's limit; tests/test_gpu_static.py checks it against what Triton's compiler reports."""
+    need = 0
+    for name, cfg in launch_configs(max_n, d, dtype).items():
+        bm, bn, bd = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_D"]
+        query_tiles = 2 * (cfg.num_stages if name == "bwd_dkdv" else 1)  # dK/dV pipelines its loop over Q, dO
+        need = max(need, (2 * bn * bd + query_tiles * bm * bd + bm * bn) * dtype.itemsize + 1024)
+    return need
+
+
+def fits(n: int, d: int, dtype: torch.dtype, cap: tuple[int, int] | None = None,
+         device: torch.device | str | None = None) -> bool:
+    """Whether sequences of up to n tokens with head dim d fit the kernel's single tile on
+    compute capability ``cap`` (or ``device``; see kernels.launch.smem_per_block)."""
+    return n <= MAX_SEQLEN and 16 <= d <= 256 and smem_bytes(n, d, dtype) <= smem_per_block(cap, device)
 
 
 @triton.jit
@@ -199,21 +243,6 @@ def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _blocks(max_n: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if max_n > MAX_SEQLEN:
-        raise ValueError(f"sequence length {max_n} exceeds the kernel's limit {MAX_SEQLEN}")
-    if not 16 <= d <= 256:
-        raise ValueError(f"head dim {d} outside the kernel's range 16-256")
-    if not fits(max_n, d, dtype):
-        raise ValueError(f"sequence length {max_n} with head dim {d} in {dtype} needs a key/value tile over "
-                         f"{MAX_TILE_BYTES // 1024} KiB; use scaled_dot_product_attention (cxrfast.ops does)")
-    block_n = _pow2(max_n)
-    block_d = _pow2(d)
-    block_m = min(block_n, 64 if block_n <= 128 else 32 if block_n <= 256 else 16)
-    warps = 4 if block_n * block_d <= 64 * 128 else 8
-    return block_m, block_n, block_d, warps
-
-
 class AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
@@ -230,14 +259,17 @@ class AttentionFn(torch.autograd.Function):
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
         cu = cu_seqlens if varlen else q
-        block_m, block_n, block_d, warps = _blocks(n, d, q.dtype)
-        pack = 4 if block_n <= 32 else 2 if block_n <= 64 else 1
-        grid = (triton.cdiv(n, block_m), triton.cdiv(batch * h, pack))
+        cfg = launch_configs(n, d, q.dtype)["fwd"]
+        if not fits(n, d, q.dtype, device=q.device):
+            raise ValueError(f"sequence length {n} with head dim {d} in {q.dtype} needs "
+                             f"{smem_bytes(n, d, q.dtype) // 1024} KiB of shared memory, over the "
+                             f"{smem_per_block(device=q.device) // 1024} KiB of this GPU; "
+                             "use scaled_dot_product_attention (cxrfast.ops does)")
+        grid = (triton.cdiv(n, cfg.blocks["BLOCK_M"]), triton.cdiv(batch * h, cfg.blocks["PACK"]))
         _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                         *_strides(o, varlen), kpm.stride(0) if key_padding_mask is not None else 0,
                         h, n, d, t_total, batch * h, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
-                        PACK=pack, PREC=_precision(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                        num_warps=warps)
+                        PREC=_precision(q), **cfg.kwargs())
         ctx.save_for_backward(q, k, v, o, lse, kpm if key_padding_mask is not None else None,
                               cu_seqlens if varlen else None)
         ctx.meta = (varlen, key_padding_mask is not None, batch, h, n, d, t_total, scale)
@@ -253,18 +285,17 @@ class AttentionFn(torch.autograd.Function):
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         kpm_arg = kpm if has_kpm else q
         cu_arg = cu if varlen else q
-        block_m, block_n, block_d, warps = _blocks(n, d, q.dtype)
-        common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q), BLOCK_D=block_d, num_warps=warps)
+        cfg = launch_configs(n, d, q.dtype)
+        common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q))
         strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
                    kpm.stride(0) if has_kpm else 0)
-        _attn_bwd_dq[(triton.cdiv(n, block_m), batch * h)](q, k, v, do, dq, lse, delta, kpm_arg, cu_arg, *strides,
-                                                          *_strides(dq, varlen), h, n, d, t_total, scale,
-                                                          BLOCK_M=block_m, BLOCK_N=block_n, **common)
-        bn = min(block_n, 64)
-        bm = 16 if block_d > 64 else 32
-        _attn_bwd_dkdv[(triton.cdiv(n, bn), batch * h)](q, k, v, do, dk, dv, lse, delta, kpm_arg, cu_arg, *strides,
-                                                       *_strides(dk, varlen), *_strides(dv, varlen), h, n, d, t_total,
-                                                       scale, BLOCK_M=bm, BLOCK_N=bn, **common)
+        dq_cfg, dkdv_cfg = cfg["bwd_dq"], cfg["bwd_dkdv"]
+        _attn_bwd_dq[(triton.cdiv(n, dq_cfg.blocks["BLOCK_M"]), batch * h)](
+            q, k, v, do, dq, lse, delta, kpm_arg, cu_arg, *strides, *_strides(dq, varlen), h, n, d, t_total, scale,
+            **common, **dq_cfg.kwargs())
+        _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](
+            q, k, v, do, dk, dv, lse, delta, kpm_arg, cu_arg, *strides, *_strides(dk, varlen), *_strides(dv, varlen),
+            h, n, d, t_total, scale, **common, **dkdv_cfg.kwargs())
         return dq, dk, dv, None, None, None, None
 
 

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Config
+
 MAX_N = 8192
 
 
@@ -83,11 +85,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _block(n: int) -> tuple[int, int]:
+def launch_config(n: int) -> Config:
+    """BLOCK_N, warps and stages of both kernels for hidden size n (the one place they are
+    chosen; bench/gpu_static.py compiles what this returns)."""
     if n > MAX_N:
         raise ValueError(f"hidden size {n} exceeds the kernel's limit {MAX_N}")
     block = triton.next_power_of_2(n)
-    return block, min(max(block // 256, 1), 16)
+    return Config({"BLOCK_N": block}, min(max(block // 256, 1), 16), 3)
+
+
+def bwd_grid(m: int, on_gpu: bool) -> tuple[int, int]:
+    """(programs, rows_per_program) of the backward for m rows: ~1024 programs on a GPU,
+    a few under the interpreter."""
+    programs = max(1, min(m, 1024 if on_gpu else 8))
+    rows_per_program = triton.cdiv(m, programs)
+    return triton.cdiv(m, rows_per_program), rows_per_program
 
 
 def _forward(x, weight, bias, eps, residual):
@@ -100,9 +112,8 @@ def _forward(x, weight, bias, eps, residual):
     h = torch.empty_like(x2, dtype=dtype) if residual is not None else x2
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    block, warps = _block(n)
     _ln_fwd[(m,)](x2, r2, y, h, weight, bias, mean, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
-                  n, eps, HAS_RES=residual is not None, BLOCK_N=block, num_warps=warps)
+                  n, eps, HAS_RES=residual is not None, **launch_config(n).kwargs())
     return y.view(shape), h.view(shape), mean, rstd
 
 
@@ -113,15 +124,12 @@ def _backward(dy, dh, saved, weight, mean, rstd):
     m, n = x2.shape
     dh2 = _rows(dh) if dh is not None else dy2
     dx = torch.empty_like(x2)
-    programs = max(1, min(m, 1024 if x2.is_cuda else 8))
-    rows_per_program = triton.cdiv(m, programs)
-    programs = triton.cdiv(m, rows_per_program)
+    programs, rows_per_program = bwd_grid(m, x2.is_cuda)
     dw_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device)
     db_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device)
-    block, warps = _block(n)
     _ln_bwd[(programs,)](x2, dy2, dh2, dx, weight, mean, rstd, dw_part, db_part, x2.stride(0), dy2.stride(0),
                          dh2.stride(0), dx.stride(0), m, n, rows_per_program, HAS_DH=dh is not None,
-                         BLOCK_N=block, num_warps=warps)
+                         **launch_config(n).kwargs())
     return dx.view(shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Config
+
 
 @triton.jit
 def _residual(PRED, IMG, pid, stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw,
@@ -63,6 +65,13 @@ def _mae_bwd(PRED, IMG, MASK, SCALE, DPRED,  # SCALE: (1,) fp32 = grad_output / 
     tl.store(DPRED + b * stride_db + l * stride_dl + j, dp.to(DPRED.dtype.element_ty), mask=valid)
 
 
+def launch_config(p: int) -> Config:
+    """BLOCK_P, warps and stages of both kernels for patches of p values (the one place they
+    are chosen; bench/gpu_static.py compiles what this returns)."""
+    block = triton.next_power_of_2(p)
+    return Config({"BLOCK_P": block}, min(max(block // 256, 1), 8), 3)
+
+
 def _check(pred, imgs, mask, patch_size):
     b, c, h, w = imgs.shape
     if h % patch_size or w % patch_size:
@@ -86,25 +95,23 @@ class MAELossFn(torch.autograd.Function):
             pred = pred.contiguous()
         maskf = mask.reshape(-1).to(torch.float32).contiguous()
         losses = torch.empty(maskf.numel(), dtype=torch.float32, device=pred.device)
-        block = triton.next_power_of_2(p)
-        warps = min(max(block // 256, 1), 8)
         _mae_fwd[(maskf.numel(),)](pred, imgs, maskf, losses, pred.stride(0), pred.stride(1), *imgs.stride(),
-                                   length, gw, c, patch_size, p, eps, NORM_PIX=norm_pix, BLOCK_P=block,
-                                   num_warps=warps)
+                                   length, gw, c, patch_size, p, eps, NORM_PIX=norm_pix,
+                                   **launch_config(p).kwargs())
         total = maskf.sum()
         ctx.save_for_backward(pred, imgs, maskf, total)
-        ctx.args = (length, gw, c, patch_size, p, eps, norm_pix, block, warps)
+        ctx.args = (length, gw, c, patch_size, p, eps, norm_pix)
         return losses.sum() / total
 
     @staticmethod
     def backward(ctx, grad):
         pred, imgs, maskf, total = ctx.saved_tensors
-        length, gw, c, patch, p, eps, norm_pix, block, warps = ctx.args
+        length, gw, c, patch, p, eps, norm_pix = ctx.args
         scale = (grad.to(torch.float32) / total).reshape(1)
         dpred = torch.empty_like(pred)
         _mae_bwd[(maskf.numel(),)](pred, imgs, maskf, scale, dpred, pred.stride(0), pred.stride(1), *imgs.stride(),
                                    dpred.stride(0), dpred.stride(1), length, gw, c, patch, p, eps,
-                                   NORM_PIX=norm_pix, BLOCK_P=block, num_warps=warps)
+                                   NORM_PIX=norm_pix, **launch_config(p).kwargs())
         return dpred, None, None, None, None, None
 
 
