@@ -250,61 +250,60 @@ def test_random_batches_and_bad_boxes_short_fuzz():
     assert crop_fuzz.run(seconds=2.0, seed=int(np.random.default_rng().integers(2**31))) > 50
 
 
+def _batch_script(count: int, fault: str, threads: int) -> str:
+    """A child process that crops a batch on one thread, then again on ``threads`` after
+    ``fault`` (Python lines) made thread creation fail, and prints whether the two agree."""
+    import textwrap
+
+    return textwrap.dedent(f"""
+        import ctypes, resource
+        import numpy as np
+        from cxrfast.data.augment import crop_resize
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 255, (40, 40), dtype=np.uint8) for _ in range({count})]
+        boxes = np.array([[2, 3, 30, 31]] * {count}, dtype=np.int64)
+        mirror = np.zeros({count}, dtype=bool)
+        expected = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=1)
+    """) + textwrap.dedent(fault) + textwrap.dedent(f"""
+        got = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads={threads})
+        print("equal" if bool((got == expected).all()) else "different")
+    """)
+
+
+def _assert_same_batch(proc) -> None:
+    assert "terminate called" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "equal"
+
+
 def test_crop_resize_with_more_threads_than_can_start_still_gives_the_result(tmp_path):
     """Thread creation that fails (an address-space cap) must not abort the process: the
     threads that did start and the caller finish the batch, with the same values."""
     import os
     import subprocess
     import sys
-    import textwrap
 
-    script = textwrap.dedent("""
-        import resource
-        import numpy as np
-        from cxrfast.data.augment import crop_resize
-        rng = np.random.default_rng(0)
-        images = [rng.integers(0, 255, (40, 40), dtype=np.uint8) for _ in range(1000)]
-        boxes = np.array([[2, 3, 30, 31]] * 1000, dtype=np.int64)
-        mirror = np.zeros(1000, dtype=bool)
-        expected = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=1)
+    cap = """
         for line in open("/proc/self/status"):
             if line.startswith("VmSize:"):
                 limit = int(line.split()[1]) * 1024 + (256 << 20)  # a few thread stacks, not 1000
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        got = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=1000)
-        print("equal" if bool((got == expected).all()) else "different")
-    """)
+    """
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
-    assert "terminate called" not in proc.stderr
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "equal"
+    proc = subprocess.run([sys.executable, "-c", _batch_script(1000, cap, 1000)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    _assert_same_batch(proc)
 
 
 def test_crop_resize_survives_bad_alloc_while_growing_its_thread_pool(tmp_path):
     """std::bad_alloc (not std::system_error) after one thread started: the started thread
     and the caller finish the batch instead of std::terminate (issue 9)."""
-    import textwrap
-
     import thread_fault
 
     lib = thread_fault.build(tmp_path)
     if lib is None:
         pytest.skip("needs Linux and a C++ compiler for the fault-injection library")
-    script = textwrap.dedent("""
-        import ctypes
-        import numpy as np
-        from cxrfast.data.augment import crop_resize
-        rng = np.random.default_rng(0)
-        images = [rng.integers(0, 255, (40, 40), dtype=np.uint8) for _ in range(64)]
-        boxes = np.array([[2, 3, 30, 31]] * 64, dtype=np.int64)
-        mirror = np.zeros(64, dtype=bool)
-        expected = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=1)
+    fault = """
         ctypes.CDLL(None).cxr_fault_after_threads(1)
-        got = crop_resize(images, boxes, mirror, 16, value_scale=255.0, mean=0.5, std=0.25, threads=4)
-        print("equal" if bool((got == expected).all()) else "different")
-    """)
-    proc = thread_fault.run(script, lib)
-    assert "terminate called" not in proc.stderr
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "equal"
+    """
+    _assert_same_batch(thread_fault.run(_batch_script(64, fault, 4), lib))
