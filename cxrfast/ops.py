@@ -1,14 +1,17 @@
 """The hot ops of the ViT, behind one dispatch point.
 
 Models call ``cxrfast.ops`` for attention, (residual +) LayerNorm and the MAE loss. Each op
-has a plain torch implementation (the reference) and a Triton kernel in ``kernels/``.
-``CXRFAST_OPS=auto`` (default) uses the kernels on CUDA tensors and torch elsewhere;
-``torch`` forces the references; ``triton`` forces the kernels (on CPU that needs
-``TRITON_INTERPRET=1``, which is how the tests run them). Kernels are imported lazily, so
-importing cxrfast never touches Triton or a GPU.
+is a ``cxrfast::`` torch custom op (``kernels/``) that runs either its Triton kernel or its
+plain torch reference. ``CXRFAST_OPS=auto`` (default) runs the kernels on CUDA tensors and
+the references elsewhere, both through the custom ops (so ``torch.compile`` sees the same
+graph on CPU and GPU); ``torch`` uses plain torch functions, no custom op; ``triton`` forces
+the kernels (on CPU that needs ``TRITON_INTERPRET=1``, which is how the tests run them).
+Kernels are imported lazily, at the first op call, so importing cxrfast never imports
+Triton; nothing touches a GPU or compiles before a kernel runs.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,41 +35,58 @@ def get_backend() -> str:
     return _backend
 
 
-def _use_kernel(t: torch.Tensor) -> bool:
-    """Kernels on CUDA tensors under 'auto'; everywhere under 'triton' (CPU needs
-    TRITON_INTERPRET=1); never under 'torch'."""
-    if _backend == "torch":
+@functools.lru_cache(maxsize=None)
+def _kernels_importable() -> bool:
+    """Whether kernels/ imports (it needs Triton, a Linux-only dependency)."""
+    try:
+        import kernels.attention, kernels.layernorm, kernels.mae_loss  # noqa: F401, E401
+    except ImportError:
         return False
+    return True
+
+
+def _kernel_flag(t: torch.Tensor) -> bool | None:
+    """The ``kernel`` argument of the ``cxrfast::`` op to call: True (the Triton kernel) on CUDA
+    under 'auto' and everywhere under 'triton' (CPU needs TRITON_INTERPRET=1); False (the op's
+    torch reference) on CPU under 'auto', so a compiled CPU step has the GPU step's graph;
+    None (plain torch functions, no custom op) under 'torch' or without Triton."""
+    if _backend == "torch" or not _kernels_importable():
+        return None
     return _backend == "triton" or t.is_cuda
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """Non-causal softmax attention; q, k, v are (B, H, N, D), returns (B, H, N, D)."""
-    if _use_kernel(q):
-        from kernels.attention import attention as kernel
-        from kernels.attention import fits
+    kernel = _kernel_flag(q)
+    if kernel is not None:
+        from kernels import attention as ka
 
-        if fits(q.shape[2], q.shape[-1], q.dtype, device=q.device):  # else over this GPU's shared memory: SDPA
-            return kernel(q, k, v, scale=scale)
+        # A kernel over this GPU's shared memory: SDPA
+        if not kernel or ka.fits(q.shape[2], q.shape[-1], q.dtype, device=q.device):
+            return ka.attention(q, k, v, scale=scale, kernel=kernel)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm over the last dimension."""
-    if _use_kernel(x) and x.shape[-1] <= 8192:
-        from kernels.layernorm import layer_norm as kernel
+    kernel = _kernel_flag(x)
+    if kernel is not None:
+        from kernels import layernorm as kln
 
-        return kernel(x, weight, bias, eps)
+        if x.shape[-1] <= kln.MAX_N:
+            return kln.layer_norm(x, weight, bias, eps, kernel=kernel)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(LayerNorm(x + residual), x + residual) in one pass: the pre-norm block's add + norm."""
-    if _use_kernel(x) and x.shape[-1] <= 8192:
-        from kernels.layernorm import layer_norm as kernel
+    kernel = _kernel_flag(x)
+    if kernel is not None:
+        from kernels import layernorm as kln
 
-        return kernel(x, weight, bias, eps, residual=residual)
+        if x.shape[-1] <= kln.MAX_N:
+            return kln.layer_norm(x, weight, bias, eps, residual=residual, kernel=kernel)
     h = x + residual
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
 
@@ -97,22 +117,11 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
              norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Mean squared error over masked patches (mask: (B, L), 1 = masked), as in
     facebookresearch/mae; with ``norm_pix`` each target patch is normalised by its own mean
-    and unbiased variance: (t - mean) / sqrt(var + eps)."""
-    if _use_kernel(pred):
-        from kernels.mae_loss import mae_loss as kernel
+    and unbiased variance: (t - mean) / sqrt(var + eps). The torch reference is
+    ``kernels.mae_loss.mae_loss_ref``."""
+    kernel = _kernel_flag(pred)
+    from kernels import mae_loss as kml
 
-        return kernel(pred, imgs, mask, patch_size, norm_pix, eps)
-    return mae_loss_torch(pred, imgs, mask, patch_size, norm_pix, eps)
-
-
-def mae_loss_torch(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                   norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """The torch implementation of :func:`mae_loss` (and the kernel's reference)."""
-    target = patchify(imgs, patch_size).to(pred.dtype)
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + eps) ** 0.5
-    loss = ((pred - target) ** 2).mean(dim=-1)
-    mask = mask.to(loss.dtype)
-    return (loss * mask).sum() / mask.sum()
+    if kernel is None or (kernel and pred.shape[-1] > kml.MAX_P):
+        return kml.mae_loss_ref(pred, imgs, mask, patch_size, norm_pix, eps)
+    return kml.mae_loss(pred, imgs, mask, patch_size, norm_pix, eps, kernel=kernel)

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.launch import Config, smem_per_block
+from kernels.library import define, no_autocast
 
 MAX_SEQLEN = 512
 
@@ -243,71 +246,192 @@ def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-class AttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        varlen = cu_seqlens is not None
-        if varlen:
-            t_total, h, d = q.shape
-            batch, n = cu_seqlens.numel() - 1, max_seqlen
-            lse = torch.empty(h, t_total, dtype=torch.float32, device=q.device)
-        else:
-            batch, h, n, d = q.shape
-            t_total = batch * n
-            lse = torch.empty(batch, h, n, dtype=torch.float32, device=q.device)
-        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
-        cu = cu_seqlens if varlen else q
-        cfg = launch_configs(n, d, q.dtype)["fwd"]
-        if not fits(n, d, q.dtype, device=q.device):
-            raise ValueError(f"sequence length {n} with head dim {d} in {q.dtype} needs "
-                             f"{smem_bytes(n, d, q.dtype) // 1024} KiB of shared memory, over the "
-                             f"{smem_per_block(device=q.device) // 1024} KiB of this GPU; "
-                             "use scaled_dot_product_attention (cxrfast.ops does)")
-        grid = (triton.cdiv(n, cfg.blocks["BLOCK_M"]), triton.cdiv(batch * h, cfg.blocks["PACK"]))
-        _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-                        *_strides(o, varlen), kpm.stride(0) if key_padding_mask is not None else 0,
-                        h, n, d, t_total, batch * h, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
-                        PREC=_precision(q), **cfg.kwargs())
-        ctx.save_for_backward(q, k, v, o, lse, kpm if key_padding_mask is not None else None,
-                              cu_seqlens if varlen else None)
-        ctx.meta = (varlen, key_padding_mask is not None, batch, h, n, d, t_total, scale)
-        return o
+def _forward(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
+    """The kernel's forward: (o like q, contiguous; lse fp32, (B, H, N) or (H, T))."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    varlen = cu_seqlens is not None
+    if varlen:
+        t_total, h, d = q.shape
+        batch, n = cu_seqlens.numel() - 1, max_seqlen
+        lse = torch.empty(h, t_total, dtype=torch.float32, device=q.device)
+    else:
+        batch, h, n, d = q.shape
+        t_total = batch * n
+        lse = torch.empty(batch, h, n, dtype=torch.float32, device=q.device)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
+    cu = cu_seqlens if varlen else q
+    cfg = launch_configs(n, d, q.dtype)["fwd"]
+    if not fits(n, d, q.dtype, device=q.device):
+        raise ValueError(f"sequence length {n} with head dim {d} in {q.dtype} needs "
+                         f"{smem_bytes(n, d, q.dtype) // 1024} KiB of shared memory, over the "
+                         f"{smem_per_block(device=q.device) // 1024} KiB of this GPU; "
+                         "use scaled_dot_product_attention (cxrfast.ops does)")
+    grid = (triton.cdiv(n, cfg.blocks["BLOCK_M"]), triton.cdiv(batch * h, cfg.blocks["PACK"]))
+    _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                    *_strides(o, varlen), kpm.stride(0) if key_padding_mask is not None else 0,
+                    h, n, d, t_total, batch * h, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
+                    PREC=_precision(q), **cfg.kwargs())
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, kpm, cu = ctx.saved_tensors
-        varlen, has_kpm, batch, h, n, d, t_total, scale = ctx.meta
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), laid out like LSE
-        delta = delta.transpose(0, 1).contiguous() if varlen else delta.contiguous()
-        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        kpm_arg = kpm if has_kpm else q
-        cu_arg = cu if varlen else q
-        cfg = launch_configs(n, d, q.dtype)
-        common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q))
-        strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-                   kpm.stride(0) if has_kpm else 0)
-        dq_cfg, dkdv_cfg = cfg["bwd_dq"], cfg["bwd_dkdv"]
-        _attn_bwd_dq[(triton.cdiv(n, dq_cfg.blocks["BLOCK_M"]), batch * h)](
-            q, k, v, do, dq, lse, delta, kpm_arg, cu_arg, *strides, *_strides(dq, varlen), h, n, d, t_total, scale,
-            **common, **dq_cfg.kwargs())
-        _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](
-            q, k, v, do, dk, dv, lse, delta, kpm_arg, cu_arg, *strides, *_strides(dk, varlen), *_strides(dv, varlen),
-            h, n, d, t_total, scale, **common, **dkdv_cfg.kwargs())
-        return dq, dk, dv, None, None, None, None
+
+def _backward(do, q, k, v, o, lse, cu, max_seqlen, key_padding_mask, scale):
+    """The kernel's backward: (dq, dk, dv), contiguous, in q's dtype."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    varlen, has_kpm = cu is not None, key_padding_mask is not None
+    if varlen:
+        t_total, h, d = q.shape
+        batch, n = cu.numel() - 1, max_seqlen
+    else:
+        batch, h, n, d = q.shape
+        t_total = batch * n
+    kpm = key_padding_mask.to(torch.int8).contiguous() if has_kpm else q
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), laid out like LSE
+    delta = delta.transpose(0, 1).contiguous() if varlen else delta.contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    cu_arg = cu if varlen else q
+    cfg = launch_configs(n, d, q.dtype)
+    common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q))
+    strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+               kpm.stride(0) if has_kpm else 0)
+    dq_cfg, dkdv_cfg = cfg["bwd_dq"], cfg["bwd_dkdv"]
+    _attn_bwd_dq[(triton.cdiv(n, dq_cfg.blocks["BLOCK_M"]), batch * h)](
+        q, k, v, do, dq, lse, delta, kpm, cu_arg, *strides, *_strides(dq, varlen), h, n, d, t_total, scale,
+        **common, **dq_cfg.kwargs())
+    _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](
+        q, k, v, do, dk, dv, lse, delta, kpm, cu_arg, *strides, *_strides(dk, varlen), *_strides(dv, varlen),
+        h, n, d, t_total, scale, **common, **dkdv_cfg.kwargs())
+    return dq, dk, dv
+
+
+def _sequences(cu_seqlens, key_padding_mask, q):
+    """(slices into the token dim, key mask or None) per block the references compute at once:
+    the whole batch when dense, each sequence (as a batch of one) when varlen."""
+    if cu_seqlens is None:
+        return [(slice(None), key_padding_mask)]
+    bounds = cu_seqlens.tolist()  # host sync: the references only
+    return [(slice(s, e), None) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def _dense(t, sl, varlen):
+    """(B, H, N, D) view of one reference block."""
+    return t[sl].transpose(0, 1)[None] if varlen else t
+
+
+def _probs(q, k, kpm, scale, lse):
+    """Scores (with -inf at masked keys) and, given lse, the softmax probabilities."""
+    s = (q @ k.transpose(-2, -1)) * scale
+    if kpm is not None:
+        s = s.masked_fill(~kpm[:, None, None, :].bool(), float("-inf"))
+    return s if lse is None else torch.exp(s - lse[..., None])
+
+
+def _forward_ref(q, k, v, cu_seqlens, key_padding_mask, scale):
+    """The kernel's forward in plain torch, in at least fp32: explicit softmax, rows with every
+    key masked give o = 0 and lse = 0 (as the kernel stores them)."""
+    varlen = cu_seqlens is not None
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:-1], dtype=cdt, device=q.device)
+    with no_autocast(q.device):
+        for sl, kpm in _sequences(cu_seqlens, key_padding_mask, q):
+            qi, ki, vi = (_dense(t, sl, varlen).to(cdt) for t in (q, k, v))
+            s = _probs(qi, ki, kpm, scale, None)
+            m = torch.logsumexp(s, -1)
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            oi = torch.exp(s - m[..., None]) @ vi
+            if varlen:
+                o[sl] = oi[0].transpose(0, 1).to(q.dtype)
+                lse[:, sl] = m[0]
+            else:
+                o.copy_(oi)
+                lse.copy_(m)
+    return o, lse
+
+
+def _backward_ref(do, q, k, v, o, lse, cu_seqlens, key_padding_mask, scale):
+    """The kernel's backward in plain torch (FlashAttention-2's formulas, P from lse)."""
+    varlen = cu_seqlens is not None
+    cdt = lse.dtype
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+    with no_autocast(q.device):
+        for sl, kpm in _sequences(cu_seqlens, key_padding_mask, q):
+            qi, ki, vi, oi, doi = (_dense(t, sl, varlen).to(cdt) for t in (q, k, v, o, do))
+            li = lse[:, sl][None] if varlen else lse
+            p = _probs(qi, ki, kpm, scale, li)
+            delta = (doi * oi).sum(-1, keepdim=True)
+            ds = p * (doi @ vi.transpose(-2, -1) - delta)
+            for g, gi in zip(grads, (ds @ ki * scale, ds.transpose(-2, -1) @ qi * scale, p.transpose(-2, -1) @ doi)):
+                if varlen:
+                    g[sl] = gi[0].transpose(0, 1).to(g.dtype)
+                else:
+                    g.copy_(gi)
+    return tuple(grads)
+
+
+def _attn_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+               max_seqlen: int, key_padding_mask: Optional[torch.Tensor], scale: float,
+               kernel: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of softmax attention."""
+    if kernel:
+        return _forward(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale)
+    return _forward_ref(q, k, v, cu_seqlens, key_padding_mask, scale)
+
+
+def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                   key_padding_mask: Optional[torch.Tensor], scale: float,
+                   kernel: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of softmax attention."""
+    if kernel:
+        return _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, scale)
+    return _backward_ref(do, q, k, v, o, lse, cu_seqlens, key_padding_mask, scale)
+
+
+def _attn_fake(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale, kernel):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else q.shape[:-1]
+    lse_dtype = torch.float32 if kernel else torch.promote_types(q.dtype, torch.float32)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
+
+
+def _attn_bwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, scale, kernel):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+attention_backward_op = define("attention_backward", _attn_bwd_impl, _attn_bwd_fake)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale, kernel = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, key_padding_mask)
+    ctx.args = (max_seqlen, scale, kernel)
+
+
+def _attn_grad(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens, key_padding_mask = ctx.saved_tensors
+    max_seqlen, scale, kernel = ctx.args
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, scale,
+                                       kernel)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_op = define("attention", _attn_impl, _attn_fake, _attn_grad, _attn_setup)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
               max_seqlen: int | None = None, key_padding_mask: torch.Tensor | None = None,
-              scale: float | None = None) -> torch.Tensor:
-    """Softmax attention over short sequences (N <= 512), forward and backward.
+              scale: float | None = None, kernel: bool = True) -> torch.Tensor:
+    """Softmax attention over short sequences (N <= 512), forward and backward, as the op
+    ``cxrfast::attention``.
 
     Dense: q, k, v (B, H, N, D) -> (B, H, N, D); ``key_padding_mask`` (B, N) bool, True =
     attend. Varlen: q, k, v (total, H, D) with ``cu_seqlens`` (B + 1,) int32 and
     ``max_seqlen`` (a Python int; computed with a device sync when omitted). ``scale``
-    defaults to 1/sqrt(D).
+    defaults to 1/sqrt(D). The output is contiguous. ``kernel=False`` runs the same op's
+    torch reference (any device, any length).
     """
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -323,7 +447,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: 
         raise ValueError("q, k and v must have the same shape")
     if key_padding_mask is not None and key_padding_mask.shape != (q.shape[0], q.shape[2]):
         raise ValueError(f"key_padding_mask must be (B, N) = {(q.shape[0], q.shape[2])}")
-    return AttentionFn.apply(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.bool()
+    o, _ = attention_op(q, k, v, cu_seqlens, int(max_seqlen or 0), key_padding_mask, scale, kernel)
+    return o
 
 
 def attention_ref(q, k, v, *, cu_seqlens=None, key_padding_mask=None, scale=None, upcast=False):

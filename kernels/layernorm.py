@@ -1,5 +1,5 @@
-"""Fused (residual +) LayerNorm over the last dimension: Triton kernels, autograd Function,
-torch reference.
+"""Fused (residual +) LayerNorm over the last dimension: Triton kernels, the ``cxrfast::layer_norm``
+and ``cxrfast::add_layer_norm`` ops (kernel or torch reference), torch reference.
 
 Design limits: hidden size N <= 8192 (one row per program, the row held in registers as a
 power-of-two block, any N including non-powers of two); inputs fp32, bf16 or fp16;
@@ -18,11 +18,14 @@ dW and dB; the partials (programs x N) are summed in fp32 by torch.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.launch import Config
+from kernels.library import define, no_autocast
 
 MAX_N = 8192
 
@@ -133,37 +136,144 @@ def _backward(dy, dh, saved, weight, mean, rstd):
     return dx.view(shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
-class LayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, residual):
-        y, h, mean, rstd = _forward(x, weight, bias, eps, residual)
-        ctx.save_for_backward(h, weight, mean, rstd)
-        ctx.has_residual = residual is not None
-        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        if residual is not None:
-            return y, h
-        return y
+def _stats_dtype(dtype: torch.dtype, kernel: bool) -> torch.dtype:
+    """Mean and rstd: fp32 from the kernel; at least fp32 (fp64 for fp64) from the reference."""
+    return torch.float32 if kernel else torch.promote_types(dtype, torch.float32)
 
-    @staticmethod
-    def backward(ctx, dy, dh=None):
-        h, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(dy, dh if ctx.has_residual else None, h, weight, mean, rstd)
-        x_dtype, residual_dtype = ctx.dtypes  # dx is in h's dtype: each input gets its own back
-        return dx.to(x_dtype), dw, db, None, dx.to(residual_dtype) if ctx.has_residual else None
+
+def _forward_ref(h, weight, bias, eps):
+    """The kernel's forward in plain torch: statistics of h in (at least) fp32, y in h's dtype."""
+    with no_autocast(h.device):
+        cdt = torch.promote_types(h.dtype, torch.float32)
+        hc = h.to(cdt)
+        mean = hc.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((hc - mean).square().mean(-1, keepdim=True) + eps)
+        y = ((hc - mean) * rstd * weight.to(cdt) + bias.to(cdt)).to(h.dtype).contiguous()
+        return y, mean.reshape(-1), rstd.reshape(-1)
+
+
+def _backward_ref(dy, dh, saved, weight, mean, rstd):
+    """The kernel's backward in plain torch (same formula, in at least fp32)."""
+    with no_autocast(saved.device):
+        cdt = mean.dtype
+        n = saved.shape[-1]
+        h2, dy2 = saved.reshape(-1, n).to(cdt), dy.reshape(-1, n).to(cdt)
+        xhat = (h2 - mean[:, None]) * rstd[:, None]
+        wdy = weight.to(cdt) * dy2
+        c1 = (xhat * wdy).mean(-1, keepdim=True)
+        c2 = wdy.mean(-1, keepdim=True)
+        dx = (wdy - (xhat * c1 + c2)) * rstd[:, None]
+        if dh is not None:
+            dx = dx + dh.reshape(-1, n).to(cdt)
+        dw, db = (dy2 * xhat).sum(0), dy2.sum(0)
+        return dx.to(saved.dtype).reshape(saved.shape), dw.to(weight.dtype), db.to(weight.dtype)
+
+
+def _ln_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+             kernel: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd) of LayerNorm(x)."""
+    if kernel:
+        y, _, mean, rstd = _forward(x, weight, bias, eps, None)
+        return y, mean, rstd
+    return _forward_ref(x, weight, bias, eps)
+
+
+def _add_ln_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                 kernel: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd) of LayerNorm(h), h = x + residual in the promoted dtype."""
+    if kernel:
+        return _forward(x, weight, bias, eps, residual)
+    h = (x + residual).contiguous()
+    y, mean, rstd = _forward_ref(h, weight, bias, eps)
+    return y, h, mean, rstd
+
+
+def _ln_bwd_impl(dy: torch.Tensor, dh: Optional[torch.Tensor], saved: torch.Tensor, weight: torch.Tensor,
+                 mean: torch.Tensor, rstd: torch.Tensor, kernel: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx in saved's dtype, dweight, dbias)."""
+    if kernel:
+        return _backward(dy, dh, saved, weight, mean, rstd)
+    return _backward_ref(dy, dh, saved, weight, mean, rstd)
+
+
+def _fake_out(x, dtype, kernel):
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    sdt = _stats_dtype(dtype, kernel)
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty((m,), dtype=sdt), x.new_empty((m,), dtype=sdt))
+
+
+def _ln_fake(x, weight, bias, eps, kernel):
+    return _fake_out(x, x.dtype, kernel)
+
+
+def _add_ln_fake(x, residual, weight, bias, eps, kernel):
+    y, mean, rstd = _fake_out(x, torch.result_type(x, residual), kernel)
+    return y, torch.empty_like(y), mean, rstd
+
+
+def _ln_bwd_fake(dy, dh, saved, weight, mean, rstd, kernel):
+    return saved.new_empty(saved.shape), torch.empty_like(weight), torch.empty_like(weight)
+
+
+ln_backward_op = define("layer_norm_backward", _ln_bwd_impl, _ln_bwd_fake)
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, _, _, kernel = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.kernel = kernel
+
+
+def _ln_grad(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = ln_backward_op(dy, None, x, weight, mean, rstd, ctx.kernel)
+    return dx, dw, db, None, None
+
+
+def _add_ln_setup(ctx, inputs, output):
+    x, residual, weight, _, _, kernel = inputs
+    _, h, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(h, weight, mean, rstd)
+    ctx.kernel = kernel
+    ctx.dtypes = (x.dtype, residual.dtype)
+
+
+def _add_ln_grad(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(h)
+    dx, dw, db = ln_backward_op(dy, dh, h, weight, mean, rstd, ctx.kernel)
+    x_dtype, residual_dtype = ctx.dtypes  # dx is in h's dtype: each input gets its own back
+    return dx.to(x_dtype), dx.to(residual_dtype), dw, db, None, None
+
+
+ln_op = define("layer_norm", _ln_impl, _ln_fake, _ln_grad, _ln_setup)
+add_ln_op = define("add_layer_norm", _add_ln_impl, _add_ln_fake, _add_ln_grad, _add_ln_setup)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
-               residual: torch.Tensor | None = None):
-    """LayerNorm of x (or of h = x + residual, returning (LN(h), h)) over the last dim.
+               residual: torch.Tensor | None = None, *, kernel: bool = True):
+    """LayerNorm of x (or of h = x + residual, returning (LN(h), h)) over the last dim, as
+    the ops ``cxrfast::layer_norm`` / ``cxrfast::add_layer_norm``.
 
     x, residual: (..., N) fp32/bf16/fp16 (fp64 is accepted and stored, statistics still fp32);
-    weight, bias: (N,). y and h are in ``torch.result_type(x, residual)``.
+    weight, bias: (N,). y and h are contiguous, in ``torch.result_type(x, residual)``.
+    ``kernel=False`` runs the same op's torch reference (any device, any N).
     """
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
         raise ValueError("weight and bias must be (N,) for x of shape (..., N)")
-    return LayerNormFn.apply(x, weight, bias, eps, residual)
+    if kernel and x.shape[-1] > MAX_N:
+        raise ValueError(f"hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_N}")
+    if residual is not None:
+        y, h, _, _ = add_ln_op(x, residual, weight, bias, float(eps), kernel)
+        return y, h
+    return ln_op(x, weight, bias, float(eps), kernel)[0]
 
 
 def layer_norm_ref(x, weight, bias, eps=1e-6, residual=None, upcast=False):

@@ -8,7 +8,10 @@ with patches row-major and (row, column, channel) order inside a patch; mask (B,
 
 One program per patch: it gathers the patch from the image by index arithmetic, forms the
 target in registers, and writes one fp32 number (its masked loss). The backward recomputes
-the target the same way and writes d(pred). Design limit: p*p*C <= 16384.
+the target the same way and writes d(pred). Design limit: p*p*C <= MAX_P = 16384.
+
+The op ``cxrfast::mae_loss`` runs the kernel or, with ``kernel=False``, the torch reference
+kept here (``mae_loss_ref``).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import triton
 import triton.language as tl
 
 from kernels.launch import Config
+from kernels.library import define, no_autocast
+
+MAX_P = 16384  # values in one patch, p*p*C
 
 
 @triton.jit
@@ -72,7 +78,7 @@ def launch_config(p: int) -> Config:
     return Config({"BLOCK_P": block}, min(max(block // 256, 1), 8), 3)
 
 
-def _check(pred, imgs, mask, patch_size):
+def _check(pred, imgs, mask, patch_size, kernel=True):
     b, c, h, w = imgs.shape
     if h % patch_size or w % patch_size:
         raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch_size}")
@@ -82,48 +88,124 @@ def _check(pred, imgs, mask, patch_size):
         raise ValueError(f"pred must be {(b, length, p)}, got {tuple(pred.shape)}")
     if mask.shape != (b, length):
         raise ValueError(f"mask must be {(b, length)}, got {tuple(mask.shape)}")
-    if p > 16384:
-        raise ValueError(f"patch of {p} values exceeds the kernel's limit 16384")
+    if kernel and p > MAX_P:
+        raise ValueError(f"patch of {p} values exceeds the kernel's limit {MAX_P}")
     return length, w // patch_size, c, p
 
 
-class MAELossFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, imgs, mask, patch_size, norm_pix, eps):
-        length, gw, c, p = _check(pred, imgs, mask, patch_size)
-        if pred.stride(-1) != 1:
-            pred = pred.contiguous()
-        maskf = mask.reshape(-1).to(torch.float32).contiguous()
-        losses = torch.empty(maskf.numel(), dtype=torch.float32, device=pred.device)
-        _mae_fwd[(maskf.numel(),)](pred, imgs, maskf, losses, pred.stride(0), pred.stride(1), *imgs.stride(),
-                                   length, gw, c, patch_size, p, eps, NORM_PIX=norm_pix,
-                                   **launch_config(p).kwargs())
-        total = maskf.sum()
-        ctx.save_for_backward(pred, imgs, maskf, total)
-        ctx.args = (length, gw, c, patch_size, p, eps, norm_pix)
-        return losses.sum() / total
-
-    @staticmethod
-    def backward(ctx, grad):
-        pred, imgs, maskf, total = ctx.saved_tensors
-        length, gw, c, patch, p, eps, norm_pix = ctx.args
-        scale = (grad.to(torch.float32) / total).reshape(1)
-        dpred = torch.empty_like(pred)
-        _mae_bwd[(maskf.numel(),)](pred, imgs, maskf, scale, dpred, pred.stride(0), pred.stride(1), *imgs.stride(),
-                                   dpred.stride(0), dpred.stride(1), length, gw, c, patch, p, eps,
-                                   NORM_PIX=norm_pix, **launch_config(p).kwargs())
-        return dpred, None, None, None, None, None
+def _masked(mask):
+    maskf = mask.reshape(-1).to(torch.float32).contiguous()
+    return maskf, maskf.sum()
 
 
-def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool = True,
-             eps: float = 1e-6) -> torch.Tensor:
-    """Mean squared error over masked patches; gradient with respect to ``pred`` only."""
-    return MAELossFn.apply(pred, imgs, mask, patch_size, norm_pix, eps)
+def _forward(pred, imgs, mask, patch_size, norm_pix, eps):
+    """The kernel's forward: the loss as an fp32 scalar."""
+    length, gw, c, p = _check(pred, imgs, mask, patch_size)
+    if pred.stride(-1) != 1:
+        pred = pred.contiguous()
+    maskf, total = _masked(mask)
+    losses = torch.empty(maskf.numel(), dtype=torch.float32, device=pred.device)
+    _mae_fwd[(maskf.numel(),)](pred, imgs, maskf, losses, pred.stride(0), pred.stride(1), *imgs.stride(),
+                               length, gw, c, patch_size, p, eps, NORM_PIX=norm_pix, **launch_config(p).kwargs())
+    return losses.sum() / total
+
+
+def _backward(grad, pred, imgs, mask, patch_size, norm_pix, eps):
+    """The kernel's backward: d(pred), contiguous, in pred's dtype."""
+    length, gw, c, p = _check(pred, imgs, mask, patch_size)
+    if pred.stride(-1) != 1:
+        pred = pred.contiguous()
+    maskf, total = _masked(mask)
+    scale = (grad.to(torch.float32) / total).reshape(1)
+    dpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    _mae_bwd[(maskf.numel(),)](pred, imgs, maskf, scale, dpred, pred.stride(0), pred.stride(1), *imgs.stride(),
+                               dpred.stride(0), dpred.stride(1), length, gw, c, patch_size, p, eps,
+                               NORM_PIX=norm_pix, **launch_config(p).kwargs())
+    return dpred
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, p*p*C), patches row-major, (row, col, channel) inside a patch
+    (facebookresearch/mae's layout, for any channel count)."""
+    b, c, h, w = imgs.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {p}")
+    x = imgs.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def _target(pred, imgs, patch_size, norm_pix, eps):
+    target = patchify(imgs, patch_size).to(pred.dtype)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps) ** 0.5
+    return target
 
 
 def mae_loss_ref(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6):
-    """Plain torch reference: patchify, normalise, MSE, masked mean (facebookresearch/mae);
-    the same function cxrfast.ops runs when the kernel is not used."""
-    from cxrfast.ops import mae_loss_torch
+    """Plain torch reference: patchify, normalise, MSE, masked mean (facebookresearch/mae),
+    in pred's dtype; what cxrfast.ops runs when the kernel is not used."""
+    loss = ((pred - _target(pred, imgs, patch_size, norm_pix, eps)) ** 2).mean(dim=-1)
+    mask = mask.to(loss.dtype)
+    return (loss * mask).sum() / mask.sum()
 
-    return mae_loss_torch(pred, imgs, mask, patch_size, norm_pix, eps)
+
+def _backward_ref(grad, pred, imgs, mask, patch_size, norm_pix, eps):
+    """d(mae_loss_ref)/d(pred): 2 (pred - target) / P, masked, over the masked count."""
+    mask = mask.to(pred.dtype)
+    d = pred - _target(pred, imgs, patch_size, norm_pix, eps)
+    return (d * (2.0 / pred.shape[-1]) * mask[..., None] * (grad.to(pred.dtype) / mask.sum())).contiguous()
+
+
+def _loss_impl(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+               eps: float, kernel: bool) -> torch.Tensor:
+    """The masked MAE loss, a scalar: fp32 from the kernel, pred's dtype from the reference."""
+    if kernel:
+        return _forward(pred, imgs, mask, patch_size, norm_pix, eps)
+    with no_autocast(pred.device):
+        return mae_loss_ref(pred, imgs, mask, patch_size, norm_pix, eps)
+
+
+def _loss_bwd_impl(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                   norm_pix: bool, eps: float, kernel: bool) -> torch.Tensor:
+    """d(loss)/d(pred), contiguous, in pred's dtype."""
+    if kernel:
+        return _backward(grad, pred, imgs, mask, patch_size, norm_pix, eps)
+    with no_autocast(pred.device):
+        return _backward_ref(grad, pred, imgs, mask, patch_size, norm_pix, eps)
+
+
+def _loss_fake(pred, imgs, mask, patch_size, norm_pix, eps, kernel):
+    return pred.new_empty((), dtype=torch.float32 if kernel else pred.dtype)
+
+
+def _loss_bwd_fake(grad, pred, imgs, mask, patch_size, norm_pix, eps, kernel):
+    return pred.new_empty(pred.shape)
+
+
+mae_loss_backward_op = define("mae_loss_backward", _loss_bwd_impl, _loss_bwd_fake)
+
+
+def _loss_setup(ctx, inputs, output):
+    pred, imgs, mask, *args = inputs
+    ctx.save_for_backward(pred, imgs, mask)
+    ctx.args = args
+
+
+def _loss_grad(ctx, grad):
+    pred, imgs, mask = ctx.saved_tensors
+    return mae_loss_backward_op(grad, pred, imgs, mask, *ctx.args), None, None, None, None, None, None
+
+
+mae_loss_op = define("mae_loss", _loss_impl, _loss_fake, _loss_grad, _loss_setup)
+
+
+def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool = True,
+             eps: float = 1e-6, *, kernel: bool = True) -> torch.Tensor:
+    """Mean squared error over masked patches, as the op ``cxrfast::mae_loss``; gradient with
+    respect to ``pred`` only. ``kernel=False`` runs the same op's torch reference."""
+    _check(pred, imgs, mask, patch_size, kernel)
+    return mae_loss_op(pred, imgs, mask, int(patch_size), bool(norm_pix), float(eps), kernel)
