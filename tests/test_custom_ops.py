@@ -59,11 +59,21 @@ def test_opcheck_mae_loss(kernel, norm_pix):
     torch.library.opcheck(mae_loss_op, (pred, imgs, mask, 16, norm_pix, 1e-6, kernel))
 
 
-def test_layer_norm_reference_op_against_float64():
+@pytest.fixture
+def reference_ops():
+    """The custom ops with their torch references (the CPU registration), then back to auto."""
+    from cxrfast import ops
+
+    ops.set_backend("reference")
+    yield
+    ops.set_backend("auto")
+
+
+def test_layer_norm_reference_op_against_float64(reference_ops):
     x, r, w, b = (torch.randn(s, dtype=torch.float64) for s in ((4, 3, 130), (4, 3, 130), 130, 130))
     ins = [t.float().requires_grad_() for t in (x, r, w, b)]
     ref_ins = [t.clone().requires_grad_() for t in (x, r, w, b)]
-    y, h = ops.add_layer_norm(*ins)  # auto on CPU: cxrfast::add_layer_norm, kernel=False
+    y, h = ops.add_layer_norm(*ins)  # cxrfast::add_layer_norm, kernel=False
     ry, rh = layer_norm_ref(ref_ins[0], ref_ins[2], ref_ins[3], 1e-6, residual=ref_ins[1])
     torch.testing.assert_close(y.double(), ry, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h.double(), rh, atol=1e-6, rtol=1e-6)
@@ -97,7 +107,7 @@ def test_attention_reference_op_against_float64(mode):
         torch.testing.assert_close(g.double(), gr, atol=1e-5, rtol=1e-5)
 
 
-def test_mae_loss_reference_op_gradient_is_autograd_of_the_reference():
+def test_mae_loss_reference_op_gradient_is_autograd_of_the_reference(reference_ops):
     imgs = torch.randn(3, 2, 15, 10, dtype=torch.float64)
     pred = torch.randn(3, 6, 50, dtype=torch.float64, requires_grad=True)
     mask = (torch.rand(3, 6) < 0.5).double()
@@ -121,7 +131,7 @@ def _step(model, imgs):
     return loss.detach()
 
 
-def test_training_step_compiles_with_no_graph_break():
+def test_training_step_compiles_with_no_graph_break(reference_ops):
     """MAE forward + loss (explain: 0 breaks, the cxrfast ops in the graph) and its backward
     (AOTAutograd's traced backward holds the ops' backward ops); gradients equal eager's."""
     from functorch.compile import make_boxed_func
