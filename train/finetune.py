@@ -140,7 +140,10 @@ def resolve_pretrained(cfg: FinetuneConfig, explicit: set[str]) -> tuple[Finetun
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cfg: FinetuneConfig):
-    """Mixup or CutMix of a batch (global RNG, so exact resume still holds)."""
+    """Mixup or CutMix of a batch (global RNG, so exact resume still holds).
+
+    Its bool/float/int reads are of CPU tensors from the global CPU generator: host values,
+    not device syncs (the batch itself is only indexed and blended on the device)."""
     use_cutmix = cfg.cutmix > 0 and (cfg.mixup <= 0 or bool(torch.rand(()) < 0.5))
     alpha = cfg.cutmix if use_cutmix else cfg.mixup
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
