@@ -5,6 +5,10 @@ warmup + cosine lr per iteration, gradient accumulation, DDP and torch.compile, 
 autocast on CUDA, the non-finite-loss guard, atomic checkpoints with exact resume (model,
 optimizer, data position, RNG states, job state), the progress bar, JSONL and TensorBoard
 logs, and a final check that every rank holds the same parameters.
+
+The pieces: :func:`restore` (resume), :func:`make_optimizer`, :func:`train_step` (the step
+itself, free of host syncs), :class:`Loop` (the epoch loop: check steps, logs, checkpoints,
+epoch ends) and :func:`run`, which strings them together.
 """
 from __future__ import annotations
 
@@ -103,7 +107,7 @@ def _on_any_rank(flag: torch.Tensor, rt: runtime.Runtime) -> bool:
     """True on every rank when ``flag`` (a 0/1 int tensor on the device) is set on any rank."""
     if rt.distributed:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # one tiny collective
-    return bool(flag.item())  # host-device sync: the stop decision is taken on the host
+    return bool(flag.item())  # host sync: the stop decision is taken on the host (check steps only)
 
 
 def params_not_finite(model: torch.nn.Module) -> torch.Tensor:
@@ -143,6 +147,7 @@ class Job:
     job_state: Callable[[], dict] = dict  # extra state for checkpoints (e.g. best metric)
     load_job_state: Callable[[dict], None] = lambda state: None
     batches: Optional[Callable[[ResumableSampler], Any]] = None  # a GPU loader; None: a DataLoader over dataset
+    loader: str = ""  # the loader's name in the data-wait warning (default: the DataLoader's description)
 
 
 def launch(cfg: LoopConfig, body: Callable[[runtime.Runtime], dict]) -> dict:
@@ -210,152 +215,261 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device, non_blocking=True)
 
 
-def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job, resumed: Resumed | None) -> dict:
-    """Trains ``job`` from the start or from ``resumed`` (:func:`read_resume`); returns the summary."""
-    out = Path(cfg.output_dir)
-    check_batch(len(job.dataset), cfg, rt.world_size)  # the job checked it before start; kept for other callers
-    sampler = ResumableSampler(len(job.dataset), rank=rt.rank, world_size=rt.world_size, seed=cfg.seed)
-    per_step = cfg.batch_size * cfg.accum_iter
-    steps_per_epoch = len(sampler.indices()) // per_step
-    model = job.model
+NO_BAD = 2 ** 62  # Guard.first_bad when every loss so far was finite
+
+
+class Guard:
+    """The non-finite-loss guard, kept on the device so the step never waits for the host
+    (like GradScaler's ``found_inf``): it records the first optimizer step whose loss was
+    NaN/inf, and the last micro-batch's loss for the log. The host reads it only at check
+    steps (logging steps, checkpoint steps, epoch ends): a run stops there, at most
+    ``log_every - 1`` steps after the bad one, and nothing is written in between."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), NO_BAD, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+        self.loss = torch.full((), float("nan"), device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) & (self.first_bad == NO_BAD)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.bad_loss = torch.where(new, loss, self.bad_loss)
+        self.loss = loss
+
+    def first_bad_step(self, rt: runtime.Runtime) -> int | None:
+        """The first step with a non-finite loss on any rank (every rank gets the same answer)."""
+        first = self.first_bad.clone()
+        if rt.distributed:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)  # check steps only
+        step = int(first.item())  # host sync: check steps only
+        return None if step == NO_BAD else step
+
+
+def make_optimizer(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> tuple[torch.optim.Optimizer, float]:
+    """AdamW over the job's parameter groups and the base lr. Fused on CPU too: the unfused
+    step reads its step counters with ``.item()``, the fused one keeps them in tensors."""
     base_lr = schedule.effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, rt.world_size)
-    optimizer = torch.optim.AdamW(job.param_groups, lr=base_lr, betas=tuple(cfg.betas), fused=rt.device.type == "cuda")
+    return torch.optim.AdamW(job.param_groups, lr=base_lr, betas=tuple(cfg.betas), fused=True), base_lr
 
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    resume_path = None
-    if resumed is not None:
-        resume_path, state = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        rngs = state["rng"]
-        runtime.set_rng_state(checkpoints.rng_from_saved(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0]))
-        job.load_job_state(state.get("job", {}))
-        del state, resumed
-        logs.announce(f"resumed from {resume_path} at epoch {epoch}, step {global_step}", rt.main)
 
-    net = DistributedDataParallel(model) if rt.distributed else model
-    if cfg.compile:
-        net = torch.compile(net)
-    log = logs.MetricsLog(out, enabled=rt.main, resume_step=global_step if resume_path is not None else None)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    bar = logs.progress(total_steps, global_step, rt.main, job.kind)
+@dataclass
+class Position:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
 
-    good = resume_path  # the newest checkpoint known to hold finite parameters, on every rank
 
-    def ensure_finite() -> None:
+def restore(resumed: Resumed | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: Job,
+            rt: runtime.Runtime) -> tuple[Position, Path | None]:
+    """Loads model, optimizer, RNG and job state from ``resumed``; the position to go on from."""
+    if resumed is None:
+        return Position(), None
+    path, state = resumed
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rngs = state["rng"]
+    runtime.set_rng_state(checkpoints.rng_from_saved(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0]))
+    job.load_job_state(state.get("job", {}))
+    pos = Position(state["epoch"], state["step_in_epoch"], state["global_step"])
+    logs.announce(f"resumed from {path} at epoch {pos.epoch}, step {pos.global_step}", rt.main)
+    return pos, path
+
+
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch: Callable[[], Any],
+               loss_fn: Callable, guard: Guard, *, step: int, lr: float, cfg: LoopConfig, rt: runtime.Runtime,
+               poison: bool = False) -> None:
+    """The training step: ``cfg.accum_iter`` micro-batches, then one optimizer step.
+
+    It makes no device-to-host sync: a non-finite loss only sets ``guard``'s device flag
+    (read at check steps), and the loss stays on the device. ``step`` is the optimizer
+    step being made (1-based); ``poison`` turns its loss NaN (the tests' fault injection).
+    """
+    for micro in range(cfg.accum_iter):
+        batch = _to_device(next_batch(), rt.device)
+        last = micro == cfg.accum_iter - 1
+        with contextlib.nullcontext() if last or not rt.distributed else net.no_sync():
+            with runtime.autocast(rt.device):
+                loss = loss_fn(net, batch)
+            if poison:
+                loss = loss * float("nan")
+            guard.record(loss, step)
+            (loss / cfg.accum_iter).backward()
+    schedule.apply(optimizer, lr)
+    if cfg.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)  # no sync (error_if_nonfinite off)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class Loop:
+    """The epoch loop around :func:`train_step`: checks, logs, checkpoints, epoch ends."""
+
+    def __init__(self, cfg: LoopConfig, rt: runtime.Runtime, job: Job, resumed: Resumed | None):
+        self.cfg, self.rt, self.job, self.model = cfg, rt, job, job.model
+        self.out = Path(cfg.output_dir)
+        self.sampler = ResumableSampler(len(job.dataset), rank=rt.rank, world_size=rt.world_size, seed=cfg.seed)
+        self.per_step = cfg.batch_size * cfg.accum_iter
+        self.steps_per_epoch = len(self.sampler.indices()) // self.per_step
+        self.optimizer, self.base_lr = make_optimizer(cfg, rt, job)
+        self.pos, resume_path = restore(resumed, self.model, self.optimizer, job, rt)
+        self.good = resume_path  # the newest checkpoint known to hold finite parameters, on every rank
+        self.net = DistributedDataParallel(self.model) if rt.distributed else self.model
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.log = logs.MetricsLog(self.out, enabled=rt.main,
+                                   resume_step=self.pos.global_step if resume_path is not None else None)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.bar = logs.progress(self.total_steps, self.pos.global_step, rt.main, job.kind)
+        self.guard = Guard(rt.device)
+        self.workers = 0 if getattr(job.dataset, "in_process", False) else cfg.num_workers
+        name = job.loader or (f"torch DataLoader over {type(job.dataset).__name__}, {self.workers} worker processes"
+                              if job.batches is None else "the job's batches")
+        self.wait = logs.DataWait(rt.device, name)
+        self.peak = logs.peak_flops(rt.device)
+        self.flops = logs.train_flops(self.model) if self.peak else None
+        self.fault_step = _injected_fault(rt.rank)
+        self.last_path: Path | None = None
+        self.logged_at, self.t_last, self.seen = self.pos.global_step, time.perf_counter(), 0
+
+    def loader(self):
+        if self.job.batches is not None:
+            return self.job.batches(self.sampler)
+        # prepared shards are cropped by native threads in this process (workers would only add
+        # shared-memory copies); image files are decoded in worker processes
+        return DataLoader(self.job.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
+                          num_workers=self.workers, collate_fn=collate, drop_last=True,
+                          pin_memory=self.rt.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.cfg.seed))  # leaves the global RNG untouched
+
+    def run_epoch(self) -> None:
+        """The rest of the current epoch: its training steps, then (if reached) its end."""
+        pos, cfg = self.pos, self.cfg
+        self.sampler.set_epoch(pos.epoch, start=pos.step_in_epoch * self.per_step)
+        if pos.step_in_epoch < self.steps_per_epoch:  # else a checkpoint from before an epoch end (older cxrfast)
+            batches = iter(self.loader())
+            self.net.train()
+            while pos.step_in_epoch < self.steps_per_epoch and pos.global_step < self.total_steps:
+                lr = schedule.lr_at(pos.epoch + pos.step_in_epoch / self.steps_per_epoch, self.base_lr, cfg.min_lr,
+                                    cfg.warmup_epochs, cfg.epochs)
+                train_step(self.net, self.optimizer, lambda: self.wait.fetch(batches), self.job.loss, self.guard,
+                           step=pos.global_step + 1, lr=lr, cfg=cfg, rt=self.rt,
+                           poison=self.fault_step == pos.global_step + 1)
+                pos.global_step += 1
+                pos.step_in_epoch += 1
+                self.seen += self.per_step
+                self.bar.update(1)
+                self.after_step(lr)
+            del batches
+        if pos.step_in_epoch >= self.steps_per_epoch:
+            self.end_epoch()
+
+    def after_step(self, lr: float) -> None:
+        """Check steps (logging, checkpoint, epoch end) read the guard; nothing else syncs."""
+        step, cfg = self.pos.global_step, self.cfg
+        log_now = step % cfg.log_every == 0 or step == self.total_steps
+        epoch_end = self.pos.step_in_epoch >= self.steps_per_epoch  # end_epoch writes this step's checkpoint
+        save_now = not epoch_end and (step % cfg.save_every == 0 or step == self.total_steps)
+        if log_now or save_now or epoch_end:
+            self.check_loss()
+        if log_now:
+            self.log_step(lr)
+        if save_now:
+            self.last_path = self.checkpoint()
+
+    def check_loss(self) -> None:
+        """Stops every rank together when a loss since the last check was not finite."""
+        bad = self.guard.first_bad_step(self.rt)
+        if bad is None:
+            return
+        self.bar.close()  # the error then starts on its own line
+        where = (f"loss is {self.guard.bad_loss.item()}" if not self.rt.distributed
+                 else f"loss is not finite on at least one of {self.rt.world_size} ranks")
+        raise NonFiniteLoss(f"{where} at step {bad} (epoch {self.pos.epoch}); stopping. {last_good_text(self.good)}; "
+                            "try a lower lr or --clip_grad.")
+
+    def log_step(self, lr: float) -> None:
+        step = self.pos.global_step
+        mean_loss = runtime.mean_across_ranks(self.guard.loss.clone()).item()  # host sync: logging steps only
+        timing = self.wait.window(step - self.logged_at)
+        now = time.perf_counter()
+        ips = self.seen * self.rt.world_size / (now - self.t_last)
+        extra = {}
+        if self.flops:  # per rank: its images times the FLOPs per image, against its card's peak
+            extra["mfu"] = round(self.seen * self.flops / (now - self.t_last) / self.peak, 4)
+        warning = self.wait.warning(timing, self.logged_at + 1, step) if self.rt.main else None
+        self.logged_at, self.t_last, self.seen = step, now, 0
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}",
+                             wait=f"{100 * timing['data_wait_frac']:.0f}%", **{k: f"{v:.1%}" for k, v in extra.items()})
+        if warning:
+            self.bar.write(warning, file=sys.stderr)
+        self.log.write(step, epoch=self.pos.epoch, loss=mean_loss, lr=lr, images_per_s=round(ips, 1), **timing,
+                       **extra)
+
+    def ensure_finite(self) -> None:
         """Stops every rank before anything (validation, best.pth, a checkpoint) uses exploded parameters."""
         try:
-            require_finite(model, rt, f"parameters are not finite after step {global_step} (epoch {epoch}): the "
-                                      f"update exploded, so nothing was saved from it. {last_good_text(good)}; try "
-                                      "a lower lr or --clip_grad.")
+            require_finite(self.model, self.rt, f"parameters are not finite after step {self.pos.global_step} "
+                                                 f"(epoch {self.pos.epoch}): the update exploded, so nothing was "
+                                                 f"saved from it. {last_good_text(self.good)}; try a lower lr or "
+                                                 "--clip_grad.")
         except NonFiniteLoss:
-            bar.close()  # the error then starts on its own line
+            self.bar.close()
             raise
 
-    def checkpoint(checked: bool = False) -> Path:
+    def checkpoint(self, checked: bool = False) -> Path:
         """Writes a checkpoint (rank 0) unless the parameters went non-finite; every rank calls it."""
-        nonlocal good
         if not checked:
-            ensure_finite()
+            self.ensure_finite()
         rngs = [runtime.rng_state()]
-        if rt.distributed:  # every rank joins the gather; only rank 0 writes
-            rngs = [None] * rt.world_size
+        if self.rt.distributed:  # every rank joins the gather; only rank 0 writes
+            rngs = [None] * self.rt.world_size
             torch.distributed.all_gather_object(rngs, runtime.rng_state())
-        good = checkpoints.path_for(out, global_step)
-        if not rt.main:
-            return good
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                 "step_in_epoch": step_in_epoch, "global_step": global_step,
-                 "rng": [checkpoints.rng_to_saved(r) for r in rngs], "job": job.job_state(),
-                 "config": config.to_dict(cfg), "kind": job.kind}
-        path = checkpoints.save(out, global_step, state, cfg.keep_last)
-        config.save(cfg, out / "config.json")
+        pos = self.pos
+        self.good = checkpoints.path_for(self.out, pos.global_step)
+        if not self.rt.main:
+            return self.good
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": pos.epoch,
+                 "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
+                 "rng": [checkpoints.rng_to_saved(r) for r in rngs], "job": self.job.job_state(),
+                 "config": config.to_dict(self.cfg), "kind": self.job.kind}
+        path = checkpoints.save(self.out, pos.global_step, state, self.cfg.keep_last)
+        config.save(self.cfg, self.out / "config.json")
         return path
 
-    fault_step = _injected_fault(rt.rank)
-    last_path, loss_value, t_last, seen = None, float("nan"), time.perf_counter(), 0
-    while epoch < cfg.epochs and global_step < total_steps:
-        sampler.set_epoch(epoch, start=step_in_epoch * per_step)
-        if step_in_epoch >= steps_per_epoch:
-            loader = ()  # a checkpoint written before its epoch's end (older cxrfast): only the end is left
-        elif job.batches is not None:
-            loader = job.batches(sampler)
-        else:
-            # prepared shards are cropped by native threads in this process (workers would only
-            # add shared-memory copies); image files are decoded in worker processes
-            workers = 0 if getattr(job.dataset, "in_process", False) else cfg.num_workers
-            loader = DataLoader(job.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-                                collate_fn=collate, drop_last=True, pin_memory=rt.device.type == "cuda",
-                                generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG untouched
-        net.train()
-        micro = 0
-        for batch in loader:
-            batch = _to_device(batch, rt.device)
-            final_micro = (micro + 1) % cfg.accum_iter == 0
-            sync = contextlib.nullcontext() if final_micro or not rt.distributed else net.no_sync()
-            with sync:
-                with runtime.autocast(rt.device):
-                    loss = job.loss(net, batch)
-                if fault_step == global_step + 1:
-                    loss = loss * float("nan")
-                bad = (~torch.isfinite(loss.detach())).to(torch.int32)
-                if _on_any_rank(bad, rt):  # every rank stops here together, none waits in a collective
-                    bar.close()
-                    where = (f"loss is {loss.item()}" if not rt.distributed
-                             else f"loss is not finite on at least one of {rt.world_size} ranks")
-                    raise NonFiniteLoss(f"{where} at step {global_step + 1} (epoch {epoch}); stopping. "
-                                        f"{last_good_text(good)}; try a lower lr or --clip_grad.")
-                loss_value = loss.item()  # for the log; cheap, the flag's sync above already waited for it
-                (loss / cfg.accum_iter).backward()
-            micro += 1
-            seen += cfg.batch_size
-            if not final_micro:
-                continue
-            lr = schedule.lr_at(epoch + step_in_epoch / steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-            schedule.apply(optimizer, lr)
-            if cfg.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            step_in_epoch += 1
-            bar.update(1)
-            if global_step % cfg.log_every == 0 or global_step == total_steps:
-                mean_loss = runtime.mean_across_ranks(torch.tensor(loss_value)).item()
-                now = time.perf_counter()
-                ips = seen * rt.world_size / (now - t_last)
-                t_last, seen = now, 0
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
-                log.write(global_step, epoch=epoch, loss=mean_loss, lr=lr, images_per_s=round(ips, 1))
-            if step_in_epoch >= steps_per_epoch:
-                break  # the epoch end below validates and writes this step's checkpoint
-            if global_step % cfg.save_every == 0 or global_step == total_steps:
-                last_path = checkpoint()
-            if global_step >= total_steps:
-                break
-        if step_in_epoch >= steps_per_epoch:
-            ensure_finite()  # validation and best.pth never see exploded parameters
-            epoch += 1
-            step_in_epoch = 0
-            metrics = job.on_epoch_end(epoch, global_step)
-            if metrics:
-                log.write(global_step, epoch=epoch, **metrics)
-            # every epoch end is a resume point, written after its validation and best.pth with
-            # the position of the next epoch, so a resume never repeats the epoch end
-            last_path = checkpoint(checked=True)  # validation does not change the parameters
-    bar.close()
+    def end_epoch(self) -> None:
+        self.ensure_finite()  # validation and best.pth never see exploded parameters
+        self.pos.epoch += 1
+        self.pos.step_in_epoch = 0
+        metrics = self.job.on_epoch_end(self.pos.epoch, self.pos.global_step)
+        if metrics:
+            self.log.write(self.pos.global_step, epoch=self.pos.epoch, **metrics)
+        # every epoch end is a resume point, written after its validation and best.pth with the
+        # position of the next epoch, so a resume never repeats the epoch end
+        self.last_path = self.checkpoint(checked=True)  # validation does not change the parameters
+
+
+def run(cfg: LoopConfig, rt: runtime.Runtime, job: Job, resumed: Resumed | None) -> dict:
+    """Trains ``job`` from the start or from ``resumed`` (:func:`read_resume`); returns the summary."""
+    check_batch(len(job.dataset), cfg, rt.world_size)  # the job checked it before start; kept for other callers
+    loop = Loop(cfg, rt, job, resumed)
+    del resumed
+    while loop.pos.epoch < cfg.epochs and loop.pos.global_step < loop.total_steps:
+        loop.run_epoch()
+    loop.bar.close()
+    out, last_path = loop.out, loop.last_path
     if last_path is None and rt.main:
         last_path = checkpoints.latest(out)
-    agree, sums = runtime.checksums_agree(model)
-    summary = {"steps": global_step, "epochs_done": epoch, "final_loss": loss_value,
+    agree, sums = runtime.checksums_agree(job.model)
+    summary = {"steps": loop.pos.global_step, "epochs_done": loop.pos.epoch,
+               "final_loss": loop.guard.loss.item(),  # host sync, once at the end
                "checkpoint": str(last_path) if last_path else None, "world_size": rt.world_size,
                "ranks_agree": agree, "param_checksums": sums}
     if rt.main:
         atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
-        log.close()
+        loop.log.close()
     if not agree:
         raise RuntimeError(f"ranks disagree after training: parameter checksums {sums}")
     return summary

@@ -140,7 +140,10 @@ def resolve_pretrained(cfg: FinetuneConfig, explicit: set[str]) -> tuple[Finetun
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cfg: FinetuneConfig):
-    """Mixup or CutMix of a batch (global RNG, so exact resume still holds)."""
+    """Mixup or CutMix of a batch (global RNG, so exact resume still holds).
+
+    Its bool/float/int reads are of CPU tensors from the global CPU generator: host values,
+    not device syncs (the batch itself is only indexed and blended on the device)."""
     use_cutmix = cfg.cutmix > 0 and (cfg.mixup <= 0 or bool(torch.rand(()) < 0.5))
     alpha = cfg.cutmix if use_cutmix else cfg.mixup
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
@@ -180,12 +183,12 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> torch.nn.Module:
 
 def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -> dict:
     out = Path(cfg.output_dir)  # made (with config.json) only once the inputs are known to be good
-    batches = None
+    batches, backend = None, ""
     if is_prepared(cfg.data):
         names, parts = labelled.load_prepared(cfg.data, cfg.label_fraction, cfg.seed)
         if not len(parts["train"]):
             raise config.UsageError(f"--data {cfg.data}: the training split is empty")
-        dataset, _, batches = engine.prepared_input(cfg, parts["train"], rt, with_labels=True)
+        dataset, backend, batches = engine.prepared_input(cfg, parts["train"], rt, with_labels=True)
         val = PreparedDataset(parts["val"], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
                               with_labels=True) if len(parts["val"]) else None
         val_labels = parts["val"].labels
@@ -239,7 +242,8 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
 
     job = engine.Job("finetune", model, dataset, param_groups(model, cfg.weight_decay, cfg.layer_decay),
                      loss=make_loss(cfg), on_epoch_end=on_epoch_end, job_state=lambda: dict(best),
-                     load_job_state=lambda s: best.update(s), batches=batches)
+                     load_job_state=lambda s: best.update(s), batches=batches,
+                     loader=f"{backend} loader over prepared shards" if backend else "")
     summary = engine.run(cfg, rt, job, resumed)
     if val is not None and best["epoch"] == 0:  # stopped (max_steps) before any epoch ended: judge the
         on_epoch_end(summary["epochs_done"], summary["steps"])  # final model (every rank takes part)

@@ -6,7 +6,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
+import torch
 from tqdm import tqdm
 
 from cxrfast import atomic
@@ -80,3 +82,114 @@ def announce(message: str, enabled: bool = True) -> None:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+WAIT_WARN = 0.05  # warn when the loader holds the device back more than this fraction of the time
+
+
+class DataWait:
+    """How long the training step waits for its data, measured between logging steps.
+
+    ``fetch`` wraps each ``next(batches)``: host time blocked in it is the wait on CPU. On
+    CUDA the host runs ahead of the GPU, so a host wait is idle GPU time only when the GPU
+    queue ran dry: there the wait is the gap between a CUDA event recorded before the fetch
+    and one recorded after it, read (a host sync) only in :meth:`window`, at logging steps.
+    """
+
+    def __init__(self, device: torch.device, loader: str):
+        self.cuda = device.type == "cuda"
+        self.loader = loader
+        self.warned = False
+        self._host = 0.0
+        self._events: list = []
+        self._start = time.perf_counter()
+
+    def fetch(self, batches: Iterator) -> Any:
+        """next(batches), timed; StopIteration passes through."""
+        if self.cuda:
+            before = torch.cuda.Event(enable_timing=True)
+            before.record()
+        t = time.perf_counter()
+        try:
+            return next(batches)
+        finally:
+            self._host += time.perf_counter() - t
+            if self.cuda:
+                after = torch.cuda.Event(enable_timing=True)
+                after.record()
+                self._events.append((before, after))
+
+    def window(self, steps: int) -> dict:
+        """Per-step wall and wait time (ms) since the last call, and the wait's fraction."""
+        now = time.perf_counter()
+        wall = now - self._start
+        if self.cuda:
+            torch.cuda.synchronize()  # host sync: a logging step; every event is then complete
+            wait = sum(b.elapsed_time(a) for b, a in self._events) / 1000
+        else:
+            wait = self._host
+        self._host, self._events, self._start = 0.0, [], now
+        steps = max(steps, 1)
+        return {"step_ms": round(1000 * wall / steps, 2), "data_wait_ms": round(1000 * wait / steps, 2),
+                "data_wait_frac": round(wait / wall, 4) if wall > 0 else 0.0}
+
+    def warning(self, timing: dict, first: int, last: int) -> str | None:
+        """The one warning (given once per run) when the loader held the step back > 5%."""
+        if self.warned or timing["data_wait_frac"] <= WAIT_WARN:
+            return None
+        self.warned = True
+        return (f"warning: the data loader ({self.loader}) held the {'GPU' if self.cuda else 'device'} back "
+                f"{100 * timing['data_wait_frac']:.0f}% of the time in steps {first}-{last} (more than "
+                f"{100 * WAIT_WARN:.0f}%); use prepared shards with --loader dali or torch, or more --num_workers")
+
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
+               "RTX 4090": 165.0}  # dense bf16 tensor-core peaks (datasheets; H100 PCIe is lower: 756)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak in FLOP/s, from its name; None off CUDA or for an unknown card."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def blocks_flops(tokens: int, dim: int, depth: int, mlp_hidden: int) -> int:
+    """Forward matmul FLOPs of ``depth`` ViT blocks on ``tokens`` tokens of width ``dim``:
+    qkv, projection and the two MLP layers (2 FLOPs per multiply-add), plus attention's QK^T
+    and AV (4 T^2 D). LayerNorm, softmax, GELU and adds are left out, as flop counters do."""
+    per_block = 2 * tokens * dim * (4 * dim + 2 * mlp_hidden) + 4 * tokens * tokens * dim
+    return depth * per_block
+
+
+def patch_flops(model: torch.nn.Module) -> int:
+    """Forward FLOPs per image of the patch embedding."""
+    pe = model.patch_embed
+    return 2 * pe.num_patches * pe.proj.in_channels * pe.patch_size ** 2 * pe.proj.out_channels
+
+
+def forward_flops(model: torch.nn.Module) -> int:
+    """Forward FLOPs per image of an MAE or a classifier, from its configuration (one ViT formula)."""
+    pe = model.patch_embed
+    n, dim = pe.num_patches, pe.proj.out_channels
+    hidden = model.blocks[0].mlp.fc1.out_features
+    flops = patch_flops(model)
+    if hasattr(model, "decoder_blocks"):  # MAE: encoder on the visible patches, decoder on all
+        visible = int(n * (1 - model.mask_ratio)) + 1
+        ddim = model.decoder_embed.out_features
+        flops += blocks_flops(visible, dim, len(model.blocks), hidden) + 2 * visible * dim * ddim
+        flops += blocks_flops(n + 1, ddim, len(model.decoder_blocks), model.decoder_blocks[0].mlp.fc1.out_features)
+        return flops + 2 * (n + 1) * ddim * model.decoder_pred.out_features
+    return flops + blocks_flops(n + 1, dim, len(model.blocks), hidden) + 2 * dim * model.head.out_features
+
+
+def train_flops(model: torch.nn.Module) -> int:
+    """FLOPs per image of one training step: the forward, and a backward of twice that, less
+    the patch embedding's input gradient (the image needs none)."""
+    return 3 * forward_flops(model) - patch_flops(model)

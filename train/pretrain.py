@@ -67,6 +67,11 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
                norm_pix_loss=cfg.norm_pix_loss, mask_ratio=cfg.mask_ratio)
 
 
+def mae_loss(net: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """The pretraining loss: the MAE's masked-patch reconstruction error (its first output)."""
+    return net(imgs)[0]
+
+
 def main(argv: list[str] | None = None) -> dict:
     with config.user_errors():
         return _main(argv)
@@ -92,7 +97,7 @@ def _main(argv: list[str] | None) -> dict:
 
 def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
     out = Path(cfg.output_dir)  # made (with config.json) only once the inputs are known to be good
-    batches = None
+    batches, backend = None, ""
     if is_prepared(cfg.data):  # prepared shards: memmap, augmentation by the chosen backend
         prepared = PreparedData(cfg.data)
         dataset, backend, batches = engine.prepared_input(cfg, prepared, rt, with_labels=False)
@@ -121,7 +126,8 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
         return {}
 
     job = engine.Job("pretrain", model, dataset, param_groups(model, cfg.weight_decay),
-                     loss=lambda net, imgs: net(imgs)[0], on_epoch_end=on_epoch_end, batches=batches)
+                     loss=mae_loss, on_epoch_end=on_epoch_end, batches=batches,
+                     loader=f"{backend} loader over prepared shards" if backend else "")
     summary = engine.run(cfg, rt, job, resumed)
     if rt.main:
         picture = save_reconstructions(model, preview, rt.device, out / "reconstructions" / "final.png")
