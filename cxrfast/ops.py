@@ -20,6 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kernels.patches import patchify, unpatchify  # noqa: F401  (the model's patch layout, re-exported)
+
 _BACKENDS = ("auto", "torch", "triton", "reference")
 _backend = os.environ.get("CXRFAST_OPS", "auto")
 if _backend not in _BACKENDS:
@@ -96,28 +98,6 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
             return kln.layer_norm(x, weight, bias, eps, residual=residual, kernel=kernel)
     h = x + residual
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
-
-
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, p*p*C), patches row-major, (row, col, channel) inside a patch
-    (facebookresearch/mae's layout, for any channel count)."""
-    b, c, h, w = imgs.shape
-    p = patch_size
-    if h % p or w % p:
-        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {p}")
-    x = imgs.reshape(b, c, h // p, p, w // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`patchify`: (B, L, p*p*C) -> (B, C, H, W)."""
-    b = x.shape[0]
-    p = patch_size
-    gh, gw = grid
-    x = x.reshape(b, gh, gw, p, p, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(b, channels, gh * p, gw * p)
 
 
 def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kernels.launch import Config
 from kernels.library import define, no_autocast
+from kernels.patches import patchify
 
 MAX_P = 16384  # values in one patch, p*p*C
 
@@ -122,18 +123,6 @@ def _backward(grad, pred, imgs, mask, patch_size, norm_pix, eps):
                                dpred.stride(0), dpred.stride(1), length, gw, c, patch_size, p, eps,
                                NORM_PIX=norm_pix, **launch_config(p).kwargs())
     return dpred
-
-
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, p*p*C), patches row-major, (row, col, channel) inside a patch
-    (facebookresearch/mae's layout, for any channel count)."""
-    b, c, h, w = imgs.shape
-    p = patch_size
-    if h % p or w % p:
-        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {p}")
-    x = imgs.reshape(b, c, h // p, p, w // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def _target(pred, imgs, patch_size, norm_pix, eps):
