@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.patches import patchify, unpatchify  # noqa: F401  (the model's patch layout, re-exported)
+from kernels.patches import mae_loss_ref, patchify, unpatchify  # noqa: F401  (patchify/unpatchify re-exported)
 
 _BACKENDS = ("auto", "torch", "triton", "reference")
 _backend = os.environ.get("CXRFAST_OPS", "auto")
@@ -70,8 +70,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     if kernel is not None:
         from kernels import attention as ka
 
-        # A kernel over this GPU's shared memory: SDPA
-        if not kernel or ka.fits(q.shape[2], q.shape[-1], q.dtype, device=q.device):
+        # A kernel over this GPU's shared memory, or fp32 on a GPU under auto (the kernel's
+        # IEEE fp32 tiles spill kilobytes there: gpu_static), goes to SDPA
+        fp32_on_gpu = _backend == "auto" and q.dtype == torch.float32
+        if not kernel or (not fp32_on_gpu and ka.fits(q.shape[2], q.shape[-1], q.dtype, device=q.device)):
             return ka.attention(q, k, v, scale=scale, kernel=kernel)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
@@ -105,10 +107,11 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
     """Mean squared error over masked patches (mask: (B, L), 1 = masked), as in
     facebookresearch/mae; with ``norm_pix`` each target patch is normalised by its own mean
     and unbiased variance: (t - mean) / sqrt(var + eps). The torch reference is
-    ``kernels.mae_loss.mae_loss_ref``."""
+    ``kernels.patches.mae_loss_ref``."""
     kernel = _kernel_flag(pred)
-    from kernels import mae_loss as kml
+    if kernel is not None:  # kernels.mae_loss needs Triton; the reference below does not
+        from kernels import mae_loss as kml
 
-    if kernel is None or (kernel and pred.shape[-1] > kml.MAX_P):
-        return kml.mae_loss_ref(pred, imgs, mask, patch_size, norm_pix, eps)
-    return kml.mae_loss(pred, imgs, mask, patch_size, norm_pix, eps, kernel=kernel)
+        if not kernel or pred.shape[-1] <= kml.MAX_P:
+            return kml.mae_loss(pred, imgs, mask, patch_size, norm_pix, eps, kernel=kernel)
+    return mae_loss_ref(pred, imgs, mask, patch_size, norm_pix, eps)

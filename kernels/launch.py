@@ -15,9 +15,11 @@ import torch
 # cudaDevAttrMaxSharedMemoryPerBlockOptin), and per SM, by compute capability
 # (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
 SMEM_PER_BLOCK = {(7, 0): 96 * 1024, (7, 5): 64 * 1024, (8, 0): 163 * 1024, (8, 6): 99 * 1024,
-                  (8, 7): 163 * 1024, (8, 9): 99 * 1024, (9, 0): 227 * 1024}
+                  (8, 7): 163 * 1024, (8, 9): 99 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024,
+                  (12, 0): 99 * 1024}
 SMEM_PER_SM = {(7, 0): 96 * 1024, (7, 5): 64 * 1024, (8, 0): 164 * 1024, (8, 6): 100 * 1024,
-               (8, 7): 164 * 1024, (8, 9): 100 * 1024, (9, 0): 228 * 1024}
+               (8, 7): 164 * 1024, (8, 9): 100 * 1024, (9, 0): 228 * 1024, (10, 0): 228 * 1024,
+               (12, 0): 100 * 1024}
 # Used when no GPU is there to ask and no target is named (CPU, the Triton interpreter):
 # the H100/H200 the project targets, so the interpreter refuses what they would refuse.
 DEFAULT_CAPABILITY = (9, 0)
@@ -56,7 +58,13 @@ def smem_per_block(cap: tuple[int, int] | None = None, device: torch.device | st
             if optin:
                 return int(optin)
         cap = capability(device)
-    if cap not in SMEM_PER_BLOCK:
-        older = [c for c in SMEM_PER_BLOCK if c <= cap]
-        cap = max(older) if older else min(SMEM_PER_BLOCK)
-    return SMEM_PER_BLOCK[cap]
+    return _by_capability(SMEM_PER_BLOCK, cap)
+
+
+def _by_capability(table: dict[tuple[int, int], int], cap: tuple[int, int]) -> int:
+    """The entry for ``cap``; else the nearest older one of the same major version; else the
+    smallest in the table (a capability we do not know must not be assumed generous)."""
+    if cap in table:
+        return table[cap]
+    same_major = [c for c in table if c[0] == cap[0] and c <= cap]
+    return table[max(same_major)] if same_major else min(table.values())

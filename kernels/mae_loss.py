@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels.launch import Config
 from kernels.library import define, no_autocast
-from kernels.patches import patchify
+from kernels.patches import mae_loss_ref, target as _target  # noqa: F401  (mae_loss_ref re-exported)
 
 MAX_P = 16384  # values in one patch, p*p*C
 
@@ -123,23 +123,6 @@ def _backward(grad, pred, imgs, mask, patch_size, norm_pix, eps):
                                dpred.stride(0), dpred.stride(1), length, gw, c, patch_size, p, eps,
                                NORM_PIX=norm_pix, **launch_config(p).kwargs())
     return dpred
-
-
-def _target(pred, imgs, patch_size, norm_pix, eps):
-    target = patchify(imgs, patch_size).to(pred.dtype)
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + eps) ** 0.5
-    return target
-
-
-def mae_loss_ref(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6):
-    """Plain torch reference: patchify, normalise, MSE, masked mean (facebookresearch/mae),
-    in pred's dtype; what cxrfast.ops runs when the kernel is not used."""
-    loss = ((pred - _target(pred, imgs, patch_size, norm_pix, eps)) ** 2).mean(dim=-1)
-    mask = mask.to(loss.dtype)
-    return (loss * mask).sum() / mask.sum()
 
 
 def _backward_ref(grad, pred, imgs, mask, patch_size, norm_pix, eps):

@@ -141,6 +141,7 @@ def test_fast_loader_waits_little(tmp_path):
     engine.run(loop_config(tmp_path, log_every=4, max_steps=8), CPU, tiny_job(), None)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(0 <= r["data_wait_ms"] < r["step_ms"] for r in records), records
+    assert all(r["data_wait_frac"] < 0.5 for r in records), records  # in-memory data: far from a stall
 
 
 @pytest.mark.parametrize("kind", ["mae", "classifier"])

@@ -184,3 +184,25 @@ def test_cli_rejects_unknown_arch_in_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         gs.main(["--help"])
     assert e.value.code == 0 and "--arch" in capsys.readouterr().out
+
+
+def test_unknown_capabilities_are_not_assumed_generous():
+    """sm_120/121 (99 KiB per block) must not inherit sm_90's 227 KiB; a capability of an unknown
+    major version gets the table's smallest figure."""
+    from kernels.launch import smem_per_block
+
+    assert smem_per_block((12, 0)) == smem_per_block((12, 1)) == 99 * 1024
+    assert smem_per_block((10, 0)) == 227 * 1024
+    assert smem_per_block((8, 9)) == 99 * 1024 and smem_per_block((8, 0)) == 163 * 1024
+    assert smem_per_block((15, 0)) == 64 * 1024
+
+
+def test_ci_set_sends_no_model_shape_to_sdpa():
+    """A launch that fits() refused would drop out of LAUNCHES silently: the CI shapes all run
+    the kernels today, and a regression sending one to SDPA must fail here."""
+    refused = []
+    for dt, archs, model, workloads in CI_SET:
+        phases = tuple((w.split(":")[0], int(w.split(":")[1])) for w in workloads.split(","))
+        refused += [(arch, info) for arch, launch, info in gs.collect(archs.split(","), [model], [dt], varlen=False,
+                                                                        phases=phases) if launch is None]
+    assert not refused, refused
