@@ -191,9 +191,12 @@ def test_one_usage_error_for_prepare_and_train():
     """train.config re-uses cxrfast.cli (cxrfast never imports train)."""
     import cxrfast.cli as cli
     from cxrfast import prepare
-    from train import inputs
+    import importlib.util
+
+    from train import labelled
 
     assert config.UsageError is cli.UsageError and config.fail is cli.fail and config.Parser is cli.Parser
-    assert inputs.image_files is cli.image_files and inputs.label_table is cli.label_table
+    assert all(job.cli is cli for job in (labelled, pretrain, finetune, evaluate))  # the input checks' one home
+    assert importlib.util.find_spec("train.inputs") is None
     assert issubclass(prepare.PrepareError, ValueError)
     assert not hasattr(prepare, "_Parser") and not hasattr(prepare, "_read_labels") and not hasattr(prepare, "_find")

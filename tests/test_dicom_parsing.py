@@ -235,6 +235,17 @@ def test_float_pixel_data_matches_pydicom(ts, dtype, shape):
     np.testing.assert_array_equal(modality, a.astype(np.float32))
 
 
+def _assert_displayed_as(data: bytes, t: np.ndarray, photometric: str, atol: float) -> None:
+    """Display output equals the window position t in [0, 1] (inverted for MONOCHROME1), as
+    float32 within atol and as uint8 within one level; never NaN or infinite."""
+    if photometric == "MONOCHROME1":
+        t = 1 - t
+    shown = dicom.read(data, dtype="float32").pixels
+    assert np.isfinite(shown).all()
+    np.testing.assert_allclose(shown, t, atol=atol)
+    assert np.abs(dicom.read(data).pixels.astype(int) - np.round(t * 255)).max() <= 1
+
+
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_float_pixel_data_display_is_the_min_max_window(photometric):
     a = np.random.default_rng().uniform(-5, 40, (2, 6, 9)).astype(np.float32)
@@ -242,12 +253,7 @@ def test_float_pixel_data_display_is_the_min_max_window(photometric):
     data = float_file(a, ExplicitVRLittleEndian, photometric)
     finite = a[np.isfinite(a)]
     t = np.clip((np.nan_to_num(a.astype(np.float64), nan=-np.inf) - finite.min()) / np.ptp(finite), 0, 1)
-    if photometric == "MONOCHROME1":
-        t = 1 - t
-    shown = dicom.read(data, dtype="float32").pixels
-    assert np.isfinite(shown).all()
-    np.testing.assert_allclose(shown, t, atol=1e-5)
-    assert np.abs(dicom.read(data).pixels.astype(int) - np.round(t * 255)).max() <= 1
+    _assert_displayed_as(data, t, photometric, atol=1e-5)
     assert dicom.read(data, size=3).pixels.shape == (2, 2, 3)
     with pytest.raises(dicom.UnsupportedFeatureError, match="resizing Float Pixel Data"):
         dicom.read(data, output="stored", size=3)
@@ -262,12 +268,7 @@ def test_float_pixel_data_display_survives_a_range_beyond_dbl_max(photometric):
     a = np.array([[-1e308, 0.0, 1e308, 5e307]], np.float64)
     data = float_file(a, ExplicitVRLittleEndian, photometric)
     t = (a * 0.5 - a.min() * 0.5) / (a.max() * 0.5 - a.min() * 0.5)
-    if photometric == "MONOCHROME1":
-        t = 1 - t
-    shown = dicom.read(data, dtype="float32").pixels
-    assert np.isfinite(shown).all()
-    np.testing.assert_allclose(shown, t, atol=1e-4)
-    assert np.abs(dicom.read(data).pixels.astype(int) - np.round(t * 255)).max() <= 1
+    _assert_displayed_as(data, t, photometric, atol=1e-4)
 
 
 def test_float_pixel_data_cut_short_is_truncated():

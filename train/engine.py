@@ -158,9 +158,6 @@ def launch(cfg: LoopConfig, body: Callable[[runtime.Runtime], dict]) -> dict:
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
-    except checkpoints.CheckpointError as exc:  # unreadable, unsafe or ill-fitting checkpoint
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     finally:
         runtime.teardown()
 

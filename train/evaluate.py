@@ -27,14 +27,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cxrfast import atomic
+from cxrfast import atomic, cli
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import PRESETS, classifier
 from cxrfast.models.checkpoints import CheckpointError, load_file, load_pretrained, unwrap
 
-from . import config, engine, inference, inputs, labelled, logs, metrics, pictures, runtime
+from . import config, engine, inference, labelled, logs, metrics, pictures, runtime
 from .config import opt
 
 DEMO_CHECKPOINT = Path("outputs") / "finetune_demo" / "best.pth"
@@ -66,7 +66,7 @@ class EvaluateConfig:
         if self.img_size is not None:
             engine.check_patch(self.model or "vit_base", self.img_size)
         if self.split_fractions is not None:
-            inputs.check_fractions(self.split_fractions, "--split_fractions")
+            cli.check_fractions(self.split_fractions, "--split_fractions")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from cxrfast import cli
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
@@ -36,7 +37,7 @@ from cxrfast.models.checkpoints import (CheckpointError, check_fits, load_file, 
                                         unwrap)
 from cxrfast.models.vit import param_groups
 
-from . import checkpoints, config, engine, inference, inputs, labelled, logs, metrics, runtime
+from . import checkpoints, config, engine, inference, labelled, logs, metrics, runtime
 from .config import opt
 
 DEMO_DATA = Path("outputs") / "demo_dicom"
@@ -72,7 +73,7 @@ class FinetuneConfig(engine.ImageConfig):
         super().validate()
         if not self.label_fraction > 0:
             raise config.UsageError(f"--label_fraction {self.label_fraction}: must be in (0, 1]")
-        inputs.check_fractions(self.split_fractions, "--split_fractions")
+        cli.check_fractions(self.split_fractions, "--split_fractions")
 
 
 DEMO = dict(output_dir="outputs/finetune_demo", model="vit_tiny", img_size=128, epochs=12, warmup_epochs=2,

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfast import dicom
+from cxrfast import cli, dicom
 from cxrfast.data import patient_split
 from cxrfast.data.labels import fraction_subset, match_files
 
-from . import inputs
 from .config import UsageError
 
 
@@ -39,9 +38,9 @@ def load(data: str, labels: str, label_format: str = "auto", uncertain: str = "o
          label_fraction: float = 1.0, fractions: tuple[float, ...] = (0.7, 0.1, 0.2), seed: int = 0) -> LabelledData:
     """Pairs files with labels; splits by the CSV's split column or by patient; subsets train.
     A missing or empty --data, an unreadable label CSV or no match between them is a UsageError."""
-    table = inputs.label_table(labels, label_format, uncertain)
+    table = cli.label_table(labels, label_format, uncertain)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
-    files, y, rows = match_files(table, inputs.image_files(data), root)
+    files, y, rows = match_files(table, cli.image_files(data), root)
     if not files:
         raise UsageError(f"--labels {labels}: no file under {data} matches one of its rows")
     given = [table.splits[r] if table.splits else None for r in rows]

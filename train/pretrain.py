@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from cxrfast import cli
 from cxrfast.data.direct import MEAN, STD, ImageDataset
 from cxrfast.data.shards import PreparedData, PreparedDataset, is_prepared
 from cxrfast.models import mae
@@ -31,7 +32,7 @@ from cxrfast.models.checkpoints import CheckpointError, check_fits, load_file, l
 from cxrfast.models.vit import param_groups
 from cxrfast.synthetic import ensure_demo_dataset
 
-from . import config, engine, inputs, logs, pictures, runtime
+from . import config, engine, logs, pictures, runtime
 from .config import opt
 
 DEMO_DATA = Path("outputs") / "demo_dicom"
@@ -105,7 +106,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
                                   in_chans=cfg.in_chans, train=False)
         logs.announce(f"prepared data: {len(prepared)} images, loader {backend}", rt.main)
     else:  # files decoded on the fly
-        files = inputs.image_files(cfg.data)
+        files = cli.image_files(cfg.data)
         dataset = ImageDataset(files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
                                crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, decode_size=cfg.decode_size,
                                errors_path=out / "errors.tsv")
