@@ -78,28 +78,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm over the last dimension."""
+def matmul_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts ``t`` to before a matmul on its device; None outside autocast.
+    A LayerNorm whose output feeds a matmul writes that dtype directly (same rounding, no
+    fp32 write and cast pass)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension, the result in ``out_dtype`` when given."""
     kernel = _kernel_flag(x)
     if kernel is not None:
         from kernels import layernorm as kln
 
         if x.shape[-1] <= kln.MAX_N:
-            return kln.layer_norm(x, weight, bias, eps, kernel=kernel)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+            return kln.layer_norm(x, weight, bias, eps, out_dtype=out_dtype, kernel=kernel)
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LayerNorm(x + residual), x + residual) in one pass: the pre-norm block's add + norm."""
+                   eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(x + residual), x + residual) in one pass: the pre-norm block's add + norm;
+    the first in ``out_dtype`` when given."""
     kernel = _kernel_flag(x)
     if kernel is not None:
         from kernels import layernorm as kln
 
         if x.shape[-1] <= kln.MAX_N:
-            return kln.layer_norm(x, weight, bias, eps, residual=residual, kernel=kernel)
+            return kln.layer_norm(x, weight, bias, eps, residual=residual, out_dtype=out_dtype, kernel=kernel)
     h = x + residual
-    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
+    y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    return (y if out_dtype is None else y.to(out_dtype)), h
 
 
 def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,

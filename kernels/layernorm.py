@@ -54,9 +54,9 @@ def _ln_fwd(X, R, Y, H, W, B, MEAN, RSTD,  # X, R, Y, H: (M, N) rows; W, B: (N,)
 
 
 @triton.jit
-def _ln_bwd(X, DY, DH, DX, W, MEAN, RSTD, DW_PART, DB_PART,  # X: saved input (h with residual), (M, N)
-            stride_x, stride_dy, stride_dh, stride_dx, M, N, rows_per_program,
-            HAS_DH: tl.constexpr, BLOCK_N: tl.constexpr):
+def _ln_bwd(X, DY, DH, DX, DX2, W, MEAN, RSTD, DW_PART, DB_PART,  # X: saved input (h with residual), (M, N)
+            stride_x, stride_dy, stride_dh, stride_dx, stride_dx2, M, N, rows_per_program,
+            HAS_DH: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -77,6 +77,8 @@ def _ln_bwd(X, DY, DH, DX, W, MEAN, RSTD, DW_PART, DB_PART,  # X: saved input (h
         if HAS_DH:
             dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:  # the same gradient in the 16-bit branch's dtype (no separate cast pass)
+            tl.store(DX2 + row * stride_dx2 + cols, dx.to(DX2.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
     tl.store(DW_PART + pid * N + cols, dw, mask=mask)
@@ -94,7 +96,9 @@ def launch_config(n: int) -> Config:
     if n > MAX_N:
         raise ValueError(f"hidden size {n} exceeds the kernel's limit {MAX_N}")
     block = triton.next_power_of_2(n)
-    return Config({"BLOCK_N": block}, min(max(block // 256, 1), 16), 3)
+    # 4-8 elements per thread: with 2 warps at n = 512 the fused backward (which also writes
+    # the branch's 16-bit dx) spilled 8 bytes on sm_80 (bench/gpu_static.py)
+    return Config({"BLOCK_N": block}, min(max(block // 128, 4), 16), 3)
 
 
 def bwd_grid(m: int, on_gpu: bool) -> tuple[int, int]:
@@ -105,13 +109,13 @@ def bwd_grid(m: int, on_gpu: bool) -> tuple[int, int]:
     return triton.cdiv(m, rows_per_program), rows_per_program
 
 
-def _forward(x, weight, bias, eps, residual):
+def _forward(x, weight, bias, eps, residual, out_dtype=None):
     shape = x.shape
     x2 = _rows(x)
     m, n = x2.shape
     r2 = _rows(residual) if residual is not None else x2
     dtype = torch.result_type(x, residual) if residual is not None else x.dtype
-    y = torch.empty_like(x2, dtype=dtype)
+    y = torch.empty_like(x2, dtype=out_dtype or dtype)
     h = torch.empty_like(x2, dtype=dtype) if residual is not None else x2
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -120,20 +124,24 @@ def _forward(x, weight, bias, eps, residual):
     return y.view(shape), h.view(shape), mean, rstd
 
 
-def _backward(dy, dh, saved, weight, mean, rstd):
+def _backward(dy, dh, saved, weight, mean, rstd, branch_dtype=None):
+    """(dx in saved's dtype, dx in branch_dtype or an empty tensor, dweight, dbias)."""
     shape = dy.shape
     dy2 = _rows(dy)
     x2 = _rows(saved)
     m, n = x2.shape
     dh2 = _rows(dh) if dh is not None else dy2
     dx = torch.empty_like(x2)
+    dx2 = torch.empty_like(x2, dtype=branch_dtype) if branch_dtype is not None else dx.new_empty(0)
     programs, rows_per_program = bwd_grid(m, x2.is_cuda)
     dw_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device)
     db_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device)
-    _ln_bwd[(programs,)](x2, dy2, dh2, dx, weight, mean, rstd, dw_part, db_part, x2.stride(0), dy2.stride(0),
-                         dh2.stride(0), dx.stride(0), m, n, rows_per_program, HAS_DH=dh is not None,
+    _ln_bwd[(programs,)](x2, dy2, dh2, dx, dx2 if branch_dtype is not None else dx, weight, mean, rstd, dw_part,
+                         db_part, x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0), n, m, n,
+                         rows_per_program, HAS_DH=dh is not None, HAS_DX2=branch_dtype is not None,
                          **launch_config(n).kwargs())
-    return dx.view(shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    dx2 = dx2.view(shape) if branch_dtype is not None else dx2
+    return dx.view(shape), dx2, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
 def _stats_dtype(dtype: torch.dtype, kernel: bool) -> torch.dtype:
@@ -141,18 +149,19 @@ def _stats_dtype(dtype: torch.dtype, kernel: bool) -> torch.dtype:
     return torch.float32 if kernel else torch.promote_types(dtype, torch.float32)
 
 
-def _forward_ref(h, weight, bias, eps):
-    """The kernel's forward in plain torch: statistics of h in (at least) fp32, y in h's dtype."""
+def _forward_ref(h, weight, bias, eps, out_dtype=None):
+    """The kernel's forward in plain torch: statistics of h in (at least) fp32, y in h's dtype
+    (or out_dtype)."""
     with no_autocast(h.device):
         cdt = torch.promote_types(h.dtype, torch.float32)
         hc = h.to(cdt)
         mean = hc.mean(-1, keepdim=True)
         rstd = torch.rsqrt((hc - mean).square().mean(-1, keepdim=True) + eps)
-        y = ((hc - mean) * rstd * weight.to(cdt) + bias.to(cdt)).to(h.dtype).contiguous()
+        y = ((hc - mean) * rstd * weight.to(cdt) + bias.to(cdt)).to(out_dtype or h.dtype).contiguous()
         return y, mean.reshape(-1), rstd.reshape(-1)
 
 
-def _backward_ref(dy, dh, saved, weight, mean, rstd):
+def _backward_ref(dy, dh, saved, weight, mean, rstd, branch_dtype=None):
     """The kernel's backward in plain torch (same formula, in at least fp32)."""
     with no_autocast(saved.device):
         cdt = mean.dtype
@@ -166,77 +175,84 @@ def _backward_ref(dy, dh, saved, weight, mean, rstd):
         if dh is not None:
             dx = dx + dh.reshape(-1, n).to(cdt)
         dw, db = (dy2 * xhat).sum(0), dy2.sum(0)
-        return dx.to(saved.dtype).reshape(saved.shape), dw.to(weight.dtype), db.to(weight.dtype)
+        dx2 = dx.to(branch_dtype).reshape(saved.shape) if branch_dtype is not None else dx.new_empty(0)
+        return dx.to(saved.dtype).reshape(saved.shape), dx2, dw.to(weight.dtype), db.to(weight.dtype)
 
 
-def _ln_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+def _ln_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype],
              kernel: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd) of LayerNorm(x)."""
+    """(y, mean, rstd) of LayerNorm(x); y in out_dtype when given."""
     if kernel:
-        y, _, mean, rstd = _forward(x, weight, bias, eps, None)
+        y, _, mean, rstd = _forward(x, weight, bias, eps, None, out_dtype)
         return y, mean, rstd
-    return _forward_ref(x, weight, bias, eps)
+    return _forward_ref(x, weight, bias, eps, out_dtype)
 
 
 def _add_ln_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                 kernel: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 out_dtype: Optional[torch.dtype], kernel: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, mean, rstd) of LayerNorm(h), h = x + residual in the promoted dtype."""
     if kernel:
-        return _forward(x, weight, bias, eps, residual)
+        return _forward(x, weight, bias, eps, residual, out_dtype)
     h = (x + residual).contiguous()
-    y, mean, rstd = _forward_ref(h, weight, bias, eps)
+    y, mean, rstd = _forward_ref(h, weight, bias, eps, out_dtype)
     return y, h, mean, rstd
 
 
 def _ln_bwd_impl(dy: torch.Tensor, dh: Optional[torch.Tensor], saved: torch.Tensor, weight: torch.Tensor,
-                 mean: torch.Tensor, rstd: torch.Tensor, kernel: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx in saved's dtype, dweight, dbias)."""
+                 mean: torch.Tensor, rstd: torch.Tensor, branch_dtype: Optional[torch.dtype], kernel: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx in saved's dtype, dx in branch_dtype (empty when None), dweight, dbias)."""
     if kernel:
-        return _backward(dy, dh, saved, weight, mean, rstd)
-    return _backward_ref(dy, dh, saved, weight, mean, rstd)
+        return _backward(dy, dh, saved, weight, mean, rstd, branch_dtype)
+    return _backward_ref(dy, dh, saved, weight, mean, rstd, branch_dtype)
 
 
-def _fake_out(x, dtype, kernel):
+def _fake_out(x, dtype, out_dtype, kernel):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     sdt = _stats_dtype(dtype, kernel)
-    return (x.new_empty(x.shape, dtype=dtype), x.new_empty((m,), dtype=sdt), x.new_empty((m,), dtype=sdt))
+    return (x.new_empty(x.shape, dtype=out_dtype or dtype), x.new_empty((m,), dtype=sdt),
+            x.new_empty((m,), dtype=sdt))
 
 
-def _ln_fake(x, weight, bias, eps, kernel):
-    return _fake_out(x, x.dtype, kernel)
+def _ln_fake(x, weight, bias, eps, out_dtype, kernel):
+    return _fake_out(x, x.dtype, out_dtype, kernel)
 
 
-def _add_ln_fake(x, residual, weight, bias, eps, kernel):
-    y, mean, rstd = _fake_out(x, torch.result_type(x, residual), kernel)
-    return y, torch.empty_like(y), mean, rstd
+def _add_ln_fake(x, residual, weight, bias, eps, out_dtype, kernel):
+    dtype = torch.result_type(x, residual)
+    y, mean, rstd = _fake_out(x, dtype, out_dtype, kernel)
+    return y, x.new_empty(x.shape, dtype=dtype), mean, rstd
 
 
-def _ln_bwd_fake(dy, dh, saved, weight, mean, rstd, kernel):
-    return saved.new_empty(saved.shape), torch.empty_like(weight), torch.empty_like(weight)
+def _ln_bwd_fake(dy, dh, saved, weight, mean, rstd, branch_dtype, kernel):
+    dx2 = saved.new_empty(saved.shape, dtype=branch_dtype) if branch_dtype is not None else saved.new_empty(0)
+    return saved.new_empty(saved.shape), dx2, torch.empty_like(weight), torch.empty_like(weight)
 
 
 ln_backward_op = define("layer_norm_backward", _ln_bwd_impl, _ln_bwd_fake)
 
 
 def _ln_setup(ctx, inputs, output):
-    x, weight, _, _, kernel = inputs
+    x, weight, _, _, _, kernel = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients built for mean and rstd
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.kernel = kernel
 
 
 def _ln_grad(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = ln_backward_op(dy, None, x, weight, mean, rstd, ctx.kernel)
-    return dx, dw, db, None, None
+    dx, _, dw, db = ln_backward_op(dy, None, x, weight, mean, rstd, None, ctx.kernel)
+    return dx, dw, db, None, None, None
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, residual, weight, _, _, kernel = inputs
+    x, residual, weight, _, _, _, kernel = inputs
     _, h, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused y or h sends None, not a zero tensor
     ctx.save_for_backward(h, weight, mean, rstd)
     ctx.kernel = kernel
     ctx.dtypes = (x.dtype, residual.dtype)
@@ -245,10 +261,14 @@ def _add_ln_setup(ctx, inputs, output):
 def _add_ln_grad(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
-        dy = torch.zeros_like(h)
-    dx, dw, db = ln_backward_op(dy, dh, h, weight, mean, rstd, ctx.kernel)
-    x_dtype, residual_dtype = ctx.dtypes  # dx is in h's dtype: each input gets its own back
-    return dx.to(x_dtype), dx.to(residual_dtype), dw, db, None, None
+        dy = torch.zeros_like(h)  # only h was used: the kernel still passes dh through
+    x_dtype, residual_dtype = ctx.dtypes  # each input gets its gradient back in its own dtype
+    # The kernel writes the gradient once in h's dtype and once in the other input's (a 16-bit
+    # branch beside an fp32 stream), instead of a separate cast pass.
+    other = x_dtype if x_dtype != h.dtype else residual_dtype if residual_dtype != h.dtype else None
+    dx, dx_other, dw, db = ln_backward_op(dy, dh, h, weight, mean, rstd, other, ctx.kernel)
+    grads = [dx_other if d == other else dx if d == h.dtype else dx.to(d) for d in (x_dtype, residual_dtype)]
+    return grads[0], grads[1], dw, db, None, None, None
 
 
 ln_op = define("layer_norm", _ln_impl, _ln_fake, _ln_grad, _ln_setup)
@@ -256,13 +276,15 @@ add_ln_op = define("add_layer_norm", _add_ln_impl, _add_ln_fake, _add_ln_grad, _
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
-               residual: torch.Tensor | None = None, *, kernel: bool = True):
+               residual: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None, kernel: bool = True):
     """LayerNorm of x (or of h = x + residual, returning (LN(h), h)) over the last dim, as
     the ops ``cxrfast::layer_norm`` / ``cxrfast::add_layer_norm``.
 
     x, residual: (..., N) fp32/bf16/fp16 (fp64 is accepted and stored, statistics still fp32);
-    weight, bias: (N,). y and h are contiguous, in ``torch.result_type(x, residual)``.
-    ``kernel=False`` runs the same op's torch reference (any device, any N).
+    weight, bias: (N,). y and h are contiguous, in ``torch.result_type(x, residual)``; y in
+    ``out_dtype`` when given (under autocast the bf16 a following matmul would cast y to: the
+    same rounding, without writing fp32 and casting it). ``kernel=False`` runs the same op's
+    torch reference (any device, any N).
     """
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
@@ -271,9 +293,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if kernel and x.shape[-1] > MAX_N:
         raise ValueError(f"hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_N}")
     if residual is not None:
-        y, h, _, _ = add_ln_op(x, residual, weight, bias, float(eps), kernel)
+        y, h, _, _ = add_ln_op(x, residual, weight, bias, float(eps), out_dtype, kernel)
         return y, h
-    return ln_op(x, weight, bias, float(eps), kernel)[0]
+    return ln_op(x, weight, bias, float(eps), out_dtype, kernel)[0]
 
 
 def layer_norm_ref(x, weight, bias, eps=1e-6, residual=None, upcast=False):

@@ -128,7 +128,7 @@ def test_ops_dispatch_switch(monkeypatch):
     calls = []
     import kernels.layernorm as kl
 
-    monkeypatch.setattr(kl, "layer_norm", lambda *a, kernel, **k: calls.append(kernel) or layer_norm_ref(*a, **k))
+    monkeypatch.setattr(kl, "layer_norm", lambda *a, kernel, out_dtype=None, **k: calls.append(kernel) or layer_norm_ref(*a, **k))
     x, w, b = torch.randn(4, 8), torch.ones(8), torch.zeros(8)
     ops.set_backend("torch")
     ops.layer_norm(x, w, b)
@@ -236,3 +236,28 @@ def test_layernorm_residual_stream_keeps_the_promoted_dtype(x_dtype, r_dtype):
                                rtol=1e-3)
     torch.testing.assert_close(gr.double(), tgr.double(), atol=2e-2 if torch.float16 in (x_dtype, r_dtype) else 1e-4,
                                rtol=1e-3)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_layernorm_writes_y_in_the_matmul_dtype(residual):
+    """out_dtype (autocast's matmul dtype) must be exactly the fp32 result rounded once, and a
+    16-bit dy must give the gradients its fp32 upcast gives: the same math, less traffic."""
+    n = 96
+    half = torch.float16  # the interpreter converts fp16 (no bf16 arithmetic there)
+    x = _leaf(torch.randn(7, n, device=DEV) * 2, half if residual else torch.float32)
+    r = _leaf(torch.randn(7, n, device=DEV)) if residual else None
+    w, b = _leaf(torch.randn(n, device=DEV)), _leaf(torch.randn(n, device=DEV))
+    wide = layer_norm(x, w, b, 1e-6, r)
+    narrow = layer_norm(x, w, b, 1e-6, r, out_dtype=half)
+    y_wide, y_narrow = (wide[0], narrow[0]) if residual else (wide, narrow)
+    assert y_narrow.dtype == half and y_wide.dtype == torch.float32
+    assert torch.equal(y_narrow, y_wide.detach().to(half))
+    if residual:
+        assert narrow[1].dtype == torch.float32 and torch.equal(narrow[1], wide[1])
+    dy = torch.randn(7, n, device=DEV).to(half)
+    ins = (x, w, b) + ((r,) if residual else ())
+    g_narrow = torch.autograd.grad(y_narrow, ins, dy)
+    g_wide = torch.autograd.grad(y_wide, ins, dy.float())
+    for a, c in zip(g_narrow, g_wide):
+        assert a.dtype == c.dtype and not torch.isnan(a).any()
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .vit import Block, LayerNorm, ViTEncoder, init_weights, preset, sincos_pos_embed
+from .vit import Block, LayerNorm, ViTEncoder, init_weights, preset, run_blocks, sincos_pos_embed
 
 
 class MaskedAutoencoderViT(ViTEncoder):
@@ -61,9 +61,8 @@ class MaskedAutoencoderViT(ViTEncoder):
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        latent, _ = run_blocks(self.blocks, x, self.norm)
+        return latent, mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
@@ -72,9 +71,8 @@ class MaskedAutoencoderViT(ViTEncoder):
         patches = torch.cat([x[:, 1:, :], masked], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        x, _ = run_blocks(self.decoder_blocks, x, self.decoder_norm)
+        return self.decoder_pred(x)[:, 1:, :]
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         """imgs (B, C, H, W) -> (loss, pred (B, L, p*p*C), mask (B, L))."""

@@ -40,8 +40,13 @@ def preset(name: str) -> Preset:
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters and state dict) computed by cxrfast.ops."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor,
+            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LN(x + residual), x + residual) in one pass over the activations."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -117,10 +122,34 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The residual add before norm2 and norm2 itself are one fused op (one pass over x).
-        y, x = ops.add_layer_norm(self.drop_path(self.attn(self.norm1(x))), x, self.norm2.weight, self.norm2.bias,
-                                  self.norm2.eps)
-        return x + self.drop_path(self.mlp(y))
+        y, h = self.attend(x, self.norm1(x, ops.matmul_dtype(x)))
+        return h + self.drop_path(self.mlp(y))
+
+    def attend(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half from the block input x and y = norm1(x): (norm2's output, the
+        residual stream after attention). The residual add and norm2 are one fused op, and
+        the norms write what the next matmul reads (bf16 under autocast) while the stream
+        stays in its own dtype (fp32 under autocast, as torch keeps it)."""
+        return self.norm2.add(self.drop_path(self.attn(y)), x, ops.matmul_dtype(x))
+
+    def forward_into(self, x: torch.Tensor, y: torch.Tensor, norm: LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block with its closing residual add fused into ``norm`` (the next block's norm1,
+        or the stack's final norm): (norm(out), out) from x and y = norm1(x)."""
+        y2, h = self.attend(x, y)
+        return norm.add(self.drop_path(self.mlp(y2)), h, ops.matmul_dtype(h))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(out), out) for out = the blocks applied to x, with every residual add fused into
+    the LayerNorm after it: each stream tensor is written once, read once by the next fused
+    op, and its gradient needs no separate accumulation. norm's output feeds a matmul (it is
+    written in autocast's dtype); the values equal ``norm(blk_n(...blk_1(x)))``."""
+    if len(blocks) == 0:
+        return norm(x, ops.matmul_dtype(x)), x
+    y = blocks[0].norm1(x, ops.matmul_dtype(x))
+    for i, blk in enumerate(blocks):
+        y, x = blk.forward_into(x, y, blocks[i + 1].norm1 if i + 1 < len(blocks) else norm)
+    return y, x
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
