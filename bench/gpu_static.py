@@ -444,17 +444,42 @@ def collect(archs: list[str], models: list[str], dtypes: list[str], varlen: bool
     return list(rows.values())
 
 
-def report(rows, cache_dir: Path | None, progress=None) -> list[dict]:
-    """Compiles every row (through the cache) and returns the table's records."""
+_ROWS: list = []  # the rows a forked worker compiles, by index (Launch holds JIT functions: not picklable)
+
+
+def _compile_row(i: int, cache_dir: Path | None) -> dict | None:
+    arch, launch, _ = _ROWS[i]
+    return None if launch is None else compile_launch(launch, ARCHS[arch], cache_dir)
+
+
+def _compiled(rows, cache_dir: Path | None, jobs: int, progress=None):
+    """Compile results per row, in order, on ``jobs`` forked processes (1: in this process)."""
+    if jobs <= 1 or len(rows) < 2:
+        for i, (arch, launch, _) in enumerate(rows):
+            if progress:
+                progress(i, len(rows), arch, launch)
+            yield None if launch is None else compile_launch(launch, ARCHS[arch], cache_dir)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    _ROWS[:] = rows
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_compile_row, i, cache_dir) for i in range(len(rows))]
+        for i, fut in enumerate(futures):
+            if progress:
+                progress(i, len(rows), rows[i][0], rows[i][1])
+            yield fut.result()
+
+
+def report(rows, cache_dir: Path | None, progress=None, jobs: int = 1) -> list[dict]:
+    """Compiles every row (through the cache; on ``jobs`` processes) and returns the table's records."""
     records = []
-    for i, (arch, launch, info) in enumerate(rows):
-        if progress:
-            progress(i, len(rows), arch, launch)
+    for (arch, launch, info), res in zip(rows, _compiled(rows, cache_dir, jobs, progress)):
         if launch is None:
             records.append(dict(arch=arch, kernel="SDPA fallback", shape=info["shape"], dtype=info["dtype"],
                                 used_by=info["used_by"]))
             continue
-        res = compile_launch(launch, ARCHS[arch], cache_dir)
         warps = launch.config.num_warps
         blocks, occ = occupancy(ARCHS[arch], res["regs"], res["shared"] + res.get("static_shared", 0), warps)
         records.append(dict(arch=arch, kernel=launch.kernel, shape=launch.shape, dtype=launch.dtype,
@@ -519,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     parser.add_argument("--no-varlen", action="store_true", help="leave out the varlen attention launches "
                         "(the model itself calls the dense ones)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compiler processes (default: one per CPU core)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"compiled results cache (default $CXRFAST_GPU_STATIC_CACHE or {default_cache_dir()})")
     args = parser.parse_args(argv)
@@ -539,7 +566,10 @@ def main(argv: list[str] | None = None) -> int:
         if launch is not None and sys.stderr.isatty():
             print(f"\r[{i + 1}/{n}] {arch} {launch.kernel} {launch.shape}".ljust(70), end="", file=sys.stderr)
 
-    records = report(rows, cache, progress)
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs}: must be at least 1", file=sys.stderr)
+        return 2
+    records = report(rows, cache, progress, jobs=args.jobs)
     if sys.stderr.isatty():
         print("\r".ljust(72), file=sys.stderr)
     if args.json:

@@ -137,3 +137,27 @@ def test_cli_mistakes_are_one_error_line(argv, needle):
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and needle in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_predict_vs_measured_runs_its_code_path_on_cpu(tmp_path):
+    """bench/gpu_check.sh runs it on the GPU; here the same code path on CPU, so the one device
+    call does not find its bugs."""
+    md = tmp_path / "t.md"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "predict_vs_measured.py"), "--device", "cpu",
+                          "--model", "vit_tiny", "--img_size", "64", "--batch", "2", "--steps", "1", "--md", str(md)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr
+    text = md.read_text()
+    assert "| **step (wall, synchronised)** |" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for kind in ("GEMM", "attention", "LayerNorm", "optimizer"):
+        measured = float(rows[kind].split("|")[3])
+        assert measured > 0, f"no measured time attributed to {kind}"
+
+
+def test_predict_vs_measured_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "predict_vs_measured.py"), "--model", "vit_tiny"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: --device cuda")
