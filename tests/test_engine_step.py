@@ -3,12 +3,15 @@ report and warning, and the analytic FLOP count behind MFU."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cxrfast import ops
 from cxrfast.models import classifier, mae
 from cxrfast.models.vit import param_groups
 from train import engine, logs, runtime
@@ -58,24 +61,53 @@ def loop_config(tmp_path, **kw) -> engine.LoopConfig:
     return engine.LoopConfig(**{**base, **kw})
 
 
-def test_steps_between_check_steps_make_no_host_sync(tmp_path):
-    """16 steps in one epoch, logging every 4th: steps 1-3, 5-7, ... make no host sync at all
-    (the old loop called loss.item() and read the non-finite flag every micro-batch)."""
+@pytest.fixture
+def backend(request):
+    """cxrfast.ops' backend for one test, then back to auto."""
+    ops.set_backend(request.param)
+    yield request.param
+    ops.set_backend("auto")
+
+
+def small_mae():
+    """Two encoder blocks of width 32 on 16 patches: small enough for the Triton interpreter."""
+    torch.manual_seed(0)
+    return mae("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+               decoder_depth=1, decoder_num_heads=2)
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+SYNC_BACKENDS = ["auto", "reference",
+                 pytest.param("triton", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors needs "
+                                                                 "TRITON_INTERPRET=1 (set by conftest without CUDA)"))]
+
+
+@pytest.mark.parametrize("backend", SYNC_BACKENDS, indirect=True)
+def test_steps_between_check_steps_make_no_host_sync(tmp_path, backend):
+    """Logging every 4th step (every 2nd under the slow Triton interpreter, on a smaller model):
+    the steps in between make no host sync at all (the old loop called loss.item() and read
+    the non-finite flag every micro-batch), whichever implementation runs the ops."""
     counter = SyncsPerStep()
     calls = [0]
+    accum, steps, every = (1, 4, 2) if backend == "triton" else (2, 16, 4)
 
     def loss(net, x):
         calls[0] += 1
-        counter.step = (calls[0] + 1) // 2  # accum_iter 2: micro-batches 1, 2 are step 1
+        counter.step = (calls[0] + accum - 1) // accum  # micro-batches 1..accum are step 1
         return net(x)[0]
 
-    cfg = loop_config(tmp_path, accum_iter=2, clip_grad=1.0, max_steps=16)
+    job = tiny_job(n=64, loss=loss)
+    if backend == "triton":
+        job.model = small_mae()
+        job.param_groups = param_groups(job.model, 0.05)
+    cfg = loop_config(tmp_path, accum_iter=accum, clip_grad=1.0, max_steps=steps, log_every=every)
     with counter:
-        summary = engine.run(cfg, CPU, tiny_job(n=64, loss=loss), None)
-    assert summary["steps"] == 16
-    quiet = {s: counter.syncs.get(s, 0) for s in range(1, 17) if s % 4}
+        summary = engine.run(cfg, CPU, job, None)
+    assert summary["steps"] == steps
+    quiet = {s: counter.syncs.get(s, 0) for s in range(1, steps + 1) if s % every}
     assert quiet == dict.fromkeys(quiet, 0), quiet
-    assert all(counter.syncs.get(s, 0) > 0 for s in (4, 8, 12, 16)), counter.syncs  # the counter does see syncs
+    checks = range(every, steps + 1, every)
+    assert all(counter.syncs.get(s, 0) > 0 for s in checks), counter.syncs  # the counter does see syncs
 
 
 def test_non_finite_loss_stops_at_the_next_check_step_and_writes_nothing(tmp_path, monkeypatch):
