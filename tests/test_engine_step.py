@@ -355,3 +355,25 @@ def test_analytic_flops_match_the_flop_counter(kind):
 
 def test_peak_flops_is_none_off_cuda():
     assert logs.peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.4),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100-PCIE-40GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA A10", 125.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0), ("NVIDIA GeForce RTX 4090", 165.2),
+    ("NVIDIA A10G", None), ("NVIDIA H800", None), ("Tesla V100-SXM2-16GB", None)])
+def test_peak_tflops_by_device_name(name, tflops):
+    """Each card name torch reports picks its own dense bf16 peak (H100 variants differ:
+    SXM 989.4, PCIe 756, NVL 835), and an unknown card gets none rather than a neighbour's."""
+    assert logs.peak_tflops(name) == tflops
+
+
+def test_cuda_step_clock_is_read_after_the_logging_sync(monkeypatch):
+    """On CUDA the window's wall time must include the device work queued before the logging
+    step: the clock is read after torch.cuda.synchronize(), which here takes 50 ms."""
+    wait = logs.DataWait(torch.device("cpu"), "x")
+    wait.cuda = True
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: time.sleep(0.05))
+    timing = wait.window(1)
+    assert timing["step_ms"] >= 50, timing
