@@ -239,7 +239,8 @@ class Guard:
     def found_inf(self, grad_norm: torch.Tensor, step: int, rt: runtime.Runtime) -> torch.Tensor:
         """The step's skip flag for fused AdamW's ``found_inf``: a float32 0-dim tensor, exactly
         1.0 (the kernels test ``== 1``) when a loss of this step or the total gradient norm
-        (taken before any clipping) is not finite on any rank, else 0.0. No host sync."""
+        (taken before any clipping) is not finite on any rank, else 0.0; gradients beyond
+        ~1e19 overflow the norm's fp32 squares, so an exploding step is skipped too. No host sync."""
         bad = (~torch.isfinite(self._step_loss) | ~torch.isfinite(grad_norm)).to(torch.float32)
         if rt.distributed:  # a device collective, not a host sync: every rank skips the same steps
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
