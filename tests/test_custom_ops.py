@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -182,50 +181,6 @@ def test_training_step_compiles_with_no_graph_break(reference_ops):
             "cxrfast.mae_loss.default"} <= fw, fw
     assert {"cxrfast.attention_backward.default", "cxrfast.layer_norm_backward.default",
             "cxrfast.mae_loss_backward.default"} <= bw, bw
-
-
-def _fake_cuda_step():
-    """Run in a child process (a CPU-only torch may abort, not raise, on fake CUDA convs)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = {}
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "cxrfast":
-                seen[func.name()] = args[-1]  # the kernel flag
-            return func(*args, **(kwargs or {}))
-
-    model = _tiny_mae()
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        fmodel = model.to_empty(device="cuda")
-        imgs = torch.empty(2, 1, 32, 32, device="cuda")
-        w = torch.empty(4, 1, 8, 8, device="cuda", requires_grad=True)
-        torch.nn.functional.conv2d(imgs, w, stride=8).sum().backward()  # autograd on CUDA needs its device guard
-    print("probe-ok", flush=True)
-    with fake, Record():
-        loss, pred, mask = fmodel(imgs)
-        loss.backward()
-    assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cuda"
-    assert pred.shape == (2, 16, 64) and pred.dtype == torch.float32
-    assert fmodel.blocks[0].attn.qkv.weight.grad.shape == (96, 32)
-    assert seen == {f"cxrfast::{n}": True for n in ("layer_norm", "add_layer_norm", "attention", "mae_loss",
-                                                     "layer_norm_backward", "attention_backward",
-                                                     "mae_loss_backward")}, seen
-    print("step-ok")
-
-
-def test_training_step_on_fake_cuda_tensors_uses_the_kernel_ops():
-    """With CUDA fake tensors the ops take the kernel path (kernel=True) and their fake
-    implementations give every output its shape and dtype: no GPU, no Triton launch."""
-    code = ("import sys; sys.path.insert(0, 'tests'); import test_custom_ops as t; t._fake_cuda_step()")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=str(Path(__file__).parent.parent))
-    if "probe-ok" not in out.stdout:
-        pytest.skip("this torch cannot run autograd on fake CUDA tensors without a GPU "
-                    f"(exit {out.returncode}): {[ln for ln in out.stderr.splitlines() if 'what()' in ln][:1]}")
-    assert out.returncode == 0 and "step-ok" in out.stdout, out.stderr[-3000:]
 
 
 def test_importing_cxrfast_and_kernels_imports_no_triton_compiler_and_no_cuda():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -212,30 +213,46 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device, non_blocking=True)
 
 
-NO_BAD = 2 ** 62  # Guard.first_bad when every loss so far was finite
+NO_BAD = 2 ** 62  # Guard.first_bad when every step so far was finite
 
 
 class Guard:
-    """The non-finite-loss guard, kept on the device so the step never waits for the host
-    (like GradScaler's ``found_inf``): it records the first optimizer step whose loss was
-    NaN/inf, and the last micro-batch's loss for the log. The host reads it only at check
-    steps (logging steps, checkpoint steps, epoch ends): a run stops there, at most
+    """The non-finite guard, kept on the device so the step never waits for the host (like
+    GradScaler's ``found_inf``). Each step it makes the optimizer's skip flag (1.0 when the
+    step's loss or gradients were NaN/inf on any rank: the update is skipped), records the
+    first such step and keeps the last micro-batch's loss for the log. The host reads it only
+    at check steps (logging steps, checkpoint steps, epoch ends): a run stops there, at most
     ``log_every - 1`` steps after the bad one, and nothing is written in between."""
 
     def __init__(self, device: torch.device):
         self.first_bad = torch.full((), NO_BAD, dtype=torch.int64, device=device)
-        self.bad_loss = torch.zeros((), device=device)
+        self.bad_loss = torch.zeros((), device=device)  # the first bad step's loss (finite: its gradients were bad)
         self.loss = torch.full((), float("nan"), device=device)
+        self._step_loss = torch.zeros((), device=device)  # this step's first non-finite loss, else its last loss
 
-    def record(self, loss: torch.Tensor, step: int) -> None:
+    def record(self, loss: torch.Tensor) -> None:
+        """One micro-batch's loss."""
         loss = loss.detach().float()
-        new = ~torch.isfinite(loss) & (self.first_bad == NO_BAD)
-        self.first_bad = torch.where(new, step, self.first_bad)
-        self.bad_loss = torch.where(new, loss, self.bad_loss)
+        self._step_loss = torch.where(torch.isfinite(self._step_loss), loss, self._step_loss)
         self.loss = loss
 
+    def found_inf(self, grad_norm: torch.Tensor, step: int, rt: runtime.Runtime) -> torch.Tensor:
+        """The step's skip flag for fused AdamW's ``found_inf``: a float32 0-dim tensor, exactly
+        1.0 (the kernels test ``== 1``) when a loss of this step or the total gradient norm
+        (taken before any clipping) is not finite on any rank, else 0.0; gradients beyond
+        ~1e19 overflow the norm's fp32 squares, so an exploding step is skipped too. No host sync."""
+        bad = (~torch.isfinite(self._step_loss) | ~torch.isfinite(grad_norm)).to(torch.float32)
+        if rt.distributed:  # a device collective, not a host sync: every rank skips the same steps
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        new = (bad == 1) & (self.first_bad == NO_BAD)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.bad_loss = torch.where(new, self._step_loss, self.bad_loss)
+        self._step_loss = torch.zeros_like(self._step_loss)
+        return bad
+
     def first_bad_step(self, rt: runtime.Runtime) -> int | None:
-        """The first step with a non-finite loss on any rank (every rank gets the same answer)."""
+        """The first step whose loss or gradients were not finite on any rank (every rank gets
+        the same answer)."""
         first = self.first_bad.clone()
         if rt.distributed:
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)  # check steps only
@@ -245,7 +262,9 @@ class Guard:
 
 def make_optimizer(cfg: LoopConfig, rt: runtime.Runtime, job: Job) -> tuple[torch.optim.Optimizer, float]:
     """AdamW over the job's parameter groups and the base lr. Fused on CPU too: the unfused
-    step reads its step counters with ``.item()``, the fused one keeps them in tensors."""
+    step reads its step counters with ``.item()``, the fused one keeps them in tensors, and
+    only the fused one honours ``found_inf`` (the skip flag :func:`train_step` sets; the
+    foreach and single-tensor steps reject it)."""
     base_lr = schedule.effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, rt.world_size)
     return torch.optim.AdamW(job.param_groups, lr=base_lr, betas=tuple(cfg.betas), fused=True), base_lr
 
@@ -278,9 +297,11 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batc
                poison: bool = False) -> None:
     """The training step: ``cfg.accum_iter`` micro-batches, then one optimizer step.
 
-    It makes no device-to-host sync: a non-finite loss only sets ``guard``'s device flag
-    (read at check steps), and the loss stays on the device. ``step`` is the optimizer
-    step being made (1-based); ``poison`` turns its loss NaN (the tests' fault injection).
+    It makes no device-to-host sync. A step whose loss or gradients are NaN/inf on any rank
+    is skipped on the device: fused AdamW reads ``optimizer.found_inf`` (1.0: parameters,
+    moments and the step count stay as they were), and ``guard`` records the step for the
+    check steps. ``step`` is the optimizer step being made (1-based); ``poison`` turns its
+    loss NaN (the tests' fault injection).
     """
     for micro in range(cfg.accum_iter):
         batch = _to_device(next_batch(), rt.device)
@@ -290,13 +311,26 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batc
                 loss = loss_fn(net, batch)
             if poison:
                 loss = loss * float("nan")
-            guard.record(loss, step)
+            guard.record(loss)
             (loss / cfg.accum_iter).backward()
+    # the lr schedule advances on a skipped step too (it follows the step number, as it would
+    # after a GradScaler skip), so a run resumed later sees the same lr at the same step
     schedule.apply(optimizer, lr)
-    if cfg.clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)  # no sync (error_if_nonfinite off)
+    optimizer.found_inf = guard.found_inf(grad_norm(net, cfg.clip_grad), step, rt)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def grad_norm(net: torch.nn.Module, clip: float | None) -> torch.Tensor:
+    """The total gradient norm (0-dim, on the device), clipping to ``clip`` when set. The norm
+    is the unclipped one that clip_grad_norm_ returns: clipping keeps NaN gradients NaN, but
+    an inf norm scales every gradient by 0, so the finite ones (whole tensors of them) become
+    zeros, and only that norm still tells the step was bad. No host sync
+    (``error_if_nonfinite`` off)."""
+    if clip is not None:
+        return torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
 
 
 class Loop:
@@ -377,15 +411,21 @@ class Loop:
             self.last_path = self.checkpoint()
 
     def check_loss(self) -> None:
-        """Stops every rank together when a loss since the last check was not finite."""
+        """Stops every rank together when a step since the last check had a non-finite loss
+        or gradients (its update was skipped, so the parameters are still those before it)."""
         bad = self.guard.first_bad_step(self.rt)
         if bad is None:
             return
         self.bar.close()  # the error then starts on its own line
-        where = (f"loss is {self.guard.bad_loss.item()}" if not self.rt.distributed
-                 else f"loss is not finite on at least one of {self.rt.world_size} ranks")
-        raise NonFiniteLoss(f"{where} at step {bad} (epoch {self.pos.epoch}); stopping. {last_good_text(self.good)}; "
-                            "try a lower lr or --clip_grad.")
+        raise NonFiniteLoss(f"{self.bad_what()} at step {bad} (epoch {self.pos.epoch}), so its update was skipped; "
+                            f"stopping. {last_good_text(self.good)}; try a lower lr or --clip_grad.")
+
+    def bad_what(self) -> str:
+        """What went non-finite at the guard's first bad step, for the error line."""
+        if self.rt.distributed:
+            return f"the loss or the gradients are not finite on at least one of {self.rt.world_size} ranks"
+        loss = self.guard.bad_loss.item()  # host sync: only on the way to stopping
+        return f"loss is {loss}" if not math.isfinite(loss) else f"gradients are not finite (loss {loss:.4g})"
 
     def log_step(self, lr: float) -> None:
         step = self.pos.global_step

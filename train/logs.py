@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -121,10 +122,11 @@ class DataWait:
 
     def window(self, steps: int) -> dict:
         """Per-step wall and wait time (ms) since the last call, and the wait's fraction."""
-        now = time.perf_counter()
-        wall = now - self._start
         if self.cuda:
             torch.cuda.synchronize()  # host sync: a logging step; every event is then complete
+        now = time.perf_counter()  # after the sync, so the window holds the device work it queued
+        wall = now - self._start
+        if self.cuda:
             wait = sum(b.elapsed_time(a) for b, a in self._events) / 1000
         else:
             wait = self._host
@@ -143,21 +145,37 @@ class DataWait:
                 f"{100 * WAIT_WARN:.0f}%); use prepared shards with --loader dali or torch, or more --num_workers")
 
 
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
-               "RTX 4090": 165.0}  # dense bf16 tensor-core peaks (datasheets; H100 PCIe is lower: 756)
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by a pattern
+# of torch.cuda.get_device_name(); the first match wins, so the variants come before the family
+# name ("NVIDIA H100 80GB HBM3" is the SXM card). Word boundaries keep A10 off A100 and A10G.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b", 989.4),
+    (r"\bH200\b.*\bNVL\b", 835.0),
+    (r"\bG?H200\b", 989.4),
+    (r"\bA100\b", 312.0),
+    (r"\bL40S\b", 362.0),
+    (r"\bA10\b", 125.0),
+    (r"\bL4\b", 121.0),
+    (r"\bRTX 4090\b", 165.2),
+)
+
+
+def peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak (TFLOP/s) of the card called ``name``; None when it is not known."""
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return tflops
+    return None
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The card's dense bf16 peak in FLOP/s, from its name; None off CUDA or for an unknown card."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    if "H100" in name and "PCIe" in name:
-        return 756e12
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    tflops = peak_tflops(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
 
 
 def blocks_flops(tokens: int, dim: int, depth: int, mlp_hidden: int) -> int:
