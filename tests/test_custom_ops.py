@@ -174,9 +174,9 @@ def test_training_step_compiles_with_no_graph_break(reference_ops):
 
     fw, bw = targets("fw"), targets("bw")
     assert {"cxrfast.attention.default", "cxrfast.layer_norm.default", "cxrfast.add_layer_norm.default",
-            "cxrfast.mae_loss.default"} <= fw, fw
+            "cxrfast.mlp.default", "cxrfast.mae_loss.default"} <= fw, fw
     assert {"cxrfast.attention_backward.default", "cxrfast.layer_norm_backward.default",
-            "cxrfast.mae_loss_backward.default"} <= bw, bw
+            "cxrfast.mlp_backward.default", "cxrfast.mae_loss_backward.default"} <= bw, bw
 
 
 def _fake_cuda_step():
@@ -205,8 +205,8 @@ def _fake_cuda_step():
     assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cuda"
     assert pred.shape == (2, 16, 64) and pred.dtype == torch.float32
     assert fmodel.blocks[0].attn.qkv.weight.grad.shape == (96, 32)
-    assert seen == {f"cxrfast::{n}": True for n in ("layer_norm", "add_layer_norm", "attention", "mae_loss",
-                                                     "layer_norm_backward", "attention_backward",
+    assert seen == {f"cxrfast::{n}": True for n in ("layer_norm", "add_layer_norm", "attention", "mlp", "mae_loss",
+                                                     "layer_norm_backward", "attention_backward", "mlp_backward",
                                                      "mae_loss_backward")}, seen
     print("step-ok")
 
@@ -225,7 +225,7 @@ def test_training_step_on_fake_cuda_tensors_uses_the_kernel_ops():
 
 def test_importing_cxrfast_and_kernels_imports_no_triton_compiler_and_no_cuda():
     code = ("import sys, torch; import cxrfast, cxrfast.ops, cxrfast.models; assert 'triton' not in sys.modules; "
-            "import kernels.attention, kernels.layernorm, kernels.mae_loss; "
+            "import kernels.attention, kernels.layernorm, kernels.mae_loss, kernels.mlp; "
             "assert not torch.cuda.is_initialized(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
