@@ -71,6 +71,15 @@ def _gemm(A, B, stride_am, stride_bk, stride_bn, M, N, K, pid_m, pid_n,
 
 
 @triton.jit
+def _epilogue_offsets(pid_m, cols, M, N, stride, BLOCK_M: tl.constexpr):
+    """int32 offsets of a tile within its row block (the block's start is added once, in
+    int64: 32-bit offsets per element keep the epilogue's registers down) and its mask."""
+    rows = tl.arange(0, BLOCK_M)
+    mask = (rows < M - pid_m * BLOCK_M)[:, None] & (cols < N)[None, :]
+    return rows[:, None] * stride + cols[None, :], mask
+
+
+@triton.jit
 def _mlp_fwd(X, W1, B1, H, A,  # X: (M, K) rows; W1: (N, K) rows; B1: (N,); H, A: (M, N) contiguous
              M, N, K, stride_xm, stride_wn, stride_hm,
              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -78,16 +87,15 @@ def _mlp_fwd(X, W1, B1, H, A,  # X: (M, K) rows; W1: (N, K) rows; B1: (N,); H, A
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # B = W1^T: element (k, n) at W1 + n * stride_wn + k
     acc = _gemm(X, W1, stride_xm, 1, stride_wn, M, N, K, pid_m, pid_n, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     bias = tl.load(B1 + cols, mask=cols < N, other=0.0).to(tl.float32)
     h = (acc + bias[None, :]).to(H.dtype.element_ty)  # rounded as torch's fc1(x) is
     hf = h.to(tl.float32)
     a = 0.5 * hf * (1.0 + tl.erf(hf * _RSQRT2))
-    offs = rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    tl.store(H + offs, h, mask=mask)
-    tl.store(A + offs, a.to(A.dtype.element_ty), mask=mask)
+    offs, mask = _epilogue_offsets(pid_m, cols, M, N, stride_hm, BLOCK_M)
+    base = pid_m.to(tl.int64) * BLOCK_M * stride_hm
+    tl.store(H + base + offs, h, mask=mask)
+    tl.store(A + base + offs, a.to(A.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -97,15 +105,14 @@ def _mlp_bwd(DZ, W2, H, DH, DB_PART,  # DZ: (M, K) rows; W2: (K, N) rows; H, DH:
              GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     da = _gemm(DZ, W2, stride_dzm, stride_wk, 1, M, N, K, pid_m, pid_n, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    offs = rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
-    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask = _epilogue_offsets(pid_m, cols, M, N, stride_hm, BLOCK_M)
+    base = pid_m.to(tl.int64) * BLOCK_M * stride_hm
+    h = tl.load(H + base + offs, mask=mask, other=0.0).to(tl.float32)
     # gelu'(h) = Phi(h) + h * phi(h)
     grad = 0.5 * (1.0 + tl.erf(h * _RSQRT2)) + h * tl.exp(-0.5 * h * h) * _RSQRT_2PI
     dh = tl.where(mask, da * grad, 0.0)
-    tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
+    tl.store(DH + base + offs, dh.to(DH.dtype.element_ty), mask=mask)
     tl.store(DB_PART + pid_m * N + cols, tl.sum(dh, axis=0), mask=cols < N)
 
 
@@ -114,25 +121,29 @@ def _precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-def launch_config(m: int, n: int, k: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> Config:
-    """BLOCK_M/N/K, GROUP_M, warps and stages of both kernels for an (m, k) @ (k, n) GEMM on
-    compute capability ``cap`` (default: the H100/H200 the project targets); the launches
-    below and bench/gpu_static.py both call it.
+def launch_config(m: int, n: int, k: int, dtype: torch.dtype, cap: tuple[int, int] | None = None,
+                  backward: bool = False) -> Config:
+    """BLOCK_M/N/K, GROUP_M, warps and stages of the forward (or, with ``backward``, the
+    backward) kernel for an (m, k) @ (k, n) GEMM on compute capability ``cap`` (default: the
+    H100/H200 the project targets); the launches below and bench/gpu_static.py both call it.
 
-    16-bit: 128 x 128 tiles on 8 warps (the wgmma shape Triton picks on sm_90, mma.sync
-    elsewhere), BLOCK_K 64 where four stages fit the target's shared memory per block (sm_90,
-    sm_80), 32 on sm_86/89 (99 KiB). fp32 ("ieee", CUDA cores and the interpreter): 64 x 64 x 32
-    on 4 warps, shrunk to small problems so the interpreter does little padding work."""
+    16-bit: 128 x 128 tiles on 8 warps for the forward (wgmma on sm_90, mma.sync elsewhere);
+    128 x 64 for the backward, whose erf + exp epilogue on a 128 x 128 tile needs 255
+    registers and spills on sm_90 (bench/gpu_static.py: 128 x 64 takes 128, no spill, two
+    blocks per SM). BLOCK_K and stages: the deepest pipeline, (BLOCK_M + BLOCK_N) x BLOCK_K x
+    stages elements, that fits the target's shared memory per block (less 4 KiB for barriers).
+    fp32 ("ieee", CUDA cores and the interpreter): 64 x 64 x 32 on 4 warps, shrunk to small
+    problems so the interpreter pads little."""
     cap = cap or (9, 0)
     small = lambda x, top: min(top, max(16, triton.next_power_of_2(x)))  # noqa: E731
     if dtype == torch.float32:
         return Config({"BLOCK_M": small(m, 64), "BLOCK_N": small(n, 64), "BLOCK_K": small(k, 32), "GROUP_M": 8},
                       4, 2)
     elem = torch.finfo(dtype).bits // 8
-    block_m, block_n = small(m, 128), small(n, 128)
-    budget = smem_per_block(cap) - block_m * block_n * 4  # room for the epilogue's layout change
-    for block_k, stages in ((64, 4), (64, 3), (32, 4), (32, 3), (32, 2)):
-        if block_k <= max(16, triton.next_power_of_2(k)) and (block_m + block_n) * block_k * elem * stages <= budget:
+    block_m, block_n = small(m, 128), small(n, 64 if backward else 128)
+    budget = smem_per_block(cap) - 4096
+    for block_k, stages in ((64, 4), (64, 3), (32, 4), (32, 3), (32, 2), (16, 2)):
+        if block_k <= small(k, 64) and (block_m + block_n) * block_k * elem * stages <= budget:
             break
     return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, 8, stages)
 
@@ -169,7 +180,7 @@ def _backward(dz, x, w1, w2, h, a):
     m, n = h.shape
     d_out = w2c.shape[0]
     dh = torch.empty(m, n, dtype=h.dtype, device=h.device)
-    cfg = launch_config(m, n, d_out, h.dtype, capability(h.device))
+    cfg = launch_config(m, n, d_out, h.dtype, capability(h.device), backward=True)
     parts = torch.empty(triton.cdiv(m, cfg.blocks["BLOCK_M"]), n, dtype=torch.float32, device=h.device)
     if m:
         _mlp_bwd[_grid(m, n, cfg)](dz2, w2c, h, dh, parts, m, n, d_out, dz2.stride(0), w2c.stride(0), h.stride(0),
