@@ -121,6 +121,11 @@ def _precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
+def _block(size: int, largest: int) -> int:
+    """A power-of-two block, 16 to ``largest``, no wider than ``size`` needs."""
+    return min(largest, max(16, triton.next_power_of_2(size)))
+
+
 def launch_config(m: int, n: int, k: int, dtype: torch.dtype, cap: tuple[int, int] | None = None,
                   backward: bool = False) -> Config:
     """BLOCK_M/N/K, GROUP_M, warps and stages of the forward (or, with ``backward``, the
@@ -135,15 +140,14 @@ def launch_config(m: int, n: int, k: int, dtype: torch.dtype, cap: tuple[int, in
     fp32 ("ieee", CUDA cores and the interpreter): 64 x 64 x 32 on 4 warps, shrunk to small
     problems so the interpreter pads little."""
     cap = cap or (9, 0)
-    small = lambda x, top: min(top, max(16, triton.next_power_of_2(x)))  # noqa: E731
     if dtype == torch.float32:
-        return Config({"BLOCK_M": small(m, 64), "BLOCK_N": small(n, 64), "BLOCK_K": small(k, 32), "GROUP_M": 8},
+        return Config({"BLOCK_M": _block(m, 64), "BLOCK_N": _block(n, 64), "BLOCK_K": _block(k, 32), "GROUP_M": 8},
                       4, 2)
     elem = torch.finfo(dtype).bits // 8
-    block_m, block_n = small(m, 128), small(n, 64 if backward else 128)
+    block_m, block_n = _block(m, 128), _block(n, 64 if backward else 128)
     budget = smem_per_block(cap) - 4096
     for block_k, stages in ((64, 4), (64, 3), (32, 4), (32, 3), (32, 2), (16, 2)):
-        if block_k <= small(k, 64) and (block_m + block_n) * block_k * elem * stages <= budget:
+        if block_k <= _block(k, 64) and (block_m + block_n) * block_k * elem * stages <= budget:
             break
     return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, 8, stages)
 
@@ -279,11 +283,12 @@ mlp_op = define("mlp", _mlp_impl, _mlp_fake, _mlp_grad, _mlp_setup)
 
 
 def op_dtype(x: torch.Tensor, w1: torch.Tensor) -> torch.dtype:
-    """The dtype the op computes in: autocast's where it is on for x's device (F.linear's
-    rule), else the inputs' own (x's and w1's, promoted)."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The dtype the op computes in: autocast's where it is on for x's device and the inputs
+    are not fp64 (F.linear's rule), else the inputs' own (x's and w1's, promoted)."""
+    dtype = torch.promote_types(x.dtype, w1.dtype)
+    if dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    return torch.promote_types(x.dtype, w1.dtype)
+    return dtype
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,
