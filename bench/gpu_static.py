@@ -86,7 +86,7 @@ def _compilable(name: str):
     return copy
 
 
-ka, kln, kml = _compilable("attention"), _compilable("layernorm"), _compilable("mae_loss")
+ka, kln, kml, kmlp = (_compilable(n) for n in ("attention", "layernorm", "mae_loss", "mlp"))
 
 BATCH = 256
 ARCHS = {"sm_90": 90, "sm_80": 80, "sm_89": 89, "sm_86": 86}
@@ -223,6 +223,21 @@ def layernorm_launches(m: int, n: int, dtype: torch.dtype) -> list[Launch]:
             Launch("ln_bwd+res", kln._ln_bwd, bwd, dict(HAS_DH=True, HAS_DX2=True), cfg, shape, mixed)]
 
 
+def mlp_launches(m: int, d: int, hidden: int, dtype: torch.dtype, cap: tuple[int, int] = (9, 0)) -> list[Launch]:
+    """The fused MLP's forward (fc1 + GELU) and backward (fc2's input gradient x gelu', db1
+    partials) for m rows of width d, hidden = 4 d: under autocast x, the weights and dz are
+    16-bit, contiguous (the autocast casts); the db1 partials fp32."""
+    cfg, bwd_cfg = (kmlp.launch_config(m, hidden, d, dtype, cap, backward=b) for b in (False, True))
+    t = Ptr(dtype)
+    shape = f"M={m} D={d} H={hidden}"
+    fwd = dict(X=t, W1=t, B1=t, H=t, A=t, M=m, N=hidden, K=d, stride_xm=d, stride_wn=d, stride_hm=hidden)
+    bwd = dict(DZ=t, W2=t, H=t, DH=t, DB_PART=Ptr(torch.float32), M=m, N=hidden, K=d, stride_dzm=d,
+               stride_wk=hidden, stride_hm=hidden)
+    mode = dict(PREC=None)
+    return [Launch("mlp_fwd", kmlp._mlp_fwd, fwd, mode, cfg, shape, _TT[dtype]),
+            Launch("mlp_bwd", kmlp._mlp_bwd, bwd, mode, bwd_cfg, shape, _TT[dtype])]
+
+
 def mae_loss_launches(b: int, img: int, patch: int, chans: int, dtype: torch.dtype,
                       norm_pix: bool = True) -> list[Launch]:
     """The MAE loss forward and backward: pred is decoder_pred(...)[:, 1:, :] (a slice),
@@ -242,9 +257,10 @@ def mae_loss_launches(b: int, img: int, patch: int, chans: int, dtype: torch.dty
 
 
 def model_launches(model: str, phase: str, img: int, dtype: torch.dtype, batch: int = BATCH,
-                   varlen: bool = True) -> list[tuple[Launch | None, dict]]:
-    """[(launch, info)] of one training step; launch None where attention does not fit the
-    kernel on some target (info says which shape; cxrfast.ops sends it to SDPA)."""
+                   varlen: bool = True, cap: tuple[int, int] = (9, 0)) -> list[tuple[Launch | None, dict]]:
+    """[(launch, info)] of one training step on compute capability ``cap`` (the MLP's tiles
+    depend on it); launch None where attention does not fit the kernel on some target (info
+    says which shape; cxrfast.ops sends it to SDPA)."""
     cfg = PRESETS[MODELS[model]]
     length = (img // cfg.patch_size) ** 2
     enc_n = int(length * (1 - MASK_RATIO)) + 1 if phase == "pretrain" else length + 1
@@ -261,6 +277,7 @@ def model_launches(model: str, phase: str, img: int, dtype: torch.dtype, batch: 
         else:
             out.append((None, info))
         out += [(launch, info) for launch in layernorm_launches(batch * n, dim, dtype)]
+        out += [(launch, info) for launch in mlp_launches(batch * n, dim, 4 * dim, dtype, cap)]
     if phase == "pretrain":
         out += [(launch, {}) for launch in mae_loss_launches(batch, img, cfg.patch_size, 1, dtype)]
     return out
@@ -429,7 +446,7 @@ def collect(archs: list[str], models: list[str], dtypes: list[str], varlen: bool
             for phase, img in phases:
                 for dt in dtypes:
                     tag = f"{model} {phase} {img}"
-                    for launch, info in model_launches(model, phase, img, DTYPES[dt], varlen=varlen):
+                    for launch, info in model_launches(model, phase, img, DTYPES[dt], varlen=varlen, cap=cap):
                         if launch is not None and launch.kernel.startswith("attn") and \
                                 not ka.fits(info["n"], info["d"], info["dtype"], cap=cap):
                             launch = None

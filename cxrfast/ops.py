@@ -1,6 +1,6 @@
 """The hot ops of the ViT, behind one dispatch point.
 
-Models call ``cxrfast.ops`` for attention, (residual +) LayerNorm and the MAE loss. Each op
+Models call ``cxrfast.ops`` for attention, (residual +) LayerNorm, the MLP and the MAE loss. Each op
 is a ``cxrfast::`` torch custom op (``kernels/``) that runs either its Triton kernel or its
 plain torch reference. ``CXRFAST_OPS=auto`` (default) runs the kernels' custom ops on CUDA
 tensors and plain torch functions elsewhere (SDPA and ``F.layer_norm`` are faster on CPU than
@@ -44,7 +44,7 @@ def get_backend() -> str:
 def _kernels_importable() -> bool:
     """Whether kernels/ imports (it needs Triton, a Linux-only dependency)."""
     try:
-        import kernels.attention, kernels.layernorm, kernels.mae_loss  # noqa: F401, E401
+        import kernels.attention, kernels.layernorm, kernels.mae_loss, kernels.mlp  # noqa: F401, E401
     except ImportError:
         return False
     return True
@@ -113,6 +113,20 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     h = x + residual
     y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return (y if out_dtype is None else y.to(out_dtype)), h
+
+
+def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """fc2(gelu(fc1(x))) with the exact GELU; x (..., d_in), weights in nn.Linear layouts.
+    The kernel fuses the GELU and fc1's bias gradient into the GEMMs (kernels/mlp.py); fp32
+    on a GPU under auto goes to cuBLAS (the kernel's exact fp32 mode has no tensor cores)."""
+    kernel = _kernel_flag(x)
+    if kernel is not None:
+        from kernels import mlp as kmlp
+
+        fp32_on_gpu = _backend == "auto" and kmlp.op_dtype(x, w1) == torch.float32
+        if not kernel or not fp32_on_gpu:
+            return kmlp.mlp(x, w1, b1, w2, b2, kernel=kernel)
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
 
 def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,

@@ -178,14 +178,14 @@ def test_training_step_compiles_with_no_graph_break(reference_ops):
 
     fw, bw = targets("fw"), targets("bw")
     assert {"cxrfast.attention.default", "cxrfast.layer_norm.default", "cxrfast.add_layer_norm.default",
-            "cxrfast.mae_loss.default"} <= fw, fw
+            "cxrfast.mlp.default", "cxrfast.mae_loss.default"} <= fw, fw
     assert {"cxrfast.attention_backward.default", "cxrfast.layer_norm_backward.default",
-            "cxrfast.mae_loss_backward.default"} <= bw, bw
+            "cxrfast.mlp_backward.default", "cxrfast.mae_loss_backward.default"} <= bw, bw
 
 
 def test_importing_cxrfast_and_kernels_imports_no_triton_compiler_and_no_cuda():
     code = ("import sys, torch; import cxrfast, cxrfast.ops, cxrfast.models; assert 'triton' not in sys.modules; "
-            "import kernels.attention, kernels.layernorm, kernels.mae_loss; "
+            "import kernels.attention, kernels.layernorm, kernels.mae_loss, kernels.mlp; "
             "assert not torch.cuda.is_initialized(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

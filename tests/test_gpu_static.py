@@ -97,7 +97,17 @@ def test_launch_compiles_fits_and_does_not_spill(arch, launch, compiled):
 def test_ci_set_covers_every_kernel():
     kernels = {launch.kernel for _, launch in LAUNCHES}
     assert kernels == {"attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "ln_fwd", "ln_fwd+res", "ln_bwd",
-                       "ln_bwd+res", "mae_loss_fwd", "mae_loss_bwd"}
+                       "ln_bwd+res", "mae_loss_fwd", "mae_loss_bwd", "mlp_fwd", "mlp_bwd"}
+
+
+def test_mlp_rows_cover_the_model_shapes_and_use_wgmma_on_sm_90(compiled):
+    """The fused MLP at every CI shape (encoder, decoder, fine-tuning; three widths): fits,
+    no spill (the test above), and tensor-core MMAs: wgmma on sm_90, mma.sync on sm_80."""
+    rows = {k: r for k, r in compiled.items() if k[1].startswith("mlp")}
+    shapes = {k[3] for k in rows}
+    assert {"M=12800 D=768 H=3072", "M=50432 D=512 H=2048", "M=50432 D=768 H=3072", "M=16640 D=1280 H=5120"} <= shapes
+    for (arch, kernel, dtype, shape), r in rows.items():
+        assert r["mma"].startswith("wgmma" if arch == "sm_90" else "mma.sync"), (arch, kernel, shape, r["mma"])
 
 
 def test_long_sequences_go_to_sdpa_on_every_target():
@@ -150,8 +160,12 @@ def test_launch_code_and_report_use_the_same_config(monkeypatch):
                 raise Stop
             return launch
 
+    from kernels import mlp as kmlp
+
     monkeypatch.setattr(ka, "_attn_fwd", Recorder("attn"))
     monkeypatch.setattr(kln, "_ln_fwd", Recorder("ln"))
+    monkeypatch.setattr(kmlp, "_mlp_fwd", Recorder("mlp_fwd"))
+    monkeypatch.setattr(kmlp, "_mlp_bwd", Recorder("mlp_bwd"))
     q = torch.zeros(2, 16, 197, 32)
     with pytest.raises(Stop):
         ka.attention(q, q, q)
@@ -161,6 +175,17 @@ def test_launch_code_and_report_use_the_same_config(monkeypatch):
     assert seen["attn"] == {**fwd.mode, **fwd.config.kwargs(), "PREC": "ieee"}  # fp32 input here
     ln = gs.layernorm_launches(4, 512, torch.bfloat16)[0]
     assert seen["ln"] == {**ln.mode, **ln.config.kwargs()}
+    # the MLP's two kernels, bf16 (launched on CPU tensors: the recorder stops before any arithmetic)
+    bf = dict(dtype=torch.bfloat16)
+    x, w1, b1, w2, b2 = (torch.zeros(s, **bf) for s in ((300, 64), (256, 64), 256, (64, 256), 64))
+    with pytest.raises(Stop):
+        kmlp._forward(x, w1, b1, w2, b2)
+    with pytest.raises(Stop):
+        kmlp._backward(torch.zeros(300, 64, **bf), x, w1, w2, torch.zeros(300, 256, **bf), torch.zeros(300, 256, **bf))
+    fwd, bwd = gs.mlp_launches(300, 64, 256, torch.bfloat16)  # the report's default target: sm_90, as on CPU
+    assert seen["mlp_fwd"] == {**fwd.mode, **fwd.config.kwargs()}
+    assert seen["mlp_bwd"] == {**bwd.mode, **bwd.config.kwargs()}
+    assert fwd.config != bwd.config  # the backward's narrower tile
 
 
 def test_results_are_cached(tmp_path, monkeypatch):
