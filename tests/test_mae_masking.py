@@ -174,3 +174,12 @@ def test_backward_has_no_scatter_and_no_sequence_sized_zeros(backend):
     zeros = [(n, s) for n, shapes in rec.seen if "zero" in n or "fill" in n for s in shapes if s in sequence]
     assert not zeros, zeros
     assert m.mask_token.grad is not None and m.patch_embed.proj.weight.grad is not None
+
+
+def test_forward_decoder_without_ids_keep_recovers_them():
+    """facebookresearch/mae's call forward_decoder(latent, ids_restore) still works."""
+    m = _tiny()
+    imgs = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    ids_keep, _, ids_restore = m.masking(2, 0.75, torch.rand(2, 16))
+    latent = m.encode_visible(imgs, ids_keep)
+    assert torch.equal(m.forward_decoder(latent, ids_restore), m.forward_decoder(latent, ids_restore, ids_keep))
