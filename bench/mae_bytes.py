@@ -2,11 +2,11 @@
 
 One ViT-B/16 MAE forward + backward at batch 4 on ``torch.device("meta")`` (nothing allocated,
 nothing computed) under a ``TorchDispatchMode`` that adds, for every op, the bytes of its
-tensor inputs and outputs: view ops are free; an input counts its distinct elements (a
+tensor inputs and outputs: views and bare allocations (empty) are free; an input counts its distinct elements (a
 stride-0, expanded dimension once); an ``out=`` tensor counts as written only. Numbers are
 given at batch 256 by a line through the counts at batch 4 and 8 (traffic is linear in the
-batch; the weights' share is the constant). The model runs in fp32 (autocast does not run on meta); the residual streams are fp32
-under bf16 autocast too.
+batch; the weights' share is the constant). The model runs in fp32 (autocast does not run on
+meta); the residual streams are fp32 under bf16 autocast too.
 
 The plain-torch custom op ``cxrfast::mae_unshuffle`` (and its backward) is counted by the
 aten ops it runs, labelled ``unshuffle:<op>``. The MAE loss is a Triton kernel on the GPU: its
