@@ -238,22 +238,31 @@ def mlp_launches(m: int, d: int, hidden: int, dtype: torch.dtype, cap: tuple[int
             Launch("mlp_bwd", kmlp._mlp_bwd, bwd, mode, bwd_cfg, shape, _TT[dtype])]
 
 
+# Image dtypes the pretraining loop hands the MAE loss (it sees the batch itself, not an autocast
+# copy): the prepared-shard loaders on a GPU (DALI, torch) yield bf16, the file loader fp32.
+LOSS_IMAGE_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def mae_loss_launches(b: int, img: int, patch: int, chans: int, dtype: torch.dtype,
                       norm_pix: bool = True) -> list[Launch]:
-    """The MAE loss forward and backward: pred is decoder_pred(...)[:, 1:, :] (a slice),
-    imgs (B, C, H, W) contiguous in the autocast dtype, d(pred) contiguous."""
+    """The MAE loss forward and backward for each image dtype of LOSS_IMAGE_DTYPES: pred
+    (autocast dtype) is decoder_pred(...)[:, 1:, :] (a slice), imgs (B, C, H, W) contiguous,
+    d(pred) contiguous in pred's dtype."""
     gw = img // patch
     length, p = gw * gw, patch * patch * chans
     cfg = kml.launch_config(p)
     t, f32 = Ptr(dtype), Ptr(torch.float32)
-    common = dict(PRED=t, IMG=t, MASK=f32, stride_pb=(length + 1) * p, stride_pl=p, stride_ib=chans * img * img,
-                  stride_ic=img * img, stride_ih=img, stride_iw=1, L=length, GW=gw, C=chans, PATCH=patch, P=p,
-                  eps=1e-6)
     mode = dict(NORM_PIX=norm_pix)
-    shape = f"B={b} L={length} P={p}"
-    return [Launch("mae_loss_fwd", kml._mae_fwd, dict(common, LOSS=f32), mode, cfg, shape, _TT[dtype]),
-            Launch("mae_loss_bwd", kml._mae_bwd, dict(common, SCALE=f32, DPRED=t, stride_db=length * p,
-                                                      stride_dl=p), mode, cfg, shape, _TT[dtype])]
+    out = []
+    for img_dtype in LOSS_IMAGE_DTYPES:
+        common = dict(PRED=t, IMG=Ptr(img_dtype), MASK=f32, stride_pb=(length + 1) * p, stride_pl=p,
+                      stride_ib=chans * img * img, stride_ic=img * img, stride_ih=img, stride_iw=1, L=length, GW=gw,
+                      C=chans, PATCH=patch, P=p, eps=1e-6)
+        shape = f"B={b} L={length} P={p} img={_TT[img_dtype]}"
+        out += [Launch("mae_loss_fwd", kml._mae_fwd, dict(common, LOSS=f32), mode, cfg, shape, _TT[dtype]),
+                Launch("mae_loss_bwd", kml._mae_bwd, dict(common, SCALE=f32, DPRED=t, stride_db=length * p,
+                                                          stride_dl=p), mode, cfg, shape, _TT[dtype])]
+    return out
 
 
 def model_launches(model: str, phase: str, img: int, dtype: torch.dtype, batch: int = BATCH,

@@ -1,6 +1,7 @@
 """The hot ops of the ViT, behind one dispatch point.
 
-Models call ``cxrfast.ops`` for attention, (residual +) LayerNorm, the MLP and the MAE loss. Each op
+Models call ``cxrfast.ops`` for attention, (residual +) LayerNorm, the MLP, the MAE decoder's
+unshuffle and the MAE loss. Each op
 is a ``cxrfast::`` torch custom op (``kernels/``) that runs either its Triton kernel or its
 plain torch reference. ``CXRFAST_OPS=auto`` (default) runs the kernels' custom ops on CUDA
 tensors and plain torch functions elsewhere (SDPA and ``F.layer_norm`` are faster on CPU than
@@ -127,6 +128,18 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
         if not kernel or not fp32_on_gpu:
             return kmlp.mlp(x, w1, b1, w2, b2, kernel=kernel)
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def mae_unshuffle(x: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor, ids_keep: torch.Tensor,
+                  ids_restore: torch.Tensor) -> torch.Tensor:
+    """The MAE decoder input (B, 1 + L, D): x (B, 1 + keep, D, CLS first) at positions
+    [0, 1 + ids_keep], mask_token (1, 1, D) elsewhere, plus pos (1, 1 + L, D). The op
+    ``cxrfast::mae_unshuffle`` (plain torch, any device, no full-size zeros or scatter in its
+    backward) except under 'torch', which runs the cat + gather twin."""
+    from kernels import masking  # no Triton needed
+
+    fn = masking.unshuffle_ref if _backend == "torch" else masking.unshuffle
+    return fn(x, mask_token, pos, ids_keep, ids_restore)
 
 
 def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,

@@ -8,7 +8,9 @@ with patches row-major and (row, column, channel) order inside a patch; mask (B,
 
 One program per patch: it gathers the patch from the image by index arithmetic, forms the
 target in registers, and writes one fp32 number (its masked loss). The backward recomputes
-the target the same way and writes d(pred). Design limit: p*p*C <= MAX_P = 16384.
+the target the same way and writes d(pred). Only masked patches count, so a program whose
+patch is visible (mask 0, 25 % of them at mask ratio 0.75) loads neither pred nor image: the
+forward writes 0 for it, the backward writes a zero row of d(pred). Design limit: p*p*C <= MAX_P = 16384.
 
 The op ``cxrfast::mae_loss`` runs the kernel or, with ``kernel=False``, the torch reference
 kept here (``mae_loss_ref``).
@@ -56,9 +58,13 @@ def _mae_fwd(PRED, IMG, MASK, LOSS,  # PRED (B, L, P); IMG (B, C, H, W); MASK (B
              stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw,
              L, GW, C, PATCH, P, eps, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
-    d, b, l, j, valid = _residual(PRED, IMG, pid, stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw,
-                                  L, GW, C, PATCH, P, eps, NORM_PIX, BLOCK_P)
-    tl.store(LOSS + pid, tl.sum(d * d, axis=0) / P * tl.load(MASK + pid))
+    m = tl.load(MASK + pid)
+    loss = 0.0
+    if m != 0:  # a visible patch (mask 0) counts nothing: its pred and image are never loaded
+        d, b, l, j, valid = _residual(PRED, IMG, pid, stride_pb, stride_pl, stride_ib, stride_ic, stride_ih,
+                                      stride_iw, L, GW, C, PATCH, P, eps, NORM_PIX, BLOCK_P)
+        loss = tl.sum(d * d, axis=0) / P * m
+    tl.store(LOSS + pid, loss)
 
 
 @triton.jit
@@ -66,10 +72,17 @@ def _mae_bwd(PRED, IMG, MASK, SCALE, DPRED,  # SCALE: (1,) fp32 = grad_output / 
              stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw, stride_db, stride_dl,
              L, GW, C, PATCH, P, eps, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
-    d, b, l, j, valid = _residual(PRED, IMG, pid, stride_pb, stride_pl, stride_ib, stride_ic, stride_ih, stride_iw,
-                                  L, GW, C, PATCH, P, eps, NORM_PIX, BLOCK_P)
-    dp = 2.0 * d / P * tl.load(MASK + pid) * tl.load(SCALE)
-    tl.store(DPRED + b * stride_db + l * stride_dl + j, dp.to(DPRED.dtype.element_ty), mask=valid)
+    m = tl.load(MASK + pid)
+    j = tl.arange(0, BLOCK_P)
+    if m != 0:
+        d, b, l, j, valid = _residual(PRED, IMG, pid, stride_pb, stride_pl, stride_ib, stride_ic, stride_ih,
+                                      stride_iw, L, GW, C, PATCH, P, eps, NORM_PIX, BLOCK_P)
+        dp = 2.0 * d / P * m * tl.load(SCALE)
+    else:  # a visible patch: its gradient is 0, written without loading pred or image
+        dp = tl.zeros([BLOCK_P], dtype=tl.float32)
+    b = pid // L
+    l = pid % L
+    tl.store(DPRED + b * stride_db + l * stride_dl + j, dp.to(DPRED.dtype.element_ty), mask=j < P)
 
 
 def launch_config(p: int) -> Config:

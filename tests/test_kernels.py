@@ -122,6 +122,32 @@ def test_mae_loss_fp32_against_float64(c, p, hw, norm_pix):
     torch.testing.assert_close(g.double(), gr, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("c,p,hw", [(1, 4, (12, 8)), (3, 3, (9, 6))])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_never_reads_visible_patches(c, p, hw, norm_pix):
+    """NaN in every visible patch of pred and image (mask 0) reaches neither the loss nor
+    d(pred): the kernels must not load them; d(pred)'s visible rows are exactly 0."""
+    b = 2
+    gh, gw = hw[0] // p, hw[1] // p
+    imgs = torch.randn(b, c, *hw, device=DEV)
+    pred = torch.randn(b, gh * gw, p * p * c, device=DEV)
+    mask = (torch.rand(b, gh * gw, device=DEV) < 0.6).float()
+    mask[:, 0], mask[:, 1] = 1, 0
+    ref_leaf = _leaf(pred, torch.float64)
+    ref = mae_loss_ref(ref_leaf, imgs.double(), mask.double(), p, norm_pix)
+    (gr,) = _grads(ref, [ref_leaf], torch.tensor(1.3, dtype=torch.float64))
+    visible = mask == 0
+    pred[visible] = float("nan")
+    pix = visible.reshape(b, gh, 1, gw, 1).expand(b, gh, p, gw, p).reshape(b, 1, *hw).expand(b, c, *hw)
+    imgs = imgs.masked_fill(pix, float("nan"))
+    leaf = _leaf(pred)
+    out = mae_loss(leaf, imgs, mask, p, norm_pix)
+    (g,) = _grads(out, [leaf], torch.tensor(1.3, device=DEV))
+    assert abs(out.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+    assert torch.equal(g[visible], torch.zeros_like(g[visible]))
+    torch.testing.assert_close(g.double(), gr, atol=1e-7, rtol=1e-5)
+
+
 def test_ops_dispatch_switch(monkeypatch):
     from cxrfast import ops
 

@@ -186,10 +186,16 @@ def blocks_flops(tokens: int, dim: int, depth: int, mlp_hidden: int) -> int:
     return depth * per_block
 
 
+def embedded_patches(model: torch.nn.Module) -> int:
+    """Patches per image the patch embedding multiplies: the MAE embeds its visible ones only."""
+    n = model.patch_embed.num_patches
+    return int(n * (1 - model.mask_ratio)) if hasattr(model, "decoder_blocks") else n
+
+
 def patch_flops(model: torch.nn.Module) -> int:
     """Forward FLOPs per image of the patch embedding."""
     pe = model.patch_embed
-    return 2 * pe.num_patches * pe.proj.in_channels * pe.patch_size ** 2 * pe.proj.out_channels
+    return 2 * embedded_patches(model) * pe.proj.in_channels * pe.patch_size ** 2 * pe.proj.out_channels
 
 
 def forward_flops(model: torch.nn.Module) -> int:
@@ -199,7 +205,7 @@ def forward_flops(model: torch.nn.Module) -> int:
     hidden = model.blocks[0].mlp.fc1.out_features
     flops = patch_flops(model)
     if hasattr(model, "decoder_blocks"):  # MAE: encoder on the visible patches, decoder on all
-        visible = int(n * (1 - model.mask_ratio)) + 1
+        visible = embedded_patches(model) + 1
         ddim = model.decoder_embed.out_features
         flops += blocks_flops(visible, dim, len(model.blocks), hidden) + 2 * visible * dim * ddim
         flops += blocks_flops(n + 1, ddim, len(model.decoder_blocks), model.decoder_blocks[0].mlp.fc1.out_features)

@@ -1,13 +1,16 @@
 """The MAE ViT (He et al. 2022) for single-channel chest radiographs.
 
 Parameter names follow facebookresearch/mae (``models_mae.py``), so its checkpoints and
-RETFound's load one to one. The encoder runs on the visible patches only; a light decoder
-reconstructs every patch; the loss counts masked patches only.
+RETFound's load one to one. The encoder runs on the visible patches only (only their pixels
+are read and embedded); a light decoder reconstructs every patch from an input built in one
+write (``cxrfast::mae_unshuffle``); the loss counts masked patches only.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kernels.masking import mask_ids
 
 from .. import ops
 from .vit import Block, LayerNorm, ViTEncoder, init_weights, preset, run_blocks, sincos_pos_embed
@@ -37,47 +40,54 @@ class MaskedAutoencoderViT(ViTEncoder):
         self.decoder_pos_embed.data.copy_(sincos_pos_embed(decoder_embed_dim, self.patch_embed.grid).unsqueeze(0))
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        """Keeps a random subset of round(L * (1 - mask_ratio)) patches per sample.
+    def masking(self, b: int, mask_ratio: float, noise: torch.Tensor | None = None,
+                device: torch.device | None = None):
+        """(ids_keep (B, keep), mask (B, L; 1 = removed), ids_restore (B, L)): a random subset
+        of int(L * (1 - mask_ratio)) patches per sample stays; ``noise`` (B, L) makes the choice
+        reproducible (the lowest-noise patches stay)."""
+        length = self.patch_embed.num_patches
+        if noise is None:
+            noise = torch.rand(b, length, device=device)
+        return mask_ids(noise, int(length * (1 - mask_ratio)))
 
-        Returns the kept tokens (B, keep, D), the mask (B, L; 1 = removed) and ids_restore
-        (B, L) that unshuffles. ``noise`` (B, L) makes the choice reproducible.
-        """
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Keeps a random subset of int(L * (1 - mask_ratio)) tokens of x (B, L, D) per sample
+        (facebookresearch/mae's interface): (kept (B, keep, D), mask (B, L), ids_restore)."""
         b, length, d = x.shape
-        keep = int(length * (1 - mask_ratio))
         if noise is None:
             noise = torch.rand(b, length, device=x.device)
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :keep]
-        kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-        mask = torch.ones(b, length, device=x.device)
-        mask[:, :keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
-        return kept, mask, ids_restore
+        ids_keep, mask, ids_restore = mask_ids(noise, int(length * (1 - mask_ratio)))
+        return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d)), mask, ids_restore
 
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+    def encode_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + keep, D) latent of the visible patches: only their pixels are embedded
+        (PatchEmbed.embed_patches) and only their position rows gathered."""
+        x = self.patch_embed.embed_patches(imgs, ids_keep) + self.pos_embed[0, 1:][ids_keep]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         latent, _ = run_blocks(self.blocks, x, self.norm)
-        return latent, mask, ids_restore
+        return latent
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """(latent (B, 1 + keep, D), mask (B, L), ids_restore (B, L))."""
+        ids_keep, mask, ids_restore = self.masking(imgs.shape[0], mask_ratio, noise, imgs.device)
+        return self.encode_visible(imgs, ids_keep), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor,
+                        ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, p*p*C) predictions; ``ids_keep`` (from :meth:`masking`) saves an argsort."""
         x = self.decoder_embed(latent)
-        b, length = ids_restore.shape
-        masked = self.mask_token.expand(b, length + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:, :], masked], dim=1)
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed
+        if ids_keep is None:
+            ids_keep = torch.argsort(ids_restore, dim=1)[:, :x.shape[1] - 1]
+        x = ops.mae_unshuffle(x, self.mask_token, self.decoder_pos_embed, ids_keep, ids_restore)
         x, _ = run_blocks(self.decoder_blocks, x, self.decoder_norm)
         return self.decoder_pred(x)[:, 1:, :]
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         """imgs (B, C, H, W) -> (loss, pred (B, L, p*p*C), mask (B, L))."""
-        latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio if mask_ratio is None else mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        ids_keep, mask, ids_restore = self.masking(imgs.shape[0], ratio, noise, imgs.device)
+        pred = self.forward_decoder(self.encode_visible(imgs, ids_keep), ids_restore, ids_keep)
         loss = ops.mae_loss(pred, imgs, mask, self.patch_embed.patch_size, self.norm_pix_loss)
         return loss, pred, mask
 

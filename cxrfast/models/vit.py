@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -66,6 +67,21 @@ class PatchEmbed(nn.Module):
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
         return self.proj(x).flatten(2).transpose(1, 2)
+
+    def embed_patches(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens of the chosen patches only, (B, C, H, W) and ids (B, n) -> (B, n, D): the
+        same numbers as ``forward(x)`` gathered at ``ids``, but only those patches' pixels are
+        read and embedded (the MAE encoder's visible patches). The pixels are gathered in the
+        conv weight's (C, p, p) order and multiplied by that weight viewed as (D, C*p*p)."""
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        b, c = x.shape[:2]
+        p, (_, gw) = self.patch_size, self.grid
+        grid = x.reshape(b, c, self.grid[0], p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p), a view
+        rows = torch.arange(b, device=x.device)[:, None]
+        pixels = grid[rows, ids // gw, ids % gw].reshape(b, ids.shape[1], c * p * p)
+        weight = self.proj.weight
+        return F.linear(pixels, weight.reshape(weight.shape[0], -1), self.proj.bias)
 
 
 class Attention(nn.Module):
