@@ -347,8 +347,8 @@ def record_step(model: str = "vit_base", img_size: int = 224, batch: int = 256, 
 def analytic_flops(model: str = "vit_base", img_size: int = 224, batch: int = 256, **overrides) -> int:
     """The step's matmul FLOPs from the ViT formula (2 per multiply-add): per block 24·N·d²
     (qkv, proj, fc1, fc2) + 4·N²·d (QKᵀ, PV); the patch embedding, decoder_embed and
-    decoder_pred GEMMs; backward twice the forward, except the patch embedding (the images
-    need no gradient, only its weight does)."""
+    decoder_pred GEMMs; backward twice the forward, except the patch embedding of the visible
+    patches (the images need no gradient, only its weight does)."""
     cfg = pretrain.PretrainConfig(model=model, img_size=img_size, batch_size=batch, **overrides)
     from cxrfast.models.vit import preset
     enc = preset(model)
@@ -362,7 +362,7 @@ def analytic_flops(model: str = "vit_base", img_size: int = 224, batch: int = 25
     dd = cfg.decoder_dim
     forward = (blocks(keep + 1, enc.embed_dim, enc.depth) + blocks(length + 1, dd, cfg.decoder_depth)
                + 2 * (keep + 1) * enc.embed_dim * dd + 2 * (length + 1) * dd * pixels)
-    embed = 2 * length * pixels * enc.embed_dim
+    embed = 2 * keep * pixels * enc.embed_dim  # the MAE embeds the visible patches only
     return batch * (3 * forward + 2 * embed)
 
 

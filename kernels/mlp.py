@@ -267,6 +267,7 @@ def _mlp_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, kernel = inputs
     _, h, a = output
     ctx.mark_non_differentiable(h, a)
+    ctx.set_materialize_grads(False)  # no full-size zero gradients built for h and a
     ctx.save_for_backward(x, w1, w2, h, a)
     ctx.kernel = kernel
     ctx.bias_dtypes = (b1.dtype, b2.dtype)
@@ -274,6 +275,8 @@ def _mlp_setup(ctx, inputs, output):
 
 def _mlp_grad(ctx, dz, _dh, _da):
     x, w1, w2, h, a = ctx.saved_tensors
+    if dz is None:  # z unused: nothing flows back
+        return None, None, None, None, None, None
     dx, dw1, db1, dw2, db2 = mlp_backward_op(dz, x, w1, w2, h, a, ctx.kernel)
     b1_dtype, b2_dtype = ctx.bias_dtypes
     return dx, dw1, db1.to(b1_dtype), dw2, db2.to(b2_dtype), None
