@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cxrfast import ops  # noqa: E402
+from kernels.library import TRAFFIC  # noqa: E402
 from train import engine, pretrain, runtime  # noqa: E402
 from cxrfast.models.vit import param_groups  # noqa: E402
 
@@ -167,13 +168,21 @@ def op_kind(ns: str, name: str, phase: str) -> str:
     return "elementwise"
 
 
+def _kernel_path(args) -> bool:
+    """Whether a cxrfast:: op call takes its Triton path (its last argument, ``kernel``)."""
+    return bool(args) and args[-1] is True
+
+
 def op_bytes(func, args, kwargs, out) -> tuple[int, int]:
     """(bytes read, bytes written): every tensor input once (distinct elements), every output
-    once; view ops move nothing; in-place ops write their mutated inputs."""
+    once; view ops move nothing; in-place ops write their mutated inputs. A cxrfast:: kernel
+    that makes several launches declares its traffic (kernels.library.TRAFFIC) instead."""
     ns, name = _name(func)
     schema = func._schema
     if name in _FREE or ns not in ("aten", "cxrfast"):  # prim::device and friends read no data
         return 0, 0
+    if ns == "cxrfast" and name in TRAFFIC and _kernel_path(args):
+        return TRAFFIC[name](args, out if isinstance(out, (tuple, list)) else (out,))
     returns_alias = [r.alias_info is not None for r in schema.returns]
     if returns_alias and all(returns_alias) and not any(
             a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):

@@ -23,12 +23,24 @@ import torch
 
 NAMESPACE = "cxrfast"
 _OPS: dict[str, object] = {}
+# Memory traffic of the ops whose kernel path reads or writes more than its inputs and outputs
+# once (several launches): name -> fn(args, outputs) -> (bytes read, bytes written).
+# bench/step_model.py counts these instead of the op's operands.
+TRAFFIC: dict[str, Callable] = {}
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the given tensors (None counts 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def define(name: str, impl: Callable, fake: Callable, backward: Callable | None = None,
-           setup_context: Callable | None = None):
+           setup_context: Callable | None = None, traffic: Callable | None = None):
     """Registers ``cxrfast::<name>`` (schema from ``impl``'s type hints) with its fake
-    implementation and, when given, its autograd formula; returns the op (once per name)."""
+    implementation and, when given, its autograd formula and its kernel path's memory
+    traffic (see TRAFFIC); returns the op (once per name)."""
+    if traffic is not None:
+        TRAFFIC[name] = traffic
     if name in _OPS:
         return _OPS[name]
     # Resolved here, not by torch: older torch reads only real (not stringified) annotations.

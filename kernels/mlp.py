@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import Config, capability, smem_per_block
-from kernels.library import define, no_autocast
+from kernels.library import define, nbytes, no_autocast
 
 RSQRT2 = 0.7071067811865476  # 1 / sqrt(2)
 RSQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
@@ -260,7 +260,26 @@ def _mlp_bwd_fake(dz, x, w1, w2, h, a, kernel):
             w2.new_empty(w2.shape[:1]))
 
 
-mlp_backward_op = define("mlp_backward", _mlp_bwd_impl, _mlp_bwd_fake)
+def _mlp_traffic(args, out):
+    """Forward: the fused kernel reads x, w1, b1 and writes h, a; fc2's addmm reads a, w2, b2 and
+    writes z."""
+    x, w1, b1, w2, b2 = args[:5]
+    z, h, a = out
+    return nbytes(x, w1, b1, a, w2, b2), nbytes(h, a, z)
+
+
+def _mlp_bwd_traffic(args, out):
+    """Backward: the kernel reads dz, w2, h and writes dh (and fp32 db1 partials, counted as
+    one row block per 128 rows); dx = dh w1, dw1 = dh^T x, dw2 = dz^T a and db2 = sum(dz) each
+    read their operands."""
+    dz, x, w1, w2, h, a = args[:6]
+    dx, dw1, db1, dw2, db2 = out
+    parts = (h.numel() // max(h.shape[-1], 1) + 127) // 128 * h.shape[-1] * 4
+    return (nbytes(dz, w2, h) + 2 * nbytes(h) + nbytes(w1, x, dz, a, dz) + parts,
+            nbytes(h) + parts + nbytes(dx, dw1, dw2, db1, db2))
+
+
+mlp_backward_op = define("mlp_backward", _mlp_bwd_impl, _mlp_bwd_fake, traffic=_mlp_bwd_traffic)
 
 
 def _mlp_setup(ctx, inputs, output):
@@ -282,7 +301,7 @@ def _mlp_grad(ctx, dz, _dh, _da):
     return dx, dw1, db1.to(b1_dtype), dw2, db2.to(b2_dtype), None
 
 
-mlp_op = define("mlp", _mlp_impl, _mlp_fake, _mlp_grad, _mlp_setup)
+mlp_op = define("mlp", _mlp_impl, _mlp_fake, _mlp_grad, _mlp_setup, traffic=_mlp_traffic)
 
 
 def op_dtype(x: torch.Tensor, w1: torch.Tensor) -> torch.dtype:
