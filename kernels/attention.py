@@ -170,9 +170,9 @@ def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,
+def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU,  # DELTA: fp32 like LSE, written here
                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
-                 sdq_b, sdq_h, sdq_n,
+                 so_b, so_h, so_n, sdq_b, sdq_h, sdq_n,
                  H, N, D, T, scale,
                  VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -183,7 +183,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,
         H, N, D, T, scale, VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
     do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
     lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
-    delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
+    # delta = rowsum(dO * O) in fp32 for this block's query rows; the dK/dV kernel, launched
+    # after this one on the same stream, reads it back (one pass over O, no torch fp32 copies)
+    o = _tile(O, b, h, start, offs_m, offs_d, so_b, so_h, so_n, qmask)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + lse_base + offs_m, delta, mask=offs_m < n)
     p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -246,50 +250,49 @@ def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
-    """The kernel's forward: (o like q, contiguous; lse fp32, (B, H, N) or (H, T))."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    varlen = cu_seqlens is not None
-    if varlen:
+def _check_fits(n: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not fits(n, d, dtype, device=device):
+        raise ValueError(f"sequence length {n} with head dim {d} in {dtype} needs "
+                         f"{smem_bytes(n, d, dtype) // 1024} KiB of shared memory, over the "
+                         f"{smem_per_block(device=device) // 1024} KiB of this GPU; "
+                         "use scaled_dot_product_attention (cxrfast.ops does)")
+
+
+def _unit_last(*ts):
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
+
+
+def _dims(q, cu_seqlens, max_seqlen):
+    """(batch, heads, max tokens, head dim, total tokens) of dense (B, H, N, D) or varlen (T, H, D) q."""
+    if cu_seqlens is not None:
         t_total, h, d = q.shape
-        batch, n = cu_seqlens.numel() - 1, max_seqlen
-        lse = torch.empty(h, t_total, dtype=torch.float32, device=q.device)
-    else:
-        batch, h, n, d = q.shape
-        t_total = batch * n
-        lse = torch.empty(batch, h, n, dtype=torch.float32, device=q.device)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return cu_seqlens.numel() - 1, h, max_seqlen, d, t_total
+    batch, h, n, d = q.shape
+    return batch, h, n, d, batch * n
+
+
+def _launch_forward(q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, scale) -> None:
+    """Runs the forward kernel into o (any strides with a unit last one) and lse."""
+    varlen = cu_seqlens is not None
+    batch, h, n, d, t_total = _dims(q, cu_seqlens, max_seqlen)
+    _check_fits(n, d, q.dtype, q.device)
     kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
     cu = cu_seqlens if varlen else q
     cfg = launch_configs(n, d, q.dtype)["fwd"]
-    if not fits(n, d, q.dtype, device=q.device):
-        raise ValueError(f"sequence length {n} with head dim {d} in {q.dtype} needs "
-                         f"{smem_bytes(n, d, q.dtype) // 1024} KiB of shared memory, over the "
-                         f"{smem_per_block(device=q.device) // 1024} KiB of this GPU; "
-                         "use scaled_dot_product_attention (cxrfast.ops does)")
     grid = (triton.cdiv(n, cfg.blocks["BLOCK_M"]), triton.cdiv(batch * h, cfg.blocks["PACK"]))
     _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                     *_strides(o, varlen), kpm.stride(0) if key_padding_mask is not None else 0,
                     h, n, d, t_total, batch * h, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
                     PREC=_precision(q), **cfg.kwargs())
-    return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu, max_seqlen, key_padding_mask, scale):
-    """The kernel's backward: (dq, dk, dv), contiguous, in q's dtype."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_padding_mask, scale) -> None:
+    """Runs the dQ kernel (which also writes delta = rowsum(dO * O), fp32, laid out like lse)
+    and then the dK/dV kernel that reads it; dq, dk, dv may be strided views of one buffer."""
     varlen, has_kpm = cu is not None, key_padding_mask is not None
-    if varlen:
-        t_total, h, d = q.shape
-        batch, n = cu.numel() - 1, max_seqlen
-    else:
-        batch, h, n, d = q.shape
-        t_total = batch * n
+    batch, h, n, d, t_total = _dims(q, cu, max_seqlen)
     kpm = key_padding_mask.to(torch.int8).contiguous() if has_kpm else q
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), laid out like LSE
-    delta = delta.transpose(0, 1).contiguous() if varlen else delta.contiguous()
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     cu_arg = cu if varlen else q
     cfg = launch_configs(n, d, q.dtype)
     common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q))
@@ -297,11 +300,29 @@ def _backward(do, q, k, v, o, lse, cu, max_seqlen, key_padding_mask, scale):
                kpm.stride(0) if has_kpm else 0)
     dq_cfg, dkdv_cfg = cfg["bwd_dq"], cfg["bwd_dkdv"]
     _attn_bwd_dq[(triton.cdiv(n, dq_cfg.blocks["BLOCK_M"]), batch * h)](
-        q, k, v, do, dq, lse, delta, kpm, cu_arg, *strides, *_strides(dq, varlen), h, n, d, t_total, scale,
-        **common, **dq_cfg.kwargs())
+        q, k, v, o, do, dq, lse, delta, kpm, cu_arg, *strides, *_strides(o, varlen), *_strides(dq, varlen),
+        h, n, d, t_total, scale, **common, **dq_cfg.kwargs())
     _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](
         q, k, v, do, dk, dv, lse, delta, kpm, cu_arg, *strides, *_strides(dk, varlen), *_strides(dv, varlen),
         h, n, d, t_total, scale, **common, **dkdv_cfg.kwargs())
+
+
+def _forward(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
+    """The kernel's forward: (o like q, contiguous; lse fp32, (B, H, N) or (H, T))."""
+    q, k, v = _unit_last(q, k, v)
+    batch, h, n, _, t_total = _dims(q, cu_seqlens, max_seqlen)
+    lse_shape = (h, t_total) if cu_seqlens is not None else (batch, h, n)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch_forward(q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, scale)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, cu, max_seqlen, key_padding_mask, scale):
+    """The kernel's backward: (dq, dk, dv), contiguous, in q's dtype."""
+    q, k, v, do, o = _unit_last(q, k, v, do, o)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_padding_mask, scale)
     return dq, dk, dv
 
 
@@ -451,6 +472,106 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: 
         key_padding_mask = key_padding_mask.bool()
     o, _ = attention_op(q, k, v, cu_seqlens, int(max_seqlen or 0), key_padding_mask, scale, kernel)
     return o
+
+
+# ---- attention on the packed qkv projection (the ViT's layout) ----------------------------
+# qkv (B, N, 3*H*D) straight from the qkv Linear; o (B, N, H*D) straight into proj. q, k, v,
+# o, dO and the three thirds of dqkv are strided (B, H, N, D) views the kernels address
+# through their strides: no select/permute copies, no zeros + adds in the backward graph.
+
+def _qkv_views(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (B, H, N, D) views of qkv (B, N, 3*H*D) (any strides, a unit last one)."""
+    parts = qkv.unflatten(-1, (3, num_heads, qkv.shape[-1] // (3 * num_heads)))
+    return tuple(parts[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, H, N, D) view of t (B, N, H*D)."""
+    return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads)).transpose(1, 2)
+
+
+def _attn_qkv_impl(qkv: torch.Tensor, num_heads: int, scale: float, kernel: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o (B, N, H*D) contiguous, lse (B, H, N)) of softmax attention on packed qkv."""
+    (qkv,) = _unit_last(qkv)
+    b, n, three_hd = qkv.shape
+    q, k, v = _qkv_views(qkv, num_heads)
+    o = torch.empty(b, n, three_hd // 3, dtype=qkv.dtype, device=qkv.device)
+    if kernel:
+        lse = torch.empty(b, num_heads, n, dtype=torch.float32, device=qkv.device)
+        _launch_forward(q, k, v, _heads(o, num_heads), lse, None, n, None, scale)
+        return o, lse
+    oh, lse = _forward_ref(q, k, v, None, None, scale)
+    _heads(o, num_heads).copy_(oh)
+    return o, lse
+
+
+def _attn_qkv_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                       scale: float, kernel: bool) -> torch.Tensor:
+    """dqkv (B, N, 3*H*D) contiguous, in qkv's dtype; do and o are (B, N, H*D)."""
+    qkv, do, o = _unit_last(qkv, do, o)
+    q, k, v = _qkv_views(qkv, num_heads)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = _qkv_views(dqkv, num_heads)
+    doh, oh = _heads(do, num_heads), _heads(o, num_heads)
+    if kernel:
+        _launch_backward(doh, q, k, v, oh, lse, dq, dk, dv, None, q.shape[2], None, scale)
+    else:
+        for g, r in zip((dq, dk, dv), _backward_ref(doh, q, k, v, oh, lse, None, None, scale)):
+            g.copy_(r)
+    return dqkv
+
+
+def _attn_qkv_fake(qkv, num_heads, scale, kernel):
+    b, n, three_hd = qkv.shape
+    lse_dtype = torch.float32 if kernel else torch.promote_types(qkv.dtype, torch.float32)
+    return qkv.new_empty(b, n, three_hd // 3), qkv.new_empty(b, num_heads, n, dtype=lse_dtype)
+
+
+def _attn_qkv_bwd_fake(do, qkv, o, lse, num_heads, scale, kernel):
+    return qkv.new_empty(qkv.shape)
+
+
+attention_qkv_backward_op = define("attention_qkv_backward", _attn_qkv_bwd_impl, _attn_qkv_bwd_fake)
+
+
+def _attn_qkv_setup(ctx, inputs, output):
+    qkv, num_heads, scale, kernel = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.args = (num_heads, scale, kernel)
+
+
+def _attn_qkv_grad(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return attention_qkv_backward_op(do, qkv, o, lse, *ctx.args), None, None, None
+
+
+attention_qkv_op = define("attention_qkv", _attn_qkv_impl, _attn_qkv_fake, _attn_qkv_grad, _attn_qkv_setup)
+
+
+def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None,
+                  kernel: bool = True) -> torch.Tensor:
+    """Softmax attention on the packed projection, as the op ``cxrfast::attention_qkv``.
+
+    qkv: (B, N, 3*H*D), the qkv Linear's output (q, k, v thirds, heads inside each; any
+    strides with a unit last one); returns o (B, N, H*D), contiguous, the layout the output
+    projection reads. Its backward takes dO (B, N, H*D) and returns one (B, N, 3*H*D)
+    gradient. Same limits as :func:`attention`; ``kernel=False`` runs the torch reference.
+    """
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be (B, N, 3*H*D) with H = {num_heads}, got {tuple(qkv.shape)}")
+    d = qkv.shape[-1] // (3 * num_heads)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    o, _ = attention_qkv_op(qkv, int(num_heads), scale, kernel)
+    return o
+
+
+def attention_qkv_ref(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None) -> torch.Tensor:
+    """Plain torch reference of :func:`attention_qkv` (through :func:`attention_ref`)."""
+    q, k, v = _qkv_views(qkv, num_heads)
+    o = attention_ref(q, k, v, scale=scale)
+    return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
 
 
 def attention_ref(q, k, v, *, cu_seqlens=None, key_padding_mask=None, scale=None, upcast=False):
