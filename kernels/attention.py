@@ -427,6 +427,7 @@ def _attn_setup(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale, kernel = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse: the backward ignores it
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, key_padding_mask)
     ctx.args = (max_seqlen, scale, kernel)
 
@@ -538,6 +539,7 @@ def _attn_qkv_setup(ctx, inputs, output):
     qkv, num_heads, scale, kernel = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse: the backward ignores it
     ctx.save_for_backward(qkv, o, lse)
     ctx.args = (num_heads, scale, kernel)
 

@@ -173,9 +173,9 @@ def test_training_step_compiles_with_no_graph_break(reference_ops):
         return {str(node.target) for g in graphs[kind] for node in g.graph.nodes if node.op == "call_function"}
 
     fw, bw = targets("fw"), targets("bw")
-    assert {"cxrfast.attention.default", "cxrfast.layer_norm.default", "cxrfast.add_layer_norm.default",
+    assert {"cxrfast.attention_qkv.default", "cxrfast.layer_norm.default", "cxrfast.add_layer_norm.default",
             "cxrfast.mae_loss.default"} <= fw, fw
-    assert {"cxrfast.attention_backward.default", "cxrfast.layer_norm_backward.default",
+    assert {"cxrfast.attention_qkv_backward.default", "cxrfast.layer_norm_backward.default",
             "cxrfast.mae_loss_backward.default"} <= bw, bw
 
 
@@ -205,8 +205,8 @@ def _fake_cuda_step():
     assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cuda"
     assert pred.shape == (2, 16, 64) and pred.dtype == torch.float32
     assert fmodel.blocks[0].attn.qkv.weight.grad.shape == (96, 32)
-    assert seen == {f"cxrfast::{n}": True for n in ("layer_norm", "add_layer_norm", "attention", "mae_loss",
-                                                     "layer_norm_backward", "attention_backward",
+    assert seen == {f"cxrfast::{n}": True for n in ("layer_norm", "add_layer_norm", "attention_qkv", "mae_loss",
+                                                     "layer_norm_backward", "attention_qkv_backward",
                                                      "mae_loss_backward")}, seen
     print("step-ok")
 
