@@ -38,8 +38,8 @@ def _pow2(x: int) -> int:
 
 
 def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
-    """Block sizes, warps and stages of the forward ('fwd') and the two backward kernels
-    ('bwd_dq', 'bwd_dkdv') for sequences of up to max_n tokens with head dim d: the one
+    """Block sizes, warps and stages of the forward ('fwd') and the three backward kernels
+    ('bwd_delta', 'bwd_dq', 'bwd_dkdv') for sequences of up to max_n tokens with head dim d: the one
     place they are chosen (the launches below and bench/gpu_static.py call it)."""
     if max_n > MAX_SEQLEN:
         raise ValueError(f"sequence length {max_n} exceeds the kernel's limit {MAX_SEQLEN}")
@@ -62,6 +62,7 @@ def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
     pack = 4 if block_n <= 32 else 2 if block_n <= 64 else 1
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     return {"fwd": Config({**blocks, "PACK": pack}, warps, 3),
+            "bwd_delta": Config(dict(BLOCK_M=64, BLOCK_D=block_d), 4, 1),
             "bwd_dq": Config(blocks, warps, 3),
             "bwd_dkdv": Config(dict(BLOCK_M=16 if block_d > 64 else 32, BLOCK_N=min(block_n, 64), BLOCK_D=block_d),
                                4 if small else 8, 3)}
@@ -74,6 +75,8 @@ def smem_bytes(max_n: int, d: int, dtype: torch.dtype) -> int:
     target's limit; tests/test_gpu_static.py checks it against what Triton's compiler reports."""
     need = 0
     for name, cfg in launch_configs(max_n, d, dtype).items():
+        if name == "bwd_delta":  # two (BLOCK_M, D) tiles, elementwise: registers, no shared memory to speak of
+            continue
         bm, bn, bd = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_D"]
         query_tiles = 2 * (cfg.num_stages if name == "bwd_dkdv" else 1)  # dK/dV pipelines its loop over Q, dO
         need = max(need, (2 * bn * bd + query_tiles * bm * bd + bm * bn) * dtype.itemsize + 1024)
@@ -170,9 +173,28 @@ def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU,  # DELTA: fp32 like LSE, written here
+def _attn_bwd_delta(O, DO, DELTA, CU,  # O/DO: (B, H, N, D) or (T, H, D) views; DELTA: fp32 like LSE
+                    so_b, so_h, so_n, sd_b, sd_h, sd_n, H, N, D, T,
+                    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32 for BLOCK_M query rows of one (sequence, head). Its own
+    small launch: computed inside the dQ kernel it raised that kernel's registers 63 -> 128
+    (+88 B spill) at N = 257, D = 32 and 70 -> 98-106 at N = 197, D = 32 (bench/gpu_static.py)."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < n)[:, None] & (offs_d < D)[None, :]
+    o = _tile(O, b, h, start, offs_m, offs_d, so_b, so_h, so_n, mask).to(tl.float32)
+    do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, mask).to(tl.float32)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    tl.store(DELTA + lse_base + offs_m, tl.sum(o * do, axis=1), mask=offs_m < n)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,  # LSE, DELTA: fp32 (B*H*N or H*T)
                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
-                 so_b, so_h, so_n, sdq_b, sdq_h, sdq_n,
+                 sdq_b, sdq_h, sdq_n,
                  H, N, D, T, scale,
                  VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -183,11 +205,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU,  # DELTA: fp32 like LS
         H, N, D, T, scale, VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
     do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
     lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
-    # delta = rowsum(dO * O) in fp32 for this block's query rows; the dK/dV kernel, launched
-    # after this one on the same stream, reads it back (one pass over O, no torch fp32 copies)
-    o = _tile(O, b, h, start, offs_m, offs_d, so_b, so_h, so_n, qmask)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(DELTA + lse_base + offs_m, delta, mask=offs_m < n)
+    delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
     p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -287,8 +305,9 @@ def _launch_forward(q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, s
 
 
 def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_padding_mask, scale) -> None:
-    """Runs the dQ kernel (which also writes delta = rowsum(dO * O), fp32, laid out like lse)
-    and then the dK/dV kernel that reads it; dq, dk, dv may be strided views of one buffer."""
+    """Runs the delta kernel (rowsum(dO * O), fp32, laid out like lse), then the dQ and the
+    dK/dV kernels that read it (same stream, in order); dq, dk, dv may be strided views of one
+    buffer."""
     varlen, has_kpm = cu is not None, key_padding_mask is not None
     batch, h, n, d, t_total = _dims(q, cu, max_seqlen)
     kpm = key_padding_mask.to(torch.int8).contiguous() if has_kpm else q
@@ -298,10 +317,13 @@ def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_paddin
     common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q))
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
                kpm.stride(0) if has_kpm else 0)
-    dq_cfg, dkdv_cfg = cfg["bwd_dq"], cfg["bwd_dkdv"]
+    delta_cfg, dq_cfg, dkdv_cfg = cfg["bwd_delta"], cfg["bwd_dq"], cfg["bwd_dkdv"]
+    _attn_bwd_delta[(triton.cdiv(n, delta_cfg.blocks["BLOCK_M"]), batch * h)](
+        o, do, delta, cu_arg, *_strides(o, varlen), *_strides(do, varlen), h, n, d, t_total, VARLEN=varlen,
+        **delta_cfg.kwargs())
     _attn_bwd_dq[(triton.cdiv(n, dq_cfg.blocks["BLOCK_M"]), batch * h)](
-        q, k, v, o, do, dq, lse, delta, kpm, cu_arg, *strides, *_strides(o, varlen), *_strides(dq, varlen),
-        h, n, d, t_total, scale, **common, **dq_cfg.kwargs())
+        q, k, v, do, dq, lse, delta, kpm, cu_arg, *strides, *_strides(dq, varlen), h, n, d, t_total, scale,
+        **common, **dq_cfg.kwargs())
     _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](
         q, k, v, do, dk, dv, lse, delta, kpm, cu_arg, *strides, *_strides(dk, varlen), *_strides(dv, varlen),
         h, n, d, t_total, scale, **common, **dkdv_cfg.kwargs())
