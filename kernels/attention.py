@@ -13,9 +13,14 @@ fp32, bf16, fp16; the tiles of one program within the target GPU's shared memory
 (``fits``: ``smem_bytes`` against kernels.launch.SMEM_PER_BLOCK, or torch's figure for the
 device; without a GPU, the H100's).
 Each program handles BLOCK_M queries of one (sequence, head) against all its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
+From 129 keys with D <= 64 the forward and dQ instead take 64-row tiles (wgmma on sm_90)
+that loop over key blocks (online softmax in the forward; ``launch_configs`` says which).
 Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
-form: one kernel for dQ (per query block), one for dK/dV (per key block, looping over the
-query blocks), both recomputing P from the saved log-sum-exp.
+form: a small kernel for delta = rowsum(dO * O) (fp32), one for dQ (per query block), one for
+dK/dV (per key block, looping over the query blocks), both recomputing P from the saved
+log-sum-exp.
+The op ``cxrfast::attention_qkv`` runs the same kernels on the ViT's packed projection:
+q, k, v, o, dO and dqkv are strided views, so no permute, select or zero-filled gradient.
 """
 from __future__ import annotations
 
@@ -60,10 +65,18 @@ def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
     else:
         block_m, warps = 16, 16
     pack = 4 if block_n <= 32 else 2 if block_n <= 64 else 1
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-    return {"fwd": Config({**blocks, "PACK": pack}, warps, 3),
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, KV_LOOP=False)
+    fwd, dq = Config({**blocks, "PACK": pack}, warps, 3), Config(blocks, warps, 3)
+    if block_n >= 256 and block_d <= 64:
+        # 64-row tiles (one warpgroup: wgmma on sm_90) over key blocks of 64 (32 from D = 64):
+        # sm_90 bf16 at N = 197/257, D = 32: fwd 95 and dQ 109 registers (31% / 25%), against
+        # 64 / 70 on mma.sync with the 16-row single tile; 64 rows against all 256 keys needed
+        # 174-255 registers (12%, dQ spilling 64 B). D = 64, N = 197: 95 / 94 (31%, was 25%).
+        loop = dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 32 else 32, BLOCK_D=block_d, KV_LOOP=True)
+        fwd, dq = Config({**loop, "PACK": 1}, 4, 3), Config(loop, 4, 2)
+    return {"fwd": fwd,
             "bwd_delta": Config(dict(BLOCK_M=64, BLOCK_D=block_d), 4, 1),
-            "bwd_dq": Config(blocks, warps, 3),
+            "bwd_dq": dq,
             "bwd_dkdv": Config(dict(BLOCK_M=16 if block_d > 64 else 32, BLOCK_N=min(block_n, 64), BLOCK_D=block_d),
                                4 if small else 8, 3)}
 
@@ -79,7 +92,8 @@ def smem_bytes(max_n: int, d: int, dtype: torch.dtype) -> int:
             continue
         bm, bn, bd = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_D"]
         query_tiles = 2 * (cfg.num_stages if name == "bwd_dkdv" else 1)  # dK/dV pipelines its loop over Q, dO
-        need = max(need, (2 * bn * bd + query_tiles * bm * bd + bm * bn) * dtype.itemsize + 1024)
+        key_tiles = 2 * (cfg.num_stages if cfg.blocks.get("KV_LOOP") else 1)  # the key loop pipelines K, V
+        need = max(need, (key_tiles * bn * bd + query_tiles * bm * bd + bm * bn) * dtype.itemsize + 1024)
     return need
 
 
@@ -120,14 +134,58 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); L
               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, stride_kpm,
               H, N, D, T, BH, scale,
               VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PACK: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              KV_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Short sequences share a program: PACK consecutive (sequence, head) pairs, one after another.
+    # KV_LOOP: BLOCK_N keys at a time with an online softmax (64-row tiles for wgmma without the
+    # registers of a 64 x 256 score tile); else every key in one BLOCK_N tile.
     for g in tl.static_range(PACK):
         bh = tl.program_id(1) * PACK + g
         if bh < BH:
-            _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                          so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, bh // H, bh % H, tl.program_id(0),
-                          VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+            if KV_LOOP:
+                _attn_fwd_loop(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                               so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, bh // H, bh % H, tl.program_id(0),
+                               VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+            else:
+                _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                              so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, bh // H, bh % H, tl.program_id(0),
+                              VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _attn_fwd_loop(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                   so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, b, h, pid_m,
+                   VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The forward over key blocks with an online softmax; rows with no key give o = 0, lse = 0."""
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = (offs_m < n)[:, None] & dmask[None, :]
+    q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kmask = (offs_n < n)[:, None] & dmask[None, :]
+        k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+        v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.where(_key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(O + b * so_b + h * so_h + (start + offs_m)[:, None] * so_n + offs_d[None, :],
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=qmask)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    tl.store(LSE + lse_base + offs_m, m_i + tl.log(l_i), mask=offs_m < n)
 
 
 @triton.jit
@@ -196,8 +254,57 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,  # LSE, DELTA: fp32 (B*H*
                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
                  sdq_b, sdq_h, sdq_n,
                  H, N, D, T, scale,
-                 VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                 VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, KV_LOOP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    if KV_LOOP:
+        _attn_bwd_dq_loop(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
+                          sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm, sdq_b, sdq_h, sdq_n, H, N, D, T, scale,
+                          VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        _attn_bwd_dq_one(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
+                         sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm, sdq_b, sdq_h, sdq_n, H, N, D, T, scale,
+                         VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dq_loop(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
+                      sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm, sdq_b, sdq_h, sdq_n, H, N, D, T, scale,
+                      VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ over key blocks (P from the saved lse, so no online rescaling)."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = (offs_m < n)[:, None] & dmask[None, :]
+    q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+    do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
+    delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kmask = (offs_n < n)[:, None] & dmask[None, :]
+        k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+        v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
+        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + b * sdq_b + h * sdq_h + (start + offs_m)[:, None] * sdq_n + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _attn_bwd_dq_one(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
+                     sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm, sdq_b, sdq_h, sdq_n, H, N, D, T, scale,
+                     VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     s, valid, k, v, start, n, offs_m, offs_d, qmask, lse_base = _scores(

@@ -29,7 +29,7 @@ def _packed(b, n, h, d, strided, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("kernel", KERNEL)
-@pytest.mark.parametrize("n,h,d", [(1, 2, 32), (37, 3, 32), (64, 2, 16), (23, 2, 80), (50, 1, 64)])
+@pytest.mark.parametrize("n,h,d", [(1, 2, 32), (37, 3, 32), (64, 2, 16), (23, 2, 80), (50, 1, 64), (197, 1, 32)])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_attention_qkv_fp32_against_float64(kernel, n, h, d, strided):
     qkv = _packed(2, n, h, d, strided)
@@ -46,6 +46,39 @@ def test_attention_qkv_fp32_against_float64(kernel, n, h, d, strided):
     assert g.shape == qkv.shape and g.is_contiguous()
     assert not torch.isnan(g).any()
     torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["dense", "mask", "varlen"])
+def test_key_block_loop_against_float64(mode):
+    """Sequences over 128 tokens with D <= 64 take the 64-row tiles that loop over key blocks
+    (online softmax forward, dQ over key blocks): every mode against float64."""
+    from kernels.attention import attention, attention_ref, launch_configs
+
+    n, d = 150, 32
+    assert launch_configs(n, d, torch.float32)["fwd"].blocks["KV_LOOP"]
+    assert launch_configs(n, d, torch.float32)["bwd_dq"].blocks["KV_LOOP"]
+    kw = {}
+    if mode == "varlen":
+        cu = torch.tensor([0, n, n + 70, n + 71], dtype=torch.int32)
+        q, k, v = (torch.randn(n + 71, 1, d, device=DEV) for _ in range(3))
+        kw, ref_kw = dict(cu_seqlens=cu.to(DEV), max_seqlen=n), dict(cu_seqlens=cu)
+    else:
+        q, k, v = (torch.randn(2, 1, n, d, device=DEV) for _ in range(3))
+        ref_kw = {}
+        if mode == "mask":
+            kpm = torch.rand(2, n, device=DEV) < 0.5
+            kpm[-1] = False  # nothing to attend to: zeros
+            kw = ref_kw = dict(key_padding_mask=kpm)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
+    out = attention(*ins, **kw)
+    ref = attention_ref(*ref_ins, **ref_kw)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    go = torch.randn_like(out)
+    for g, gr in zip(torch.autograd.grad(out, ins, go), torch.autograd.grad(ref, ref_ins, go.double())):
+        assert not torch.isnan(g).any()
+        torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
 
 
 def test_attention_qkv_matches_the_attention_op_on_its_views():
