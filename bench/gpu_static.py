@@ -173,17 +173,19 @@ def specialise(fn, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
 # ---- the launches the model makes ------------------------------------------------------
 
 def attention_launches(b: int, h: int, n: int, d: int, dtype: torch.dtype, varlen: bool = False) -> list[Launch]:
-    """The forward, dQ and dK/dV launches of kernels.attention for (B, H, N, D) q/k/v as
-    cxrfast.models.vit.Attention makes them (views of the packed qkv projection; dO the
-    transposed view of the projection's input gradient); varlen: packed (B*N, H, D)."""
+    """The forward, delta, dQ and dK/dV launches of kernels.attention. Dense: as
+    cxrfast.models.vit.Attention makes them through ``cxrfast::attention_qkv``: q, k, v are
+    (B, H, N, D) views of the packed qkv projection (B, N, 3*H*D); O is written as (B, N, H, D)
+    into the (B, N, H*D) tensor proj reads; dO is proj's input gradient, (B, N, H*D) contiguous;
+    dQ/dK/dV are the thirds of one (B, N, 3*H*D) gradient; the delta kernel reads O and dO to
+    write DELTA (fp32, like LSE) for dQ and dK/dV. Varlen: packed (B*N, H, D) tensors of ``cxrfast::attention``."""
     cfg = ka.launch_configs(n, d, dtype)
     dim, t = h * d, b * n
     if varlen:
         qs = os_ = dos = grads = (0, d, dim)
     else:
-        qs = (n * 3 * dim, d, 3 * dim)  # qkv (B, N, 3, H, D) permuted to (3, B, H, N, D)
-        os_ = grads = (h * n * d, n * d, d)  # torch.empty(q.shape)
-        dos = (n * dim, d, dim)  # grad of o.transpose(1, 2).reshape(B, N, H*D)
+        qs = grads = (n * 3 * dim, d, 3 * dim)  # views of qkv / dqkv (B, N, 3, H, D)
+        os_ = dos = (n * dim, d, dim)  # o and dO (B, N, H, D)
     p, f32 = Ptr(dtype), Ptr(torch.float32)
     common = dict(Q=p, K=p, V=p, LSE=f32, KPM=p, CU=Ptr(torch.int32) if varlen else p, stride_kpm=0,
                   H=h, N=n, D=d, T=t, scale=1.0 / math.sqrt(d))
@@ -193,12 +195,17 @@ def attention_launches(b: int, h: int, n: int, d: int, dtype: torch.dtype, varle
     shape = f"B={b} H={h} N={n} D={d}"
     dt = _TT[dtype]
     suffix = "[varlen]" if varlen else ""
-    fwd = dict(common, O=p, so_b=os_[0], so_h=os_[1], so_n=os_[2], BH=b * h)
+    o_strides = dict(so_b=os_[0], so_h=os_[1], so_n=os_[2])
+    fwd = dict(common, O=p, **o_strides, BH=b * h)
     bwd = dict(common, DO=p, DELTA=f32, sd_b=dos[0], sd_h=dos[1], sd_n=dos[2])
+    delta = dict(O=p, DO=p, DELTA=f32, CU=common["CU"], **o_strides, sd_b=dos[0], sd_h=dos[1], sd_n=dos[2],
+                 H=h, N=n, D=d, T=t)
     dq = dict(bwd, DQ=p, sdq_b=grads[0], sdq_h=grads[1], sdq_n=grads[2])
     dkdv = dict(bwd, DK=p, DV=p, sdk_b=grads[0], sdk_h=grads[1], sdk_n=grads[2],
                 sdv_b=grads[0], sdv_h=grads[1], sdv_n=grads[2])
     return [Launch("attn_fwd" + suffix, ka._attn_fwd, fwd, mode, cfg["fwd"], shape, dt),
+            Launch("attn_bwd_delta" + suffix, ka._attn_bwd_delta, delta, dict(VARLEN=varlen), cfg["bwd_delta"],
+                   shape, dt),
             Launch("attn_bwd_dq" + suffix, ka._attn_bwd_dq, dq, mode, cfg["bwd_dq"], shape, dt),
             Launch("attn_bwd_dkdv" + suffix, ka._attn_bwd_dkdv, dkdv, mode, cfg["bwd_dkdv"], shape, dt)]
 

@@ -1,7 +1,8 @@
 """The hot ops of the ViT, behind one dispatch point.
 
-Models call ``cxrfast.ops`` for attention, (residual +) LayerNorm, the MLP, the MAE decoder's
-unshuffle and the MAE loss. Each op
+Models call ``cxrfast.ops`` for attention (the ViT on its packed qkv projection:
+``attention_qkv``), (residual +) LayerNorm, the MLP, the MAE decoder's unshuffle and the MAE
+loss. Each op
 is a ``cxrfast::`` torch custom op (``kernels/``) that runs either its Triton kernel or its
 plain torch reference. ``CXRFAST_OPS=auto`` (default) runs the kernels' custom ops on CUDA
 tensors and plain torch functions elsewhere (SDPA and ``F.layer_norm`` are faster on CPU than
@@ -68,14 +69,10 @@ def _kernel_flag(t: torch.Tensor) -> bool | None:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """Non-causal softmax attention; q, k, v are (B, H, N, D), returns (B, H, N, D)."""
     kernel = _kernel_flag(q)
-    if kernel is not None:
+    if kernel is not None and _use_kernel_op(kernel, q.shape[2], q.shape[-1], q):
         from kernels import attention as ka
 
-        # A kernel over this GPU's shared memory, or fp32 on a GPU under auto (the kernel's
-        # IEEE fp32 tiles spill kilobytes there: gpu_static), goes to SDPA
-        fp32_on_gpu = _backend == "auto" and q.dtype == torch.float32
-        if not kernel or (not fp32_on_gpu and ka.fits(q.shape[2], q.shape[-1], q.dtype, device=q.device)):
-            return ka.attention(q, k, v, scale=scale, kernel=kernel)
+        return ka.attention(q, k, v, scale=scale, kernel=kernel)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -86,6 +83,35 @@ def matmul_dtype(t: torch.Tensor) -> torch.dtype | None:
     if torch.is_autocast_enabled(t.device.type):
         return torch.get_autocast_dtype(t.device.type)
     return None
+
+
+def _use_kernel_op(kernel: bool, n: int, d: int, t: torch.Tensor) -> bool:
+    """Whether the attention custom op runs (else SDPA): always with its reference; with the
+    kernel unless it is over this GPU's shared memory, or fp32 on a GPU under auto (the
+    kernel's IEEE fp32 tiles spill kilobytes there: gpu_static)."""
+    from kernels import attention as ka
+
+    if not kernel:
+        return True
+    fp32_on_gpu = _backend == "auto" and t.dtype == torch.float32
+    return not fp32_on_gpu and ka.fits(n, d, t.dtype, device=t.device)
+
+
+def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None) -> torch.Tensor:
+    """Non-causal softmax attention on the packed qkv projection: qkv (B, N, 3*H*D) as the
+    qkv Linear gives it (thirds q, k, v; heads inside each), returns (B, N, H*D), the layout
+    the output projection reads. The custom op reads q, k, v and writes o and dqkv in place
+    through strides (no permute/select copies); the plain torch path uses SDPA."""
+    b, n, three_hd = qkv.shape
+    d = three_hd // (3 * num_heads)
+    kernel = _kernel_flag(qkv)
+    if kernel is not None and _use_kernel_op(kernel, n, d, qkv):
+        from kernels import attention as ka
+
+        return ka.attention_qkv(qkv, num_heads, scale=scale, kernel=kernel)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, num_heads, d)).unbind(2))
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return o.transpose(1, 2).reshape(b, n, num_heads * d)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,

@@ -13,9 +13,14 @@ fp32, bf16, fp16; the tiles of one program within the target GPU's shared memory
 (``fits``: ``smem_bytes`` against kernels.launch.SMEM_PER_BLOCK, or torch's figure for the
 device; without a GPU, the H100's).
 Each program handles BLOCK_M queries of one (sequence, head) against all its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
+From 129 keys with D <= 64 the forward and dQ instead take 64-row tiles (wgmma on sm_90)
+that loop over key blocks (online softmax in the forward; ``launch_configs`` says which).
 Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
-form: one kernel for dQ (per query block), one for dK/dV (per key block, looping over the
-query blocks), both recomputing P from the saved log-sum-exp.
+form: a small kernel for delta = rowsum(dO * O) (fp32), one for dQ (per query block), one for
+dK/dV (per key block, looping over the query blocks), both recomputing P from the saved
+log-sum-exp.
+The op ``cxrfast::attention_qkv`` runs the same kernels on the ViT's packed projection:
+q, k, v, o, dO and dqkv are strided views, so no permute, select or zero-filled gradient.
 """
 from __future__ import annotations
 
@@ -38,8 +43,8 @@ def _pow2(x: int) -> int:
 
 
 def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
-    """Block sizes, warps and stages of the forward ('fwd') and the two backward kernels
-    ('bwd_dq', 'bwd_dkdv') for sequences of up to max_n tokens with head dim d: the one
+    """Block sizes, warps and stages of the forward ('fwd') and the three backward kernels
+    ('bwd_delta', 'bwd_dq', 'bwd_dkdv') for sequences of up to max_n tokens with head dim d: the one
     place they are chosen (the launches below and bench/gpu_static.py call it)."""
     if max_n > MAX_SEQLEN:
         raise ValueError(f"sequence length {max_n} exceeds the kernel's limit {MAX_SEQLEN}")
@@ -60,9 +65,18 @@ def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
     else:
         block_m, warps = 16, 16
     pack = 4 if block_n <= 32 else 2 if block_n <= 64 else 1
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-    return {"fwd": Config({**blocks, "PACK": pack}, warps, 3),
-            "bwd_dq": Config(blocks, warps, 3),
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, KV_LOOP=False)
+    fwd, dq = Config({**blocks, "PACK": pack}, warps, 3), Config(blocks, warps, 3)
+    if block_n >= 256 and block_d <= 64:
+        # 64-row tiles (one warpgroup: wgmma on sm_90) over key blocks of 64 (32 from D = 64):
+        # sm_90 bf16 at N = 197/257, D = 32: fwd 95 and dQ 109 registers (31% / 25%), against
+        # 64 / 70 on mma.sync with the 16-row single tile; 64 rows against all 256 keys needed
+        # 174-255 registers (12%, dQ spilling 64 B). D = 64, N = 197: 95 / 94 (31%, was 25%).
+        loop = dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 32 else 32, BLOCK_D=block_d, KV_LOOP=True)
+        fwd, dq = Config({**loop, "PACK": 1}, 4, 3), Config(loop, 4, 2)
+    return {"fwd": fwd,
+            "bwd_delta": Config(dict(BLOCK_M=64, BLOCK_D=block_d), 4, 1),
+            "bwd_dq": dq,
             "bwd_dkdv": Config(dict(BLOCK_M=16 if block_d > 64 else 32, BLOCK_N=min(block_n, 64), BLOCK_D=block_d),
                                4 if small else 8, 3)}
 
@@ -74,9 +88,12 @@ def smem_bytes(max_n: int, d: int, dtype: torch.dtype) -> int:
     target's limit; tests/test_gpu_static.py checks it against what Triton's compiler reports."""
     need = 0
     for name, cfg in launch_configs(max_n, d, dtype).items():
+        if name == "bwd_delta":  # two (BLOCK_M, D) tiles, elementwise: registers, no shared memory to speak of
+            continue
         bm, bn, bd = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_D"]
         query_tiles = 2 * (cfg.num_stages if name == "bwd_dkdv" else 1)  # dK/dV pipelines its loop over Q, dO
-        need = max(need, (2 * bn * bd + query_tiles * bm * bd + bm * bn) * dtype.itemsize + 1024)
+        key_tiles = 2 * (cfg.num_stages if cfg.blocks.get("KV_LOOP") else 1)  # the key loop pipelines K, V
+        need = max(need, (key_tiles * bn * bd + query_tiles * bm * bd + bm * bn) * dtype.itemsize + 1024)
     return need
 
 
@@ -117,14 +134,58 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU,  # Q/K/V/O: (B, H, N, D) or (T, H, D); L
               sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, stride_kpm,
               H, N, D, T, BH, scale,
               VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PACK: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              KV_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Short sequences share a program: PACK consecutive (sequence, head) pairs, one after another.
+    # KV_LOOP: BLOCK_N keys at a time with an online softmax (64-row tiles for wgmma without the
+    # registers of a 64 x 256 score tile); else every key in one BLOCK_N tile.
     for g in tl.static_range(PACK):
         bh = tl.program_id(1) * PACK + g
         if bh < BH:
-            _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                          so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, bh // H, bh % H, tl.program_id(0),
-                          VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+            if KV_LOOP:
+                _attn_fwd_loop(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                               so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, bh // H, bh % H, tl.program_id(0),
+                               VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+            else:
+                _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                              so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, bh // H, bh % H, tl.program_id(0),
+                              VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _attn_fwd_loop(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                   so_b, so_h, so_n, stride_kpm, H, N, D, T, scale, b, h, pid_m,
+                   VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The forward over key blocks with an online softmax; rows with no key give o = 0, lse = 0."""
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = (offs_m < n)[:, None] & dmask[None, :]
+    q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kmask = (offs_n < n)[:, None] & dmask[None, :]
+        k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+        v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.where(_key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(O + b * so_b + h * so_h + (start + offs_m)[:, None] * so_n + offs_d[None, :],
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=qmask)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    tl.store(LSE + lse_base + offs_m, m_i + tl.log(l_i), mask=offs_m < n)
 
 
 @triton.jit
@@ -170,12 +231,80 @@ def _attn_fwd_one(Q, K, V, O, LSE, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,
+def _attn_bwd_delta(O, DO, DELTA, CU,  # O/DO: (B, H, N, D) or (T, H, D) views; DELTA: fp32 like LSE
+                    so_b, so_h, so_n, sd_b, sd_h, sd_n, H, N, D, T,
+                    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32 for BLOCK_M query rows of one (sequence, head). Its own
+    small launch: computed inside the dQ kernel it raised that kernel's registers 63 -> 128
+    (+88 B spill) at N = 257, D = 32 and 70 -> 98-106 at N = 197, D = 32 (bench/gpu_static.py)."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < n)[:, None] & (offs_d < D)[None, :]
+    o = _tile(O, b, h, start, offs_m, offs_d, so_b, so_h, so_n, mask).to(tl.float32)
+    do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, mask).to(tl.float32)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    tl.store(DELTA + lse_base + offs_m, tl.sum(o * do, axis=1), mask=offs_m < n)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU,  # LSE, DELTA: fp32 (B*H*N or H*T)
                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
                  sdq_b, sdq_h, sdq_n,
                  H, N, D, T, scale,
-                 VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                 VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, KV_LOOP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    if KV_LOOP:
+        _attn_bwd_dq_loop(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
+                          sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm, sdq_b, sdq_h, sdq_n, H, N, D, T, scale,
+                          VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        _attn_bwd_dq_one(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
+                         sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm, sdq_b, sdq_h, sdq_n, H, N, D, T, scale,
+                         VARLEN, HAS_KPM, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dq_loop(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
+                      sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm, sdq_b, sdq_h, sdq_n, H, N, D, T, scale,
+                      VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ over key blocks (P from the saved lse, so no online rescaling)."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = (offs_m < n)[:, None] & dmask[None, :]
+    q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+    do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
+    delta = tl.load(DELTA + lse_base + offs_m, mask=offs_m < n, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kmask = (offs_n < n)[:, None] & dmask[None, :]
+        k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+        v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
+        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + b * sdq_b + h * sdq_h + (start + offs_m)[:, None] * sdq_n + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _attn_bwd_dq_one(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
+                     sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm, sdq_b, sdq_h, sdq_n, H, N, D, T, scale,
+                     VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     s, valid, k, v, start, n, offs_m, offs_d, qmask, lse_base = _scores(
@@ -246,62 +375,83 @@ def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
-    """The kernel's forward: (o like q, contiguous; lse fp32, (B, H, N) or (H, T))."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    varlen = cu_seqlens is not None
-    if varlen:
+def _check_fits(n: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not fits(n, d, dtype, device=device):
+        raise ValueError(f"sequence length {n} with head dim {d} in {dtype} needs "
+                         f"{smem_bytes(n, d, dtype) // 1024} KiB of shared memory, over the "
+                         f"{smem_per_block(device=device) // 1024} KiB of this GPU; "
+                         "use scaled_dot_product_attention (cxrfast.ops does)")
+
+
+def _unit_last(*ts):
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
+
+
+def _dims(q, cu_seqlens, max_seqlen):
+    """(batch, heads, max tokens, head dim, total tokens) of dense (B, H, N, D) or varlen (T, H, D) q."""
+    if cu_seqlens is not None:
         t_total, h, d = q.shape
-        batch, n = cu_seqlens.numel() - 1, max_seqlen
-        lse = torch.empty(h, t_total, dtype=torch.float32, device=q.device)
-    else:
-        batch, h, n, d = q.shape
-        t_total = batch * n
-        lse = torch.empty(batch, h, n, dtype=torch.float32, device=q.device)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return cu_seqlens.numel() - 1, h, max_seqlen, d, t_total
+    batch, h, n, d = q.shape
+    return batch, h, n, d, batch * n
+
+
+def _launch_forward(q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, scale) -> None:
+    """Runs the forward kernel into o (any strides with a unit last one) and lse."""
+    varlen = cu_seqlens is not None
+    batch, h, n, d, t_total = _dims(q, cu_seqlens, max_seqlen)
+    _check_fits(n, d, q.dtype, q.device)
     kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
     cu = cu_seqlens if varlen else q
     cfg = launch_configs(n, d, q.dtype)["fwd"]
-    if not fits(n, d, q.dtype, device=q.device):
-        raise ValueError(f"sequence length {n} with head dim {d} in {q.dtype} needs "
-                         f"{smem_bytes(n, d, q.dtype) // 1024} KiB of shared memory, over the "
-                         f"{smem_per_block(device=q.device) // 1024} KiB of this GPU; "
-                         "use scaled_dot_product_attention (cxrfast.ops does)")
     grid = (triton.cdiv(n, cfg.blocks["BLOCK_M"]), triton.cdiv(batch * h, cfg.blocks["PACK"]))
     _attn_fwd[grid](q, k, v, o, lse, kpm, cu, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                     *_strides(o, varlen), kpm.stride(0) if key_padding_mask is not None else 0,
                     h, n, d, t_total, batch * h, scale, VARLEN=varlen, HAS_KPM=key_padding_mask is not None,
                     PREC=_precision(q), **cfg.kwargs())
-    return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu, max_seqlen, key_padding_mask, scale):
-    """The kernel's backward: (dq, dk, dv), contiguous, in q's dtype."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_padding_mask, scale) -> None:
+    """Runs the delta kernel (rowsum(dO * O), fp32, laid out like lse), then the dQ and the
+    dK/dV kernels that read it (same stream, in order); dq, dk, dv may be strided views of one
+    buffer."""
     varlen, has_kpm = cu is not None, key_padding_mask is not None
-    if varlen:
-        t_total, h, d = q.shape
-        batch, n = cu.numel() - 1, max_seqlen
-    else:
-        batch, h, n, d = q.shape
-        t_total = batch * n
+    batch, h, n, d, t_total = _dims(q, cu, max_seqlen)
     kpm = key_padding_mask.to(torch.int8).contiguous() if has_kpm else q
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), laid out like LSE
-    delta = delta.transpose(0, 1).contiguous() if varlen else delta.contiguous()
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     cu_arg = cu if varlen else q
     cfg = launch_configs(n, d, q.dtype)
     common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q))
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
                kpm.stride(0) if has_kpm else 0)
-    dq_cfg, dkdv_cfg = cfg["bwd_dq"], cfg["bwd_dkdv"]
+    delta_cfg, dq_cfg, dkdv_cfg = cfg["bwd_delta"], cfg["bwd_dq"], cfg["bwd_dkdv"]
+    _attn_bwd_delta[(triton.cdiv(n, delta_cfg.blocks["BLOCK_M"]), batch * h)](
+        o, do, delta, cu_arg, *_strides(o, varlen), *_strides(do, varlen), h, n, d, t_total, VARLEN=varlen,
+        **delta_cfg.kwargs())
     _attn_bwd_dq[(triton.cdiv(n, dq_cfg.blocks["BLOCK_M"]), batch * h)](
         q, k, v, do, dq, lse, delta, kpm, cu_arg, *strides, *_strides(dq, varlen), h, n, d, t_total, scale,
         **common, **dq_cfg.kwargs())
     _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](
         q, k, v, do, dk, dv, lse, delta, kpm, cu_arg, *strides, *_strides(dk, varlen), *_strides(dv, varlen),
         h, n, d, t_total, scale, **common, **dkdv_cfg.kwargs())
+
+
+def _forward(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
+    """The kernel's forward: (o like q, contiguous; lse fp32, (B, H, N) or (H, T))."""
+    q, k, v = _unit_last(q, k, v)
+    batch, h, n, _, t_total = _dims(q, cu_seqlens, max_seqlen)
+    lse_shape = (h, t_total) if cu_seqlens is not None else (batch, h, n)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch_forward(q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, scale)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, cu, max_seqlen, key_padding_mask, scale):
+    """The kernel's backward: (dq, dk, dv), contiguous, in q's dtype."""
+    q, k, v, do, o = _unit_last(q, k, v, do, o)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_padding_mask, scale)
     return dq, dk, dv
 
 
@@ -406,6 +556,7 @@ def _attn_setup(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale, kernel = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse: the backward ignores it
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, key_padding_mask)
     ctx.args = (max_seqlen, scale, kernel)
 
@@ -451,6 +602,107 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: 
         key_padding_mask = key_padding_mask.bool()
     o, _ = attention_op(q, k, v, cu_seqlens, int(max_seqlen or 0), key_padding_mask, scale, kernel)
     return o
+
+
+# ---- attention on the packed qkv projection (the ViT's layout) ----------------------------
+# qkv (B, N, 3*H*D) straight from the qkv Linear; o (B, N, H*D) straight into proj. q, k, v,
+# o, dO and the three thirds of dqkv are strided (B, H, N, D) views the kernels address
+# through their strides: no select/permute copies, no zeros + adds in the backward graph.
+
+def _qkv_views(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (B, H, N, D) views of qkv (B, N, 3*H*D) (any strides, a unit last one)."""
+    parts = qkv.unflatten(-1, (3, num_heads, qkv.shape[-1] // (3 * num_heads)))
+    return tuple(parts[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, H, N, D) view of t (B, N, H*D)."""
+    return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads)).transpose(1, 2)
+
+
+def _attn_qkv_impl(qkv: torch.Tensor, num_heads: int, scale: float, kernel: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o (B, N, H*D) contiguous, lse (B, H, N)) of softmax attention on packed qkv."""
+    (qkv,) = _unit_last(qkv)
+    b, n, three_hd = qkv.shape
+    q, k, v = _qkv_views(qkv, num_heads)
+    o = torch.empty(b, n, three_hd // 3, dtype=qkv.dtype, device=qkv.device)
+    if kernel:
+        lse = torch.empty(b, num_heads, n, dtype=torch.float32, device=qkv.device)
+        _launch_forward(q, k, v, _heads(o, num_heads), lse, None, n, None, scale)
+        return o, lse
+    oh, lse = _forward_ref(q, k, v, None, None, scale)
+    _heads(o, num_heads).copy_(oh)
+    return o, lse
+
+
+def _attn_qkv_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                       scale: float, kernel: bool) -> torch.Tensor:
+    """dqkv (B, N, 3*H*D) contiguous, in qkv's dtype; do and o are (B, N, H*D)."""
+    qkv, do, o = _unit_last(qkv, do, o)
+    q, k, v = _qkv_views(qkv, num_heads)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = _qkv_views(dqkv, num_heads)
+    doh, oh = _heads(do, num_heads), _heads(o, num_heads)
+    if kernel:
+        _launch_backward(doh, q, k, v, oh, lse, dq, dk, dv, None, q.shape[2], None, scale)
+    else:
+        for g, r in zip((dq, dk, dv), _backward_ref(doh, q, k, v, oh, lse, None, None, scale)):
+            g.copy_(r)
+    return dqkv
+
+
+def _attn_qkv_fake(qkv, num_heads, scale, kernel):
+    b, n, three_hd = qkv.shape
+    lse_dtype = torch.float32 if kernel else torch.promote_types(qkv.dtype, torch.float32)
+    return qkv.new_empty(b, n, three_hd // 3), qkv.new_empty(b, num_heads, n, dtype=lse_dtype)
+
+
+def _attn_qkv_bwd_fake(do, qkv, o, lse, num_heads, scale, kernel):
+    return qkv.new_empty(qkv.shape)
+
+
+attention_qkv_backward_op = define("attention_qkv_backward", _attn_qkv_bwd_impl, _attn_qkv_bwd_fake)
+
+
+def _attn_qkv_setup(ctx, inputs, output):
+    qkv, num_heads, scale, kernel = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse: the backward ignores it
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.args = (num_heads, scale, kernel)
+
+
+def _attn_qkv_grad(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return attention_qkv_backward_op(do, qkv, o, lse, *ctx.args), None, None, None
+
+
+attention_qkv_op = define("attention_qkv", _attn_qkv_impl, _attn_qkv_fake, _attn_qkv_grad, _attn_qkv_setup)
+
+
+def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None,
+                  kernel: bool = True) -> torch.Tensor:
+    """Softmax attention on the packed projection, as the op ``cxrfast::attention_qkv``.
+
+    qkv: (B, N, 3*H*D), the qkv Linear's output (q, k, v thirds, heads inside each; any
+    strides with a unit last one); returns o (B, N, H*D), contiguous, the layout the output
+    projection reads. Its backward takes dO (B, N, H*D) and returns one (B, N, 3*H*D)
+    gradient. Same limits as :func:`attention`; ``kernel=False`` runs the torch reference.
+    """
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be (B, N, 3*H*D) with H = {num_heads}, got {tuple(qkv.shape)}")
+    d = qkv.shape[-1] // (3 * num_heads)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    o, _ = attention_qkv_op(qkv, int(num_heads), scale, kernel)
+    return o
+
+
+def attention_qkv_ref(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None) -> torch.Tensor:
+    """Plain torch reference of :func:`attention_qkv` (through :func:`attention_ref`)."""
+    q, k, v = _qkv_views(qkv, num_heads)
+    o = attention_ref(q, k, v, scale=scale)
+    return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
 
 
 def attention_ref(q, k, v, *, cu_seqlens=None, key_padding_mask=None, scale=None, upcast=False):

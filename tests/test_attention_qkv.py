@@ -1,0 +1,151 @@
+"""``cxrfast::attention_qkv``: attention on the packed qkv projection. The kernel (Triton
+interpreter on CPU, fp32) and the reference against float64 torch, opcheck of both ops, and
+the ViT's attention graph counted op by op: no select_backward, no zero-filled qkv-sized
+gradient, no stack/cat, no copy of the attention output."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cxrfast import ops
+from cxrfast.models.vit import Attention, Block
+from kernels.attention import attention_qkv, attention_qkv_backward_op, attention_qkv_op, attention_qkv_ref
+from test_kernels import DEV, poison  # noqa: F401  (poison: every kernel buffer starts as NaN)
+
+KERNEL = [pytest.param(True, id="kernel"), pytest.param(False, id="reference")]
+
+
+def _packed(b, n, h, d, strided, dtype=torch.float32):
+    """qkv (B, N, 3*H*D); strided: a slice of a wider buffer with a token stride that is not
+    3*H*D (as a fused projection's output would be)."""
+    width = 3 * h * d
+    if not strided:
+        return torch.randn(b, n, width, device=DEV, dtype=dtype)
+    wide = torch.randn(n, b, width + 24, device=DEV, dtype=dtype)
+    return wide.transpose(0, 1)[:, :, 8:8 + width]
+
+
+@pytest.mark.parametrize("kernel", KERNEL)
+@pytest.mark.parametrize("n,h,d", [(1, 2, 32), (37, 3, 32), (64, 2, 16), (23, 2, 80), (50, 1, 64), (197, 1, 32)])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_attention_qkv_fp32_against_float64(kernel, n, h, d, strided):
+    qkv = _packed(2, n, h, d, strided)
+    assert qkv.is_contiguous() != strided
+    leaf = qkv.detach().requires_grad_()
+    ref_leaf = qkv.detach().double().requires_grad_()
+    out = attention_qkv(leaf, h, kernel=kernel)
+    ref = attention_qkv_ref(ref_leaf, h)
+    assert out.shape == (2, n, h * d) and out.is_contiguous()
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    go = torch.randn_like(out)
+    (g,), (gr,) = torch.autograd.grad(out, leaf, go), torch.autograd.grad(ref, ref_leaf, go.double())
+    assert g.shape == qkv.shape and g.is_contiguous()
+    assert not torch.isnan(g).any()
+    torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["dense", "mask", "varlen"])
+def test_key_block_loop_against_float64(mode):
+    """Sequences over 128 tokens with D <= 64 take the 64-row tiles that loop over key blocks
+    (online softmax forward, dQ over key blocks): every mode against float64."""
+    from kernels.attention import attention, attention_ref, launch_configs
+
+    n, d = 150, 32
+    assert launch_configs(n, d, torch.float32)["fwd"].blocks["KV_LOOP"]
+    assert launch_configs(n, d, torch.float32)["bwd_dq"].blocks["KV_LOOP"]
+    kw = {}
+    if mode == "varlen":
+        cu = torch.tensor([0, n, n + 70, n + 71], dtype=torch.int32)
+        q, k, v = (torch.randn(n + 71, 1, d, device=DEV) for _ in range(3))
+        kw, ref_kw = dict(cu_seqlens=cu.to(DEV), max_seqlen=n), dict(cu_seqlens=cu)
+    else:
+        q, k, v = (torch.randn(2, 1, n, d, device=DEV) for _ in range(3))
+        ref_kw = {}
+        if mode == "mask":
+            kpm = torch.rand(2, n, device=DEV) < 0.5
+            kpm[-1] = False  # nothing to attend to: zeros
+            kw = ref_kw = dict(key_padding_mask=kpm)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
+    out = attention(*ins, **kw)
+    ref = attention_ref(*ref_ins, **ref_kw)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    go = torch.randn_like(out)
+    for g, gr in zip(torch.autograd.grad(out, ins, go), torch.autograd.grad(ref, ref_ins, go.double())):
+        assert not torch.isnan(g).any()
+        torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
+
+
+def test_attention_qkv_matches_the_attention_op_on_its_views():
+    """Same kernels, other addressing: the packed op equals cxrfast::attention on q, k, v views."""
+    from kernels.attention import attention
+
+    qkv = _packed(2, 19, 2, 32, strided=False)
+    views = qkv.unflatten(-1, (3, 2, 32)).permute(2, 0, 3, 1, 4)
+    dense = attention(views[0], views[1], views[2]).transpose(1, 2).reshape(2, 19, 64)
+    torch.testing.assert_close(attention_qkv(qkv, 2), dense, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNEL)
+def test_opcheck_attention_qkv(kernel):
+    qkv = _packed(2, 19, 2, 32, strided=True).cpu().requires_grad_()
+    torch.library.opcheck(attention_qkv_op, (qkv, 2, 0.2, kernel))
+    o, lse = attention_qkv_op(qkv.detach(), 2, 0.2, kernel)
+    do = torch.randn_like(o)
+    torch.library.opcheck(attention_qkv_backward_op, (do, qkv.detach(), o, lse, 2, 0.2, kernel))
+
+
+def test_attention_qkv_rejects_a_width_that_is_not_three_heads():
+    with pytest.raises(ValueError, match="3\\*H\\*D"):
+        attention_qkv(torch.randn(1, 4, 96), 5)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts each aten op with the numel of its output (the first tensor output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        numel = first.numel() if isinstance(first, torch.Tensor) else None
+        self.seen[(func.overloadpacket.__name__, numel)] += 1
+        return out
+
+
+@pytest.fixture
+def reference_ops():
+    ops.set_backend("reference")
+    yield
+    ops.set_backend("auto")
+
+
+@pytest.mark.parametrize("module", ["attention", "block"])
+def test_vit_attention_graph_has_no_select_zeros_cat_or_output_copy(reference_ops, module):
+    b, n, dim, heads = 2, 13, 48, 3
+    torch.manual_seed(0)
+    layer = Attention(dim, heads) if module == "attention" else Block(dim, heads)
+    x = torch.randn(b, n, dim, requires_grad=True)
+    counter = _CountOps()
+    with counter:
+        out = layer(x)
+        out.backward(torch.randn_like(out))
+    names = Counter(name for name, _ in counter.seen.elements())
+    qkv_size, out_size = b * n * 3 * dim, b * n * dim
+    for name in ("select_backward", "stack", "cat"):
+        assert names[name] == 0, (name, names)
+    for name in ("zeros", "new_zeros", "zeros_like", "zero_", "fill_"):
+        assert counter.seen[(name, qkv_size)] == 0, (name, names)
+    if module == "attention":  # in a Block the residual stream is also (B, N, dim): count Attention alone
+        for name in ("clone", "copy_", "_to_copy", "contiguous"):
+            assert counter.seen[(name, out_size)] == 0, (name, names)
+        assert names["zeros"] == 0, names  # not even lse's unused gradient
+    assert names["attention_qkv"] == 1 and names["attention_qkv_backward"] == 1, names
+    assert x.grad is not None and not torch.isnan(x.grad).any()
