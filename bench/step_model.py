@@ -104,7 +104,7 @@ def _attention_flops(name: str, args) -> int:
     the kernel's recomputation of P in the backward is not model work and is not counted."""
     if name == "attention_qkv" or name == "attention_qkv_backward":
         qkv = args[1] if name.endswith("backward") else args[0]
-        heads = args[2] if name.endswith("backward") else args[1]
+        heads = args[4] if name.endswith("backward") else args[1]
         b, n, three_d = qkv.shape
         per = b * heads * n * n * (three_d // 3 // heads)
     else:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import Config, smem_per_block
-from kernels.library import define, no_autocast
+from kernels.library import define, nbytes, no_autocast
 
 MAX_SEQLEN = 512
 
@@ -549,7 +549,12 @@ def _attn_bwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-attention_backward_op = define("attention_backward", _attn_bwd_impl, _attn_bwd_fake)
+def _attn_bwd_traffic(args, out):
+    do, q, k, v, o, lse = args[:6]
+    return _bwd_traffic(do, nbytes(q, k, v), o, lse, nbytes(*out))
+
+
+attention_backward_op = define("attention_backward", _attn_bwd_impl, _attn_bwd_fake, traffic=_attn_bwd_traffic)
 
 
 def _attn_setup(ctx, inputs, output):
@@ -661,7 +666,21 @@ def _attn_qkv_bwd_fake(do, qkv, o, lse, num_heads, scale, kernel):
     return qkv.new_empty(qkv.shape)
 
 
-attention_qkv_backward_op = define("attention_qkv_backward", _attn_qkv_bwd_impl, _attn_qkv_bwd_fake)
+def _bwd_traffic(do, qkv_bytes, o, lse, grads_bytes):
+    """The backward's three launches, each reading its operands once: delta (o, dO -> delta,
+    fp32 like lse), dQ and dK/dV (each q, k, v, dO, lse, delta -> their gradients)."""
+    delta = lse.numel() * 4
+    read = nbytes(o, do) + 2 * (qkv_bytes + nbytes(do, lse) + delta)
+    return read, delta + grads_bytes
+
+
+def _attn_qkv_bwd_traffic(args, out):
+    do, qkv, o, lse = args[:4]
+    return _bwd_traffic(do, nbytes(qkv), o, lse, nbytes(*out))
+
+
+attention_qkv_backward_op = define("attention_qkv_backward", _attn_qkv_bwd_impl, _attn_qkv_bwd_fake,
+                                   traffic=_attn_qkv_bwd_traffic)
 
 
 def _attn_qkv_setup(ctx, inputs, output):

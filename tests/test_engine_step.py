@@ -282,9 +282,9 @@ def test_a_training_step_on_fake_tensors_syncs_nothing_and_calls_each_op_once_pe
     # per stack (encoder, decoder) one plain norm (the first norm1); every other norm adds the
     # residual before it (norm2, the next norm1, the final norm: vit.run_blocks), two per block
     assert seen == {("cxrfast::layer_norm", kernel): 2, ("cxrfast::add_layer_norm", kernel): 2 * blocks,
-                    ("cxrfast::attention", kernel): blocks, ("cxrfast::mae_loss", kernel): 1,
+                    ("cxrfast::attention_qkv", kernel): blocks, ("cxrfast::mae_loss", kernel): 1,
                     ("cxrfast::layer_norm_backward", kernel): 2 * blocks + 2,
-                    ("cxrfast::attention_backward", kernel): blocks, ("cxrfast::mae_loss_backward", kernel): 1,
+                    ("cxrfast::attention_qkv_backward", kernel): blocks, ("cxrfast::mae_loss_backward", kernel): 1,
                     ("cxrfast::mlp", kernel): blocks, ("cxrfast::mlp_backward", kernel): blocks}, seen
     qkv = model.blocks[0].attn.qkv.weight
     assert optimizer.state[qkv]["exp_avg"].shape == qkv.shape and qkv.grad is None  # stepped, then zeroed
