@@ -16,7 +16,6 @@ Triton; nothing touches a GPU or compiles before a kernel runs.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -42,14 +41,20 @@ def get_backend() -> str:
     return _backend
 
 
-@functools.lru_cache(maxsize=None)
+_kernels_ok: bool | None = None
+
+
 def _kernels_importable() -> bool:
-    """Whether kernels/ imports (it needs Triton, a Linux-only dependency)."""
-    try:
-        import kernels.attention, kernels.layernorm, kernels.mae_loss, kernels.mlp  # noqa: F401, E401
-    except ImportError:
-        return False
-    return True
+    """Whether kernels/ imports (it needs Triton, a Linux-only dependency); asked once. A plain
+    cached global, not functools.lru_cache: Dynamo traces through that wrapper and warns."""
+    global _kernels_ok
+    if _kernels_ok is None:
+        try:
+            import kernels.attention, kernels.layernorm, kernels.mae_loss, kernels.mlp  # noqa: F401, E401
+            _kernels_ok = True
+        except ImportError:
+            _kernels_ok = False
+    return _kernels_ok
 
 
 def _kernel_flag(t: torch.Tensor) -> bool | None:

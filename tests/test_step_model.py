@@ -161,3 +161,18 @@ def test_predict_vs_measured_refuses_cuda_without_a_gpu():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "predict_vs_measured.py"), "--model", "vit_tiny"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("error: --device cuda")
+
+
+def test_kernel_ops_count_their_declared_launch_traffic(base_step):
+    """On the kernel path a multi-launch op counts what its launches read and write
+    (kernels.library.TRAFFIC); its torch reference counts its operands once."""
+    from kernels.library import TRAFFIC
+
+    assert {"attention_qkv_backward", "mlp", "mlp_backward"} <= set(TRAFFIC)
+    bwd = [r for r in base_step.records if r.op == "cxrfast::attention_qkv_backward"]
+    assert bwd
+    ref = sm.record_step("vit_base", 224, 2, "bf16", "reference")
+    ref_bwd = [r for r in ref.records if r.op == "cxrfast::attention_qkv_backward"]
+    assert len(ref_bwd) == len(bwd)
+    # the kernel path reads q, k, v and dO twice (dQ and dK/dV launches) and O, dO for delta
+    assert sum(r.read for r in bwd) > 1.5 * sum(r.read for r in ref_bwd)
