@@ -213,21 +213,28 @@ def attention_launches(b: int, h: int, n: int, d: int, dtype: torch.dtype, varle
 def layernorm_launches(m: int, n: int, dtype: torch.dtype) -> list[Launch]:
     """A pre-norm block's LayerNorms under autocast (cxrfast.models.vit.run_blocks): the first
     norm1 on the fp32 residual stream, the fused residual add + norm (16-bit branch + fp32
-    stream) that every other norm is, each writing y in the 16-bit dtype the next matmul reads;
-    their backwards take that 16-bit dy, and the fused one also writes the branch's 16-bit dx."""
+    stream) that every other norm is - norm2's also adding the attention projection's bias -
+    each writing y in the 16-bit dtype the next matmul reads; their backwards take that 16-bit
+    dy, the fused ones also write the branch's 16-bit dx (and norm2's sums the bias gradient)."""
     cfg = kln.launch_config(n)
     f32, w, low = Ptr(torch.float32), Ptr(torch.float32), Ptr(dtype)
     stats = dict(W=w, MEAN=f32, RSTD=f32)
     shape = f"M={m} N={n}"
-    fwd = dict(stats, B=w, Y=low, H=f32, stride_x=n, stride_r=n, stride_y=n, stride_h=n, N=n, eps=1e-6)
+    fwd = dict(stats, B=w, BB=w, Y=low, H=f32, stride_x=n, stride_r=n, stride_y=n, stride_h=n, N=n, eps=1e-6)
     programs, rows = kln.bwd_grid(m, on_gpu=True)
-    bwd = dict(stats, X=f32, DY=low, DH=f32, DX=f32, DX2=low, DW_PART=f32, DB_PART=f32, stride_x=n, stride_dy=n,
-               stride_dh=n, stride_dx=n, stride_dx2=n, M=m, N=n, rows_per_program=rows)
+    bwd = dict(stats, X=f32, DY=low, DH=f32, DX=f32, DX2=low, DW_PART=f32, DB_PART=f32, DBB_PART=f32, stride_x=n,
+               stride_dy=n, stride_dh=n, stride_dx=n, stride_dx2=n, M=m, N=n, rows_per_program=rows)
     mixed = _TT[dtype] + "+fp32"
-    return [Launch("ln_fwd", kln._ln_fwd, dict(fwd, X=f32, R=f32), dict(HAS_RES=False), cfg, shape, "fp32"),
-            Launch("ln_fwd+res", kln._ln_fwd, dict(fwd, X=low, R=f32), dict(HAS_RES=True), cfg, shape, mixed),
-            Launch("ln_bwd", kln._ln_bwd, bwd, dict(HAS_DH=False, HAS_DX2=False), cfg, shape, mixed),
-            Launch("ln_bwd+res", kln._ln_bwd, bwd, dict(HAS_DH=True, HAS_DX2=True), cfg, shape, mixed)]
+    return [Launch("ln_fwd", kln._ln_fwd, dict(fwd, X=f32, R=f32), dict(HAS_RES=False, HAS_BB=False), cfg, shape,
+                   "fp32"),
+            Launch("ln_fwd+res", kln._ln_fwd, dict(fwd, X=low, R=f32), dict(HAS_RES=True, HAS_BB=False), cfg, shape,
+                   mixed),
+            Launch("ln_fwd+res+bias", kln._ln_fwd, dict(fwd, X=low, R=f32), dict(HAS_RES=True, HAS_BB=True), cfg,
+                   shape, mixed),
+            Launch("ln_bwd", kln._ln_bwd, bwd, dict(HAS_DH=False, HAS_DX2=False, HAS_BB=False), cfg, shape, mixed),
+            Launch("ln_bwd+res", kln._ln_bwd, bwd, dict(HAS_DH=True, HAS_DX2=True, HAS_BB=False), cfg, shape, mixed),
+            Launch("ln_bwd+res+bias", kln._ln_bwd, bwd, dict(HAS_DH=True, HAS_DX2=True, HAS_BB=True), cfg, shape,
+                   mixed)]
 
 
 def mlp_launches(m: int, d: int, hidden: int, dtype: torch.dtype, cap: tuple[int, int] = (9, 0)) -> list[Launch]:

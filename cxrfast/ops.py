@@ -133,15 +133,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LayerNorm(x + residual), x + residual) in one pass: the pre-norm block's add + norm;
-    the first in ``out_dtype`` when given."""
+                   eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+                   branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(h), h) for h = (x + branch_bias) + residual, in one pass: the pre-norm
+    block's add + norm; the first in ``out_dtype`` when given. ``branch_bias`` is the bias of
+    the Linear that made x, run without it (its gradient then comes from this op's backward
+    pass instead of a separate sum over x's gradient)."""
     kernel = _kernel_flag(x)
     if kernel is not None:
         from kernels import layernorm as kln
 
         if x.shape[-1] <= kln.MAX_N:
-            return kln.layer_norm(x, weight, bias, eps, residual=residual, out_dtype=out_dtype, kernel=kernel)
+            return kln.layer_norm(x, weight, bias, eps, residual=residual, out_dtype=out_dtype,
+                                  branch_bias=branch_bias, kernel=kernel)
+    if branch_bias is not None:
+        x = x + branch_bias
     h = x + residual
     y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return (y if out_dtype is None else y.to(out_dtype)), h

@@ -31,13 +31,15 @@ MAX_N = 8192
 
 
 @triton.jit
-def _ln_fwd(X, R, Y, H, W, B, MEAN, RSTD,  # X, R, Y, H: (M, N) rows; W, B: (N,); MEAN, RSTD: (M,) fp32
+def _ln_fwd(X, R, BB, Y, H, W, B, MEAN, RSTD,  # X, R, Y, H: (M, N) rows; BB, W, B: (N,); MEAN, RSTD: (M,) fp32
             stride_x, stride_r, stride_y, stride_h, N, eps,
-            HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
+            HAS_RES: tl.constexpr, HAS_BB: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(H.dtype.element_ty)
+    if HAS_BB:  # the branch's bias (its Linear ran without one): (x + bias) + residual
+        x += tl.load(BB + cols, mask=mask, other=0.0).to(H.dtype.element_ty)
     if HAS_RES:  # added in h's (promoted) dtype and rounded there, as torch's x + residual is
         x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(H.dtype.element_ty)
         tl.store(H + row * stride_h + cols, x, mask=mask)
@@ -54,15 +56,16 @@ def _ln_fwd(X, R, Y, H, W, B, MEAN, RSTD,  # X, R, Y, H: (M, N) rows; W, B: (N,)
 
 
 @triton.jit
-def _ln_bwd(X, DY, DH, DX, DX2, W, MEAN, RSTD, DW_PART, DB_PART,  # X: saved input (h with residual), (M, N)
+def _ln_bwd(X, DY, DH, DX, DX2, W, MEAN, RSTD, DW_PART, DB_PART, DBB_PART,  # X: saved input (h), (M, N)
             stride_x, stride_dy, stride_dh, stride_dx, stride_dx2, M, N, rows_per_program,
-            HAS_DH: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK_N: tl.constexpr):
+            HAS_DH: tl.constexpr, HAS_DX2: tl.constexpr, HAS_BB: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dbb = tl.zeros([BLOCK_N], dtype=tl.float32)
     start = pid * rows_per_program
     for row in range(start, tl.minimum(start + rows_per_program, M)):
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -81,8 +84,12 @@ def _ln_bwd(X, DY, DH, DX, DX2, W, MEAN, RSTD, DW_PART, DB_PART,  # X: saved inp
             tl.store(DX2 + row * stride_dx2 + cols, dx.to(DX2.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
+        if HAS_BB:  # the branch bias's gradient: column sums of dx, in fp32
+            dbb += dx
     tl.store(DW_PART + pid * N + cols, dw, mask=mask)
     tl.store(DB_PART + pid * N + cols, db, mask=mask)
+    if HAS_BB:
+        tl.store(DBB_PART + pid * N + cols, dbb, mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -96,9 +103,10 @@ def launch_config(n: int) -> Config:
     if n > MAX_N:
         raise ValueError(f"hidden size {n} exceeds the kernel's limit {MAX_N}")
     block = triton.next_power_of_2(n)
-    # 4-8 elements per thread: with 2 warps at n = 512 the fused backward (which also writes
-    # the branch's 16-bit dx) spilled 8 bytes on sm_80 (bench/gpu_static.py)
-    return Config({"BLOCK_N": block}, min(max(block // 128, 4), 16), 3)
+    # 2-4 elements per thread: with 2 warps at n = 512 the fused backward (which also writes
+    # the branch's 16-bit dx) spilled 8 bytes on sm_80, and with 8 warps at n = 768-1024 the
+    # one summing a branch bias spilled 4 bytes on sm_90 (bench/gpu_static.py)
+    return Config({"BLOCK_N": block}, min(max(block // 64, 4), 16), 3)
 
 
 def bwd_grid(m: int, on_gpu: bool) -> tuple[int, int]:
@@ -109,7 +117,7 @@ def bwd_grid(m: int, on_gpu: bool) -> tuple[int, int]:
     return triton.cdiv(m, rows_per_program), rows_per_program
 
 
-def _forward(x, weight, bias, eps, residual, out_dtype=None):
+def _forward(x, weight, bias, eps, residual, out_dtype=None, branch_bias=None):
     shape = x.shape
     x2 = _rows(x)
     m, n = x2.shape
@@ -119,13 +127,16 @@ def _forward(x, weight, bias, eps, residual, out_dtype=None):
     h = torch.empty_like(x2, dtype=dtype) if residual is not None else x2
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    _ln_fwd[(m,)](x2, r2, y, h, weight, bias, mean, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
-                  n, eps, HAS_RES=residual is not None, **launch_config(n).kwargs())
+    bb = branch_bias if branch_bias is not None else weight
+    _ln_fwd[(m,)](x2, r2, bb, y, h, weight, bias, mean, rstd, x2.stride(0), r2.stride(0), y.stride(0),
+                  h.stride(0), n, eps, HAS_RES=residual is not None, HAS_BB=branch_bias is not None,
+                  **launch_config(n).kwargs())
     return y.view(shape), h.view(shape), mean, rstd
 
 
-def _backward(dy, dh, saved, weight, mean, rstd, branch_dtype=None):
-    """(dx in saved's dtype, dx in branch_dtype or an empty tensor, dweight, dbias)."""
+def _backward(dy, dh, saved, weight, mean, rstd, branch_dtype=None, branch_bias_dtype=None):
+    """(dx in saved's dtype, dx in branch_dtype or an empty tensor, dweight, dbias, the branch
+    bias's gradient in branch_bias_dtype or an empty tensor)."""
     shape = dy.shape
     dy2 = _rows(dy)
     x2 = _rows(saved)
@@ -136,12 +147,15 @@ def _backward(dy, dh, saved, weight, mean, rstd, branch_dtype=None):
     programs, rows_per_program = bwd_grid(m, x2.is_cuda)
     dw_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device)
     db_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device)
+    has_bb = branch_bias_dtype is not None
+    dbb_part = torch.empty(programs, n, dtype=torch.float32, device=dy.device) if has_bb else db_part
     _ln_bwd[(programs,)](x2, dy2, dh2, dx, dx2 if branch_dtype is not None else dx, weight, mean, rstd, dw_part,
-                         db_part, x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0), n, m, n,
-                         rows_per_program, HAS_DH=dh is not None, HAS_DX2=branch_dtype is not None,
+                         db_part, dbb_part, x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0), n, m, n,
+                         rows_per_program, HAS_DH=dh is not None, HAS_DX2=branch_dtype is not None, HAS_BB=has_bb,
                          **launch_config(n).kwargs())
     dx2 = dx2.view(shape) if branch_dtype is not None else dx2
-    return dx.view(shape), dx2, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    dbb = dbb_part.sum(0).to(branch_bias_dtype) if has_bb else dx.new_empty(0)
+    return dx.view(shape), dx2, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), dbb
 
 
 def _stats_dtype(dtype: torch.dtype, kernel: bool) -> torch.dtype:
@@ -161,7 +175,7 @@ def _forward_ref(h, weight, bias, eps, out_dtype=None):
         return y, mean.reshape(-1), rstd.reshape(-1)
 
 
-def _backward_ref(dy, dh, saved, weight, mean, rstd, branch_dtype=None):
+def _backward_ref(dy, dh, saved, weight, mean, rstd, branch_dtype=None, branch_bias_dtype=None):
     """The kernel's backward in plain torch (same formula, in at least fp32)."""
     with no_autocast(saved.device):
         cdt = mean.dtype
@@ -176,7 +190,8 @@ def _backward_ref(dy, dh, saved, weight, mean, rstd, branch_dtype=None):
             dx = dx + dh.reshape(-1, n).to(cdt)
         dw, db = (dy2 * xhat).sum(0), dy2.sum(0)
         dx2 = dx.to(branch_dtype).reshape(saved.shape) if branch_dtype is not None else dx.new_empty(0)
-        return dx.to(saved.dtype).reshape(saved.shape), dx2, dw.to(weight.dtype), db.to(weight.dtype)
+        dbb = dx.sum(0).to(branch_bias_dtype) if branch_bias_dtype is not None else dx.new_empty(0)
+        return dx.to(saved.dtype).reshape(saved.shape), dx2, dw.to(weight.dtype), db.to(weight.dtype), dbb
 
 
 def _ln_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype],
@@ -189,23 +204,28 @@ def _ln_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
 
 
 def _add_ln_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                 out_dtype: Optional[torch.dtype], kernel: bool
+                 out_dtype: Optional[torch.dtype], branch_bias: Optional[torch.Tensor], kernel: bool
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, mean, rstd) of LayerNorm(h), h = x + residual in the promoted dtype."""
+    """(y, h, mean, rstd) of LayerNorm(h), h = (x + branch_bias) + residual in the promoted
+    dtype of x and residual."""
     if kernel:
-        return _forward(x, weight, bias, eps, residual, out_dtype)
-    h = (x + residual).contiguous()
+        return _forward(x, weight, bias, eps, residual, out_dtype, branch_bias)
+    dtype = torch.result_type(x, residual)
+    branch = x.to(dtype) if branch_bias is None else x.to(dtype) + branch_bias.to(dtype)
+    h = (branch + residual.to(dtype)).contiguous()
     y, mean, rstd = _forward_ref(h, weight, bias, eps, out_dtype)
     return y, h, mean, rstd
 
 
 def _ln_bwd_impl(dy: torch.Tensor, dh: Optional[torch.Tensor], saved: torch.Tensor, weight: torch.Tensor,
-                 mean: torch.Tensor, rstd: torch.Tensor, branch_dtype: Optional[torch.dtype], kernel: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx in saved's dtype, dx in branch_dtype (empty when None), dweight, dbias)."""
+                 mean: torch.Tensor, rstd: torch.Tensor, branch_dtype: Optional[torch.dtype],
+                 branch_bias_dtype: Optional[torch.dtype], kernel: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx in saved's dtype, dx in branch_dtype (empty when None), dweight, dbias, the branch
+    bias's gradient (empty when branch_bias_dtype is None))."""
     if kernel:
-        return _backward(dy, dh, saved, weight, mean, rstd, branch_dtype)
-    return _backward_ref(dy, dh, saved, weight, mean, rstd, branch_dtype)
+        return _backward(dy, dh, saved, weight, mean, rstd, branch_dtype, branch_bias_dtype)
+    return _backward_ref(dy, dh, saved, weight, mean, rstd, branch_dtype, branch_bias_dtype)
 
 
 def _fake_out(x, dtype, out_dtype, kernel):
@@ -219,15 +239,17 @@ def _ln_fake(x, weight, bias, eps, out_dtype, kernel):
     return _fake_out(x, x.dtype, out_dtype, kernel)
 
 
-def _add_ln_fake(x, residual, weight, bias, eps, out_dtype, kernel):
+def _add_ln_fake(x, residual, weight, bias, eps, out_dtype, branch_bias, kernel):
     dtype = torch.result_type(x, residual)
     y, mean, rstd = _fake_out(x, dtype, out_dtype, kernel)
     return y, x.new_empty(x.shape, dtype=dtype), mean, rstd
 
 
-def _ln_bwd_fake(dy, dh, saved, weight, mean, rstd, branch_dtype, kernel):
+def _ln_bwd_fake(dy, dh, saved, weight, mean, rstd, branch_dtype, branch_bias_dtype, kernel):
     dx2 = saved.new_empty(saved.shape, dtype=branch_dtype) if branch_dtype is not None else saved.new_empty(0)
-    return saved.new_empty(saved.shape), dx2, torch.empty_like(weight), torch.empty_like(weight)
+    dbb = (saved.new_empty(saved.shape[-1:], dtype=branch_bias_dtype) if branch_bias_dtype is not None
+           else saved.new_empty(0))
+    return saved.new_empty(saved.shape), dx2, torch.empty_like(weight), torch.empty_like(weight), dbb
 
 
 ln_backward_op = define("layer_norm_backward", _ln_bwd_impl, _ln_bwd_fake)
@@ -244,31 +266,32 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_grad(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, _, dw, db = ln_backward_op(dy, None, x, weight, mean, rstd, None, ctx.kernel)
+    dx, _, dw, db, _ = ln_backward_op(dy, None, x, weight, mean, rstd, None, None, ctx.kernel)
     return dx, dw, db, None, None, None
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, residual, weight, _, _, _, kernel = inputs
+    x, residual, weight, _, _, _, branch_bias, kernel = inputs
     _, h, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # an unused y or h sends None, not a zero tensor
     ctx.save_for_backward(h, weight, mean, rstd)
     ctx.kernel = kernel
-    ctx.dtypes = (x.dtype, residual.dtype)
+    ctx.dtypes = (x.dtype, residual.dtype, branch_bias.dtype if branch_bias is not None else None)
 
 
 def _add_ln_grad(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(h)  # only h was used: the kernel still passes dh through
-    x_dtype, residual_dtype = ctx.dtypes  # each input gets its gradient back in its own dtype
+    x_dtype, residual_dtype, bias_dtype = ctx.dtypes  # each input gets its gradient back in its own dtype
     # The kernel writes the gradient once in h's dtype and once in the other input's (a 16-bit
-    # branch beside an fp32 stream), instead of a separate cast pass.
+    # branch beside an fp32 stream), instead of a separate cast pass; with a branch bias it
+    # also sums that bias's gradient in the same pass.
     other = x_dtype if x_dtype != h.dtype else residual_dtype if residual_dtype != h.dtype else None
-    dx, dx_other, dw, db = ln_backward_op(dy, dh, h, weight, mean, rstd, other, ctx.kernel)
+    dx, dx_other, dw, db, dbb = ln_backward_op(dy, dh, h, weight, mean, rstd, other, bias_dtype, ctx.kernel)
     grads = [dx_other if d == other else dx if d == h.dtype else dx.to(d) for d in (x_dtype, residual_dtype)]
-    return grads[0], grads[1], dw, db, None, None, None
+    return grads[0], grads[1], dw, db, None, None, dbb if bias_dtype is not None else None, None
 
 
 ln_op = define("layer_norm", _ln_impl, _ln_fake, _ln_grad, _ln_setup)
@@ -276,24 +299,29 @@ add_ln_op = define("add_layer_norm", _add_ln_impl, _add_ln_fake, _add_ln_grad, _
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
-               residual: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None, kernel: bool = True):
+               residual: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None,
+               branch_bias: torch.Tensor | None = None, kernel: bool = True):
     """LayerNorm of x (or of h = x + residual, returning (LN(h), h)) over the last dim, as
     the ops ``cxrfast::layer_norm`` / ``cxrfast::add_layer_norm``.
 
     x, residual: (..., N) fp32/bf16/fp16 (fp64 is accepted and stored, statistics still fp32);
     weight, bias: (N,). y and h are contiguous, in ``torch.result_type(x, residual)``; y in
     ``out_dtype`` when given (under autocast the bf16 a following matmul would cast y to: the
-    same rounding, without writing fp32 and casting it). ``kernel=False`` runs the same op's
-    torch reference (any device, any N).
+    same rounding, without writing fp32 and casting it). ``branch_bias`` (N,), with a residual
+    only: the bias of the Linear that produced x (run without it), added in h's dtype, its
+    gradient summed by the same backward pass. ``kernel=False`` runs the same op's torch
+    reference (any device, any N).
     """
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
         raise ValueError("weight and bias must be (N,) for x of shape (..., N)")
+    if branch_bias is not None and (residual is None or branch_bias.shape != (x.shape[-1],)):
+        raise ValueError("branch_bias must be (N,) and needs a residual")
     if kernel and x.shape[-1] > MAX_N:
         raise ValueError(f"hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_N}")
     if residual is not None:
-        y, h, _, _ = add_ln_op(x, residual, weight, bias, float(eps), out_dtype, kernel)
+        y, h, _, _ = add_ln_op(x, residual, weight, bias, float(eps), out_dtype, branch_bias, kernel)
         return y, h
     return ln_op(x, weight, bias, float(eps), out_dtype, kernel)[0]
 

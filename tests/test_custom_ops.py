@@ -27,14 +27,16 @@ def test_opcheck_layer_norm(kernel):
     x, r = _leaf((3, 5, 37)), _leaf((3, 5, 37))
     w, b = _leaf(37), _leaf(37)
     torch.library.opcheck(ln_op, (x, w, b, 1e-6, None, kernel))
-    torch.library.opcheck(add_ln_op, (x, r, w, b, 1e-6, None, kernel))
+    torch.library.opcheck(add_ln_op, (x, r, w, b, 1e-6, None, None, kernel))
     # a strided x (the models pass views) and a promoted residual stream
     torch.library.opcheck(add_ln_op, (x.transpose(0, 1), _leaf((5, 3, 37), torch.float64), w, b, 1e-6, None,
-                                      kernel))
+                                      None, kernel))
     # y in a narrower dtype than the stream (autocast's matmul input); the float64 stream's
     # fp32 branch gets its gradient from the kernel's second store
     torch.library.opcheck(ln_op, (x.double(), w, b, 1e-6, torch.float32, kernel))
-    torch.library.opcheck(add_ln_op, (x, _leaf((3, 5, 37), torch.float64), w, b, 1e-6, torch.float32, kernel))
+    torch.library.opcheck(add_ln_op, (x, _leaf((3, 5, 37), torch.float64), w, b, 1e-6, torch.float32, None, kernel))
+    # the branch Linear's bias added (and its gradient summed) by the op
+    torch.library.opcheck(add_ln_op, (x, r, w, b, 1e-6, None, _leaf(37), kernel))
 
 
 @pytest.mark.parametrize("kernel", KERNEL)

@@ -287,3 +287,26 @@ def test_layernorm_writes_y_in_the_matmul_dtype(residual):
     for a, c in zip(g_narrow, g_wide):
         assert a.dtype == c.dtype and not torch.isnan(a).any()
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_layernorm_adds_the_branch_bias_and_sums_its_gradient():
+    """branch_bias: h = (x + bias) + residual in h's dtype, and d(bias) = column sums of dh,
+    against float64; a fp16 branch beside an fp32 stream, as the ViT's attention projection."""
+    n = 96
+    x = _leaf(torch.randn(2, 7, n, device=DEV), torch.float16)
+    r = _leaf(torch.randn(2, 7, n, device=DEV))
+    w, b, bb = (_leaf(torch.randn(n, device=DEV)) for _ in range(3))
+    y, h = layer_norm(x, w, b, 1e-6, r, branch_bias=bb)
+    x64, r64, w64, b64, bb64 = (_leaf(t, torch.float64) for t in (x, r, w, b, bb))
+    h64 = (x64 + bb64) + r64
+    y64 = torch.nn.functional.layer_norm(h64, (n,), w64, b64, 1e-6)
+    assert h.dtype == torch.float32 and not torch.isnan(y).any()
+    torch.testing.assert_close(h.double(), h64, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(y.double(), y64, atol=1e-4, rtol=1e-4)
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    grads = torch.autograd.grad((y, h), (x, r, w, b, bb), (gy, gh))
+    refs = torch.autograd.grad((y64, h64), (x64, r64, w64, b64, bb64), (gy.double(), gh.double()))
+    for g, ref in zip(grads, refs):
+        assert not torch.isnan(g).any()
+        torch.testing.assert_close(g.double(), ref, atol=2e-2 if g.dtype == torch.float16 else 1e-3, rtol=1e-3)
+    assert grads[4].dtype == bb.dtype

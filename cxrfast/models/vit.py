@@ -44,10 +44,10 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
 
-    def add(self, x: torch.Tensor, residual: torch.Tensor,
-            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(LN(x + residual), x + residual) in one pass over the activations."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype)
+    def add(self, x: torch.Tensor, residual: torch.Tensor, out_dtype: torch.dtype | None = None,
+            branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LN(h), h), h = (x + branch_bias) + residual, in one pass over the activations."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype, branch_bias)
 
 
 class PatchEmbed(nn.Module):
@@ -93,10 +93,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, proj_bias: bool = True) -> torch.Tensor:
+        """(B, N, dim) -> (B, N, dim); ``proj_bias=False`` leaves out the output projection's
+        bias for the caller to add (Block fuses it into the LayerNorm after the residual add)."""
         # (B, N, 3*dim) in, (B, N, dim) out: the op reads q, k, v and writes o through strides,
         # so neither the forward nor the backward copies, selects or zero-fills around it
-        return self.proj(ops.attention_qkv(self.qkv(x), self.num_heads))
+        o = ops.attention_qkv(self.qkv(x), self.num_heads)
+        return self.proj(o) if proj_bias else F.linear(o, self.proj.weight)
 
 
 class Mlp(nn.Module):
@@ -148,6 +151,8 @@ class Block(nn.Module):
         residual stream after attention). The residual add and norm2 are one fused op, and
         the norms write what the next matmul reads (bf16 under autocast) while the stream
         stays in its own dtype (fp32 under autocast, as torch keeps it)."""
+        if self.drop_path.p == 0.0 or not self.training:  # proj's bias joins the fused add (no bias-grad sum)
+            return self.norm2.add(self.attn(y, proj_bias=False), x, ops.matmul_dtype(x), self.attn.proj.bias)
         return self.norm2.add(self.drop_path(self.attn(y)), x, ops.matmul_dtype(x))
 
     def forward_into(self, x: torch.Tensor, y: torch.Tensor, norm: LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
