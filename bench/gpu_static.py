@@ -172,14 +172,17 @@ def specialise(fn, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
 
 # ---- the launches the model makes ------------------------------------------------------
 
-def attention_launches(b: int, h: int, n: int, d: int, dtype: torch.dtype, varlen: bool = False) -> list[Launch]:
-    """The forward, delta, dQ and dK/dV launches of kernels.attention. Dense: as
+def attention_launches(b: int, h: int, n: int, d: int, dtype: torch.dtype, varlen: bool = False,
+                       cap: tuple[int, int] = (9, 0)) -> list[Launch]:
+    """The forward and backward launches of kernels.attention on compute capability ``cap``:
+    the one-pass backward where launch_configs gives 'bwd_fused' (it reads O and dO itself),
+    else the delta, dQ and dK/dV launches. Dense: as
     cxrfast.models.vit.Attention makes them through ``cxrfast::attention_qkv``: q, k, v are
     (B, H, N, D) views of the packed qkv projection (B, N, 3*H*D); O is written as (B, N, H, D)
     into the (B, N, H*D) tensor proj reads; dO is proj's input gradient, (B, N, H*D) contiguous;
     dQ/dK/dV are the thirds of one (B, N, 3*H*D) gradient; the delta kernel reads O and dO to
     write DELTA (fp32, like LSE) for dQ and dK/dV. Varlen: packed (B*N, H, D) tensors of ``cxrfast::attention``."""
-    cfg = ka.launch_configs(n, d, dtype)
+    cfg = ka.launch_configs(n, d, dtype, cap)
     dim, t = h * d, b * n
     if varlen:
         qs = os_ = dos = grads = (0, d, dim)
@@ -203,7 +206,13 @@ def attention_launches(b: int, h: int, n: int, d: int, dtype: torch.dtype, varle
     dq = dict(bwd, DQ=p, sdq_b=grads[0], sdq_h=grads[1], sdq_n=grads[2])
     dkdv = dict(bwd, DK=p, DV=p, sdk_b=grads[0], sdk_h=grads[1], sdk_n=grads[2],
                 sdv_b=grads[0], sdv_h=grads[1], sdv_n=grads[2])
-    return [Launch("attn_fwd" + suffix, ka._attn_fwd, fwd, mode, cfg["fwd"], shape, dt),
+    fwd_launch = Launch("attn_fwd" + suffix, ka._attn_fwd, fwd, mode, cfg["fwd"], shape, dt)
+    if "bwd_fused" in cfg:
+        fused = dict(dkdv, O=p, **o_strides, DQ=p, sdq_b=grads[0], sdq_h=grads[1], sdq_n=grads[2])
+        del fused["DELTA"]
+        return [fwd_launch, Launch("attn_bwd_fused" + suffix, ka._attn_bwd_fused, fused, mode, cfg["bwd_fused"],
+                                   shape, dt)]
+    return [fwd_launch,
             Launch("attn_bwd_delta" + suffix, ka._attn_bwd_delta, delta, dict(VARLEN=varlen), cfg["bwd_delta"],
                    shape, dt),
             Launch("attn_bwd_dq" + suffix, ka._attn_bwd_dq, dq, mode, cfg["bwd_dq"], shape, dt),
@@ -296,7 +305,7 @@ def model_launches(model: str, phase: str, img: int, dtype: torch.dtype, batch: 
         info = dict(role=role, n=n, d=d, dtype=dtype, shape=f"B={batch} H={heads} N={n} D={d}")
         if n <= ka.MAX_SEQLEN:
             for v in (False, True) if varlen else (False,):
-                out += [(launch, info) for launch in attention_launches(batch, heads, n, d, dtype, v)]
+                out += [(launch, info) for launch in attention_launches(batch, heads, n, d, dtype, v, cap)]
         else:
             out.append((None, info))
         out += [(launch, info) for launch in layernorm_launches(batch * n, dim, dtype)]

@@ -15,10 +15,12 @@ device; without a GPU, the H100's).
 Each program handles BLOCK_M queries of one (sequence, head) against all its keys; for sequences of 64 tokens or fewer, 2-4 (sequence, head) pairs share a program.
 From 129 keys with D <= 64 the forward and dQ instead take 64-row tiles (wgmma on sm_90)
 that loop over key blocks (online softmax in the forward; ``launch_configs`` says which).
-Rows whose keys are all masked return 0. The backward is FlashAttention-2's split
-form: a small kernel for delta = rowsum(dO * O) (fp32), one for dQ (per query block), one for
-dK/dV (per key block, looping over the query blocks), both recomputing P from the saved
-log-sum-exp.
+Rows whose keys are all masked return 0. The backward, where ``launch_configs`` gives
+'bwd_fused' (sm_90; up to 64 keys with D <= 64, 129-256 keys with D <= 32), is one pass per
+(sequence, head): all its keys and values held while the program walks the query blocks, so
+each operand is read once. Elsewhere it is FlashAttention-2's split form: a small kernel for
+delta = rowsum(dO * O) (fp32), one for dQ (per query block), one for dK/dV (per key block,
+looping over the query blocks), both recomputing P from the saved log-sum-exp.
 The op ``cxrfast::attention_qkv`` runs the same kernels on the ViT's packed projection:
 q, k, v, o, dO and dqkv are strided views, so no permute, select or zero-filled gradient.
 """
@@ -32,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Config, smem_per_block
+from kernels.launch import DEFAULT_CAPABILITY, Config, capability, smem_per_block
 from kernels.library import define, nbytes, no_autocast
 
 MAX_SEQLEN = 512
@@ -42,9 +44,12 @@ def _pow2(x: int) -> int:
     return max(16, 1 << (max(x, 1) - 1).bit_length())
 
 
-def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
+def launch_configs(max_n: int, d: int, dtype: torch.dtype,
+                   cap: tuple[int, int] | None = None) -> dict[str, Config]:
     """Block sizes, warps and stages of the forward ('fwd') and the three backward kernels
-    ('bwd_delta', 'bwd_dq', 'bwd_dkdv') for sequences of up to max_n tokens with head dim d: the one
+    ('bwd_delta', 'bwd_dq', 'bwd_dkdv') for sequences of up to max_n tokens with head dim d, plus
+    the one-pass backward ('bwd_fused') where compute capability ``cap`` (default: the H100/H200
+    the project targets) runs it well; the backward launches it instead of the three. The one
     place they are chosen (the launches below and bench/gpu_static.py call it)."""
     if max_n > MAX_SEQLEN:
         raise ValueError(f"sequence length {max_n} exceeds the kernel's limit {MAX_SEQLEN}")
@@ -74,23 +79,54 @@ def launch_configs(max_n: int, d: int, dtype: torch.dtype) -> dict[str, Config]:
         # 174-255 registers (12%, dQ spilling 64 B). D = 64, N = 197: 95 / 94 (31%, was 25%).
         loop = dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 32 else 32, BLOCK_D=block_d, KV_LOOP=True)
         fwd, dq = Config({**loop, "PACK": 1}, 4, 3), Config(loop, 4, 2)
-    return {"fwd": fwd,
-            "bwd_delta": Config(dict(BLOCK_M=64, BLOCK_D=block_d), 4, 1),
-            "bwd_dq": dq,
-            "bwd_dkdv": Config(dict(BLOCK_M=16 if block_d > 64 else 32, BLOCK_N=min(block_n, 64), BLOCK_D=block_d),
-                               4 if small else 8, 3)}
+    out = {"fwd": fwd,
+           "bwd_delta": Config(dict(BLOCK_M=64, BLOCK_D=block_d), 4, 1),
+           "bwd_dq": dq,
+           "bwd_dkdv": Config(dict(BLOCK_M=16 if block_d > 64 else 32, BLOCK_N=min(block_n, 64), BLOCK_D=block_d),
+                              4 if small else 8, 3)}
+    fused = _fused_backward_config(block_n, block_d, cap or DEFAULT_CAPABILITY)
+    if fused is not None:
+        out["bwd_fused"] = fused
+    return out
+
+
+def _fused_backward_config(block_n: int, block_d: int, cap: tuple[int, int]) -> Config | None:
+    """The one-pass backward's launch where bench/gpu_static.py shows it compiles without
+    spills at >= 25% theoretical occupancy; None elsewhere (the three launches). It holds K, V
+    and fp32 dK, dV for all the keys: 16 query rows a step, on many warps. sm_90 bf16: N = 50,
+    D = 64: 128 registers, 25% (8 warps); N = 197, D = 32: 95, 25% (16 warps); wgmma keeps the
+    K/V operands in shared memory. On sm_80/86/89 (mma.sync holds them in registers) the same
+    tiles need 255 registers and spill 40-2328 B, so those targets keep the three launches, as
+    do N = 257 (512-key tiles spill 52 B), N = 197 with D = 64 (16 B of stack) and D = 80 (112 KiB
+    of shared memory, over sm_86/89's 99 KiB)."""
+    if cap[0] != 9:
+        return None
+    if block_n <= 64 and block_d <= 64:
+        return Config(dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=block_d), 8, 2)
+    if block_n == 256 and block_d <= 32:
+        return Config(dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=block_d), 16, 1)
+    return None
+
+
+def uses_fused_backward(max_n: int, d: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
+    """Whether the backward at this shape on ``cap`` is the one-pass kernel (else the three launches)."""
+    return max_n <= MAX_SEQLEN and 16 <= d <= 256 and "bwd_fused" in launch_configs(max_n, d, dtype, cap)
 
 
 def smem_bytes(max_n: int, d: int, dtype: torch.dtype) -> int:
-    """Upper bound on the shared memory of the three launches: the K and V tiles, a query-side
-    tile pair (Q, dO; one per pipeline stage in dK/dV), the scores and 1 KiB of barriers and
-    scratch, for the largest of the three configurations. ``fits`` compares it with the
+    """Upper bound on the shared memory of the backward and forward launches: the K and V
+    tiles, a query-side tile pair (Q, dO; one per pipeline stage in dK/dV), the scores and 1 KiB
+    of barriers and scratch, for the largest of the configurations (the one-pass backward's
+    counted as its own sum). ``fits`` compares it with the
     target's limit; tests/test_gpu_static.py checks it against what Triton's compiler reports."""
     need = 0
     for name, cfg in launch_configs(max_n, d, dtype).items():
         if name == "bwd_delta":  # two (BLOCK_M, D) tiles, elementwise: registers, no shared memory to speak of
             continue
         bm, bn, bd = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_D"]
+        if name == "bwd_fused":  # K/V staged for their three MMA uses; Q, dO, O per stage; P^T, dS^T
+            need = max(need, (3 * bn * bd + 3 * cfg.num_stages * bm * bd + 2 * bm * bn) * dtype.itemsize + 1024)
+            continue
         query_tiles = 2 * (cfg.num_stages if name == "bwd_dkdv" else 1)  # dK/dV pipelines its loop over Q, dO
         key_tiles = 2 * (cfg.num_stages if cfg.blocks.get("KV_LOOP") else 1)  # the key loop pipelines K, V
         need = max(need, (key_tiles * bn * bd + query_tiles * bm * bd + bm * bn) * dtype.itemsize + 1024)
@@ -362,6 +398,52 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
              dv.to(DV.dtype.element_ty), mask=kmask)
 
 
+@triton.jit
+def _attn_bwd_fused(Q, K, V, O, DO, DQ, DK, DV, LSE, KPM, CU,  # LSE: fp32 (B*H*N or H*T)
+                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sd_b, sd_h, sd_n,
+                    stride_kpm, sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
+                    H, N, D, T, scale,
+                    VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The whole backward of one (sequence, head) in one pass: its keys and values stay in
+    registers while the program walks the query blocks, so q, k, v, O, dO and lse are read once
+    and dq, dk, dv written once (delta = rowsum(dO * O) inline, fp32; no delta buffer)."""
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    start, n = _seq(CU, b, N, VARLEN)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kmask = (offs_n < n)[:, None] & dmask[None, :]
+    k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+    v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
+    valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, n, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qmask = (offs_m < n)[:, None] & dmask[None, :]
+        q = _tile(Q, b, h, start, offs_m, offs_d, sq_b, sq_h, sq_n, qmask)
+        do = _tile(DO, b, h, start, offs_m, offs_d, sd_b, sd_h, sd_n, qmask)
+        o = _tile(O, b, h, start, offs_m, offs_d, so_b, so_h, so_n, qmask)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        lse = tl.load(LSE + lse_base + offs_m, mask=offs_m < n, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        p = tl.where(valid[None, :] & (offs_m < n)[:, None], tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq = tl.dot(ds, k, input_precision=PREC) * scale
+        tl.store(DQ + b * sdq_b + h * sdq_h + (start + offs_m)[:, None] * sdq_n + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=qmask)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    tl.store(DK + b * sdk_b + h * sdk_h + (start + offs_n)[:, None] * sdk_n + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + b * sdv_b + h * sdv_h + (start + offs_n)[:, None] * sdv_n + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
 def _precision(t: torch.Tensor):
     """fp32 inputs multiply in full fp32 ("ieee", not TF32) so fp32 stays an exact reference
     mode on GPUs too; half inputs use the tensor cores as they are."""
@@ -412,18 +494,26 @@ def _launch_forward(q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, s
 
 
 def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_padding_mask, scale) -> None:
-    """Runs the delta kernel (rowsum(dO * O), fp32, laid out like lse), then the dQ and the
-    dK/dV kernels that read it (same stream, in order); dq, dk, dv may be strided views of one
-    buffer."""
+    """Runs the one-pass backward where ``launch_configs`` gives 'bwd_fused' for this GPU, else
+    the delta kernel (rowsum(dO * O), fp32, laid out like lse), then the dQ and the dK/dV
+    kernels that read it (same stream, in order); dq, dk, dv may be strided views of one buffer."""
     varlen, has_kpm = cu is not None, key_padding_mask is not None
     batch, h, n, d, t_total = _dims(q, cu, max_seqlen)
     kpm = key_padding_mask.to(torch.int8).contiguous() if has_kpm else q
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     cu_arg = cu if varlen else q
-    cfg = launch_configs(n, d, q.dtype)
+    cfg = launch_configs(n, d, q.dtype, capability(q.device))
     common = dict(VARLEN=varlen, HAS_KPM=has_kpm, PREC=_precision(q))
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
                kpm.stride(0) if has_kpm else 0)
+    # fp32 on a GPU (the exact "ieee" mode) keeps the three launches: its one-pass tiles spill
+    # 0.9-1.9 KB on sm_90 (bench/gpu_static.py); under the interpreter (CPU) fp32 runs it.
+    if "bwd_fused" in cfg and not (q.is_cuda and q.dtype == torch.float32):
+        _attn_bwd_fused[(batch * h,)](
+            q, k, v, o, do, dq, dk, dv, lse, kpm, cu_arg, *strides[:9], *_strides(o, varlen), *strides[9:],
+            *_strides(dq, varlen), *_strides(dk, varlen), *_strides(dv, varlen), h, n, d, t_total, scale,
+            **common, **cfg["bwd_fused"].kwargs())
+        return
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     delta_cfg, dq_cfg, dkdv_cfg = cfg["bwd_delta"], cfg["bwd_dq"], cfg["bwd_dkdv"]
     _attn_bwd_delta[(triton.cdiv(n, delta_cfg.blocks["BLOCK_M"]), batch * h)](
         o, do, delta, cu_arg, *_strides(o, varlen), *_strides(do, varlen), h, n, d, t_total, VARLEN=varlen,
@@ -550,8 +640,9 @@ def _attn_bwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask
 
 
 def _attn_bwd_traffic(args, out):
-    do, q, k, v, o, lse = args[:6]
-    return _bwd_traffic(do, nbytes(q, k, v), o, lse, nbytes(*out))
+    do, q, k, v, o, lse, _cu, max_seqlen = args[:8]
+    n = q.shape[2] if q.ndim == 4 else max_seqlen
+    return _bwd_traffic(do, nbytes(q, k, v), o, lse, nbytes(*out), n, q.shape[-1])
 
 
 attention_backward_op = define("attention_backward", _attn_bwd_impl, _attn_bwd_fake, traffic=_attn_bwd_traffic)
@@ -666,17 +757,20 @@ def _attn_qkv_bwd_fake(do, qkv, o, lse, num_heads, scale, kernel):
     return qkv.new_empty(qkv.shape)
 
 
-def _bwd_traffic(do, qkv_bytes, o, lse, grads_bytes):
-    """The backward's three launches, each reading its operands once: delta (o, dO -> delta,
+def _bwd_traffic(do, qkv_bytes, o, lse, grads_bytes, n, d):
+    """What the chosen backward launches move, each reading its operands once. One pass
+    (``bwd_fused``): q, k, v, O, dO, lse -> dq, dk, dv. Three launches: delta (O, dO -> delta,
     fp32 like lse), dQ and dK/dV (each q, k, v, dO, lse, delta -> their gradients)."""
+    if uses_fused_backward(n, d, do.dtype):
+        return qkv_bytes + nbytes(o, do, lse), grads_bytes
     delta = lse.numel() * 4
     read = nbytes(o, do) + 2 * (qkv_bytes + nbytes(do, lse) + delta)
     return read, delta + grads_bytes
 
 
 def _attn_qkv_bwd_traffic(args, out):
-    do, qkv, o, lse = args[:4]
-    return _bwd_traffic(do, nbytes(qkv), o, lse, nbytes(*out))
+    do, qkv, o, lse, num_heads = args[:5]
+    return _bwd_traffic(do, nbytes(qkv), o, lse, nbytes(*out), qkv.shape[1], qkv.shape[-1] // (3 * num_heads))
 
 
 attention_qkv_backward_op = define("attention_qkv_backward", _attn_qkv_bwd_impl, _attn_qkv_bwd_fake,

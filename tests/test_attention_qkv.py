@@ -48,12 +48,92 @@ def test_attention_qkv_fp32_against_float64(kernel, n, h, d, strided):
     torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
 
 
+@pytest.fixture(params=["fused", "split"])
+def backward_path(request, monkeypatch):
+    """Runs a test with the one-pass backward where launch_configs chooses it ('fused') and
+    again with the three launches forced everywhere ('split')."""
+    from kernels import attention as ka
+
+    if request.param == "split":
+        monkeypatch.setattr(ka, "_fused_backward_config", lambda *a: None)
+    return request.param
+
+
+def _count_launches(monkeypatch):
+    """{kernel name: launches} of the attention backward kernels, counted as they run."""
+    from kernels import attention as ka
+
+    counts = Counter()
+
+    class Counted:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            counts[self.name] += 1
+            return self.fn[grid]
+
+    for name in ("_attn_bwd_fused", "_attn_bwd_delta", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        monkeypatch.setattr(ka, name, Counted(name, getattr(ka, name)))
+    return counts
+
+
 @pytest.mark.parametrize("mode", ["dense", "mask", "varlen"])
-def test_key_block_loop_against_float64(mode):
+@pytest.mark.parametrize("n,d", [(37, 16), (64, 32), (150, 16), (197, 32)])
+def test_backward_paths_against_float64(mode, n, d, backward_path, monkeypatch):
+    """The one-pass backward (up to 64 keys with D <= 64, 129-256 keys with D <= 32) and the
+    three launches at the same shapes, every mode, against float64; B, H <= 2."""
+    from kernels.attention import attention, attention_ref, uses_fused_backward
+
+    fused = backward_path == "fused"
+    assert uses_fused_backward(n, d, torch.float32) == fused
+    b = 2 if n <= 64 else 1
+    if mode == "varlen":
+        cu = torch.tensor([0, n, n + n // 3 + 1][:b + 1], dtype=torch.int32)
+        q, k, v = (torch.randn(int(cu[-1]), 2, d, device=DEV) for _ in range(3))
+        kw, ref_kw = dict(cu_seqlens=cu.to(DEV), max_seqlen=n), dict(cu_seqlens=cu)
+    else:
+        q, k, v = (torch.randn(b, 2, n, d, device=DEV) for _ in range(3))
+        kw = ref_kw = {}
+        if mode == "mask":
+            kpm = torch.rand(b, n, device=DEV) < 0.5
+            kpm[0, :3] = True
+            kpm[-1, -1] = False
+            if b > 1:
+                kpm[-1] = False  # nothing to attend to: zeros
+            kw = ref_kw = dict(key_padding_mask=kpm)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
+    out = attention(*ins, **kw)
+    ref = attention_ref(*ref_ins, **ref_kw)
+    go = torch.randn_like(out)
+    counts = _count_launches(monkeypatch)
+    grads = torch.autograd.grad(out, ins, go)
+    assert counts == (Counter(_attn_bwd_fused=1) if fused else
+                      Counter(_attn_bwd_delta=1, _attn_bwd_dq=1, _attn_bwd_dkdv=1))
+    for g, gr in zip(grads, torch.autograd.grad(ref, ref_ins, go.double())):
+        assert not torch.isnan(g).any()
+        torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
+
+
+def test_fused_backward_is_sm_90_only_and_skips_the_shapes_that_spill():
+    from kernels.attention import uses_fused_backward
+
+    bf = torch.bfloat16
+    assert uses_fused_backward(50, 64, bf) and uses_fused_backward(197, 32, bf)
+    assert not any(uses_fused_backward(n, d, bf, cap) for n, d in ((50, 64), (197, 32)) for cap in ((8, 0), (8, 6), (8, 9)))
+    assert not any(uses_fused_backward(n, d, bf) for n, d in ((257, 32), (197, 64), (65, 80), (600, 32)))
+
+
+@pytest.mark.parametrize("mode", ["dense", "mask", "varlen"])
+def test_key_block_loop_against_float64(mode, monkeypatch):
     """Sequences over 128 tokens with D <= 64 take the 64-row tiles that loop over key blocks
-    (online softmax forward, dQ over key blocks): every mode against float64."""
+    (online softmax forward, dQ over key blocks): every mode against float64 (the backward
+    forced to the three launches, so the dQ loop runs)."""
+    from kernels import attention as ka
     from kernels.attention import attention, attention_ref, launch_configs
 
+    monkeypatch.setattr(ka, "_fused_backward_config", lambda *a: None)
     n, d = 150, 32
     assert launch_configs(n, d, torch.float32)["fwd"].blocks["KV_LOOP"]
     assert launch_configs(n, d, torch.float32)["bwd_dq"].blocks["KV_LOOP"]
