@@ -358,6 +358,27 @@ def _attn_bwd_dq_one(Q, K, V, DO, DQ, LSE, DELTA, KPM, CU, sq_b, sq_h, sq_n, sk_
 
 
 @triton.jit
+def _key_block(K, V, KPM, b, h, start, n, offs_n, offs_d, dmask, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, stride_kpm,
+               H, N, T, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr):
+    """The key side a backward program keeps: its K and V tiles, which keys count, their
+    tile mask, and where the sequence's lse/delta rows start."""
+    kmask = (offs_n < n)[:, None] & dmask[None, :]
+    k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
+    v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
+    valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
+    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    return k, v, valid, kmask, lse_base
+
+
+@triton.jit
+def _store_kv_grads(DK, DV, dk, dv, b, h, start, offs_n, offs_d, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, kmask):
+    tl.store(DK + b * sdk_b + h * sdk_h + (start + offs_n)[:, None] * sdk_n + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + b * sdv_b + h * sdv_h + (start + offs_n)[:, None] * sdv_n + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, stride_kpm,
                    sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
@@ -372,11 +393,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    kmask = (offs_n < n)[:, None] & dmask[None, :]
-    k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
-    v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
-    valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
-    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    k, v, valid, kmask, lse_base = _key_block(K, V, KPM, b, h, start, n, offs_n, offs_d, dmask, sk_b, sk_h, sk_n,
+                                              sv_b, sv_h, sv_n, stride_kpm, H, N, T, VARLEN, HAS_KPM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, n, BLOCK_M):
@@ -392,10 +410,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    tl.store(DK + b * sdk_b + h * sdk_h + (start + offs_n)[:, None] * sdk_n + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + b * sdv_b + h * sdv_h + (start + offs_n)[:, None] * sdv_n + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kmask)
+    _store_kv_grads(DK, DV, dk * scale, dv, b, h, start, offs_n, offs_d, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
+                    kmask)
 
 
 @triton.jit
@@ -414,11 +430,8 @@ def _attn_bwd_fused(Q, K, V, O, DO, DQ, DK, DV, LSE, KPM, CU,  # LSE: fp32 (B*H*
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    kmask = (offs_n < n)[:, None] & dmask[None, :]
-    k = _tile(K, b, h, start, offs_n, offs_d, sk_b, sk_h, sk_n, kmask)
-    v = _tile(V, b, h, start, offs_n, offs_d, sv_b, sv_h, sv_n, kmask)
-    valid = _key_valid(KPM, b, offs_n, n, stride_kpm, HAS_KPM)
-    lse_base = tl.where(VARLEN, h * T + start, (b * H + h) * N)
+    k, v, valid, kmask, lse_base = _key_block(K, V, KPM, b, h, start, n, offs_n, offs_d, dmask, sk_b, sk_h, sk_n,
+                                              sv_b, sv_h, sv_n, stride_kpm, H, N, T, VARLEN, HAS_KPM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, n, BLOCK_M):
@@ -438,10 +451,8 @@ def _attn_bwd_fused(Q, K, V, O, DO, DQ, DK, DV, LSE, KPM, CU,  # LSE: fp32 (B*H*
         tl.store(DQ + b * sdq_b + h * sdq_h + (start + offs_m)[:, None] * sdq_n + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=qmask)
         dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
-    tl.store(DK + b * sdk_b + h * sdk_h + (start + offs_n)[:, None] * sdk_n + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + b * sdv_b + h * sdv_h + (start + offs_n)[:, None] * sdv_n + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kmask)
+    _store_kv_grads(DK, DV, dk * scale, dv, b, h, start, offs_n, offs_d, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
+                    kmask)
 
 
 def _precision(t: torch.Tensor):

@@ -10,6 +10,7 @@ from cxrfast import ops
 from cxrfast.models.vit import Block, Mlp
 from kernels import launch
 from kernels.mlp import gelu_grad, launch_config, mlp, mlp_backward_op, mlp_op, mlp_ref
+from test_kernels import _fair  # noqa: E402  (the same fairness rule for every kernel)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -204,10 +205,6 @@ def test_launch_config_fp32_keeps_interpreter_tiles_small():
 
 # ---- GPU: bf16 / fp16 error no worse than 2x torch's own same-dtype error (+ small atol) ----
 
-def _fair(kernel_out, torch_out, fp32_ref, atol):
-    err_k = (kernel_out.float() - fp32_ref).abs().max().item()
-    err_t = (torch_out.float() - fp32_ref).abs().max().item()
-    assert err_k <= 2 * err_t + atol, (err_k, err_t)
 
 
 @gpu_only
