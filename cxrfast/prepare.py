@@ -46,7 +46,8 @@ from . import atomic, cli, dicom
 from . import manifest as mf
 from .atomic import atomic_open
 from .data.files import IMAGE_SUFFIXES, load_image
-from .data.labels import LabelTable
+from .data import label_formats
+from .data.labels import FORMATS, LabelTable
 from .data.shards import FORMAT_VERSION
 from .data.splits import patient_split
 from .manifest import INDEX_COLUMNS, PrepareError, Record
@@ -386,10 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="output folder (created; a rerun resumes)")
     parser.add_argument("--size", type=int, default=256, help="side of the square output images (default 256)")
     parser.add_argument("--dtype", choices=["uint8", "uint16"], default="uint8", help="pixel type (default uint8)")
-    parser.add_argument("--labels", help="label CSV (NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG chexpert, generic)")
-    parser.add_argument("--label-format", default="auto", choices=["auto", "nih14", "chexpert", "mimic", "generic"],
-                        help="label CSV format (default: detected); mimic: pass the *-chexpert.csv, its "
-                             "*-metadata.csv is read from the same folder")
+    parser.add_argument("--labels", help=f"label CSV ({', '.join(label_formats.names())}; see --label-format)")
+    parser.add_argument("--label-format", default="auto", choices=FORMATS,
+                        help=f"label CSV format (default: auto): {label_formats.help_text()}")
     parser.add_argument("--uncertain", default="ones", choices=["ones", "zeros", "ignore"],
                         help="CheXpert/MIMIC -1 labels: ones, zeros or ignore (NaN)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")

@@ -29,6 +29,7 @@ import torch
 
 from cxrfast import atomic, cli
 from cxrfast.data.direct import ImageDataset
+from cxrfast.data import label_formats
 from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import PRESETS, classifier
@@ -46,7 +47,7 @@ class EvaluateConfig:
                                           "with --linear_probe; none: the demo fine-tuning result")
     data: Optional[str] = opt(None, "images (default: those the checkpoint was fine-tuned on)")
     labels: Optional[str] = opt(None, "label CSV (default: the checkpoint's)")
-    label_format: Optional[str] = opt(None, "auto, nih14, chexpert, mimic or generic (default: the checkpoint's)",
+    label_format: Optional[str] = opt(None, f"{label_formats.help_text()} (default: the checkpoint's)",
                                       choices=FORMATS)
     uncertain: Optional[str] = opt(None, "ones, zeros or ignore (default: the checkpoint's)", choices=UNCERTAIN)
     split: str = opt("test", "which split to evaluate: train, val or test", choices=("train", "val", "test"))

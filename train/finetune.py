@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from cxrfast import cli
 from cxrfast.data.direct import ImageDataset
+from cxrfast.data import label_formats
 from cxrfast.data.labels import FORMATS, UNCERTAIN
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
@@ -48,8 +49,8 @@ DEMO_PRETRAIN = Path("outputs") / "pretrain_demo"
 class FinetuneConfig(engine.ImageConfig):
     data: Optional[str] = opt(None, "a prepared folder (labels and splits from its index), a folder of images, "
                                     "or a CSV with a 'path' column; none: the demo dataset")
-    labels: Optional[str] = opt(None, "label CSV (NIH, CheXpert, MIMIC or generic); none: the demo labels")
-    label_format: str = opt("auto", "auto, nih14, chexpert, mimic or generic", choices=FORMATS)
+    labels: Optional[str] = opt(None, "label CSV in one of the --label_format layouts; none: the demo labels")
+    label_format: str = opt("auto", label_formats.help_text(), choices=FORMATS)
     uncertain: str = opt("ones", "CheXpert -1 labels: ones, zeros or ignore (masked out)", choices=UNCERTAIN)
     label_fraction: float = opt(1.0, "use this reproducible fraction of the training labels (e.g. 0.01, 0.1)",
                                 maximum=1)

@@ -1,0 +1,24 @@
+"""Generic: ``path`` + one 0/1 column per label (optional ``patient_id`` and ``split``); a
+negative value is uncertain and follows the policy. Detected only when nothing else fits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import LabelFormat, LabelTable, uncertain_value
+
+META_COLUMNS = {"path", "patient_id", "split", "sex", "age", "view", "frontal/lateral", "ap/pa"}
+
+
+def read(path: Path, rows: list[dict], columns: list[str], uncertain: str) -> LabelTable:
+    """Every column that is not metadata is a label; a value that is not a number is a ValueError."""
+    names = [c for c in columns if c.lower() not in META_COLUMNS]
+    labels = np.array([[float(r[n] or 0) for n in names] for r in rows], np.float32).reshape(len(rows), len(names))
+    labels[labels < 0] = uncertain_value(uncertain)
+    return LabelTable([r["path"] for r in rows], names, labels, [r.get("patient_id") for r in rows],
+                      [r.get("split") for r in rows])
+
+
+FORMAT = LabelFormat("generic", "'path' + one 0/1 column per label (optional 'patient_id', 'split')",
+                     ("path",), read, fallback=True)
