@@ -20,6 +20,9 @@ from .label_formats.nih14 import NIH_LABELS
 
 FORMATS = label_formats.choices()
 
+__all__ = ["CHEXPERT_LABELS", "FORMATS", "META_COLUMNS", "NIH_LABELS", "UNCERTAIN", "LabelTable", "fraction_subset",
+           "match_files", "read_labels"]
+
 
 def read_labels(path: str | os.PathLike, label_format: str = "auto", uncertain: str = "ones") -> LabelTable:
     """Reads a label CSV in any registered format (``auto`` detects it); a CSV that does not
