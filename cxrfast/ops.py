@@ -90,6 +90,13 @@ def matmul_dtype(t: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _exact_fp32_on_gpu(dtype: torch.dtype) -> bool:
+    """Whether auto should leave an op to torch on a GPU: the kernels' fp32 mode is exact IEEE
+    fp32 (no tensor cores; the attention tiles spill kilobytes there: gpu_static), a reference
+    mode, not a fast path."""
+    return _backend == "auto" and dtype == torch.float32
+
+
 def _use_kernel_op(kernel: bool, n: int, d: int, t: torch.Tensor) -> bool:
     """Whether the attention custom op runs (else SDPA): always with its reference; with the
     kernel unless it is over this GPU's shared memory, or fp32 on a GPU under auto (the
@@ -98,8 +105,7 @@ def _use_kernel_op(kernel: bool, n: int, d: int, t: torch.Tensor) -> bool:
 
     if not kernel:
         return True
-    fp32_on_gpu = _backend == "auto" and t.dtype == torch.float32
-    return not fp32_on_gpu and ka.fits(n, d, t.dtype, device=t.device)
+    return not _exact_fp32_on_gpu(t.dtype) and ka.fits(n, d, t.dtype, device=t.device)
 
 
 def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None) -> torch.Tensor:
@@ -161,8 +167,7 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     if kernel is not None:
         from kernels import mlp as kmlp
 
-        fp32_on_gpu = _backend == "auto" and kmlp.op_dtype(x, w1) == torch.float32
-        if not kernel or not fp32_on_gpu:
+        if not kernel or not _exact_fp32_on_gpu(kmlp.op_dtype(x, w1)):
             return kmlp.mlp(x, w1, b1, w2, b2, kernel=kernel)
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 

@@ -11,13 +11,13 @@ and sm_80, plus ViT-B/16 pretraining in fp16 on sm_80. The full set (every model
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import bench_scripts
 import pytest
 import torch
 
@@ -25,15 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 triton = pytest.importorskip("triton")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_static", ROOT / "bench" / "gpu_static.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_static"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gs = _load()
+gs = bench_scripts.load("gpu_static")
 _TOOLS = gs.tools()
 _OLD_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 3)
 

@@ -5,12 +5,12 @@ what CUDA autocast would choose; otherwise the roofline it prints means nothing.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import bench_scripts
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -18,15 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("step_model", ROOT / "bench" / "step_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["step_model"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sm = _load()
+sm = bench_scripts.load("step_model")
 
 
 @pytest.fixture(scope="module")
