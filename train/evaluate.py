@@ -9,9 +9,14 @@ Examples:
   python -m train.evaluate --checkpoint outputs/finetune/best.pth --split test
   python -m train.evaluate --linear_probe true --checkpoint outputs/pretrain/checkpoint-00100000.pth \\
       --data /data/nih/images --labels Data_Entry_2017.csv
+  python -m train.evaluate --checkpoint outputs/finetune/best.pth --data /data/nih/images \\
+      --labels Data_Entry_2017.csv --split_files train_val_list.txt,test_list.txt --view PA
 
 The data, labels and split default to those the checkpoint was fine-tuned with, so the test
-split is the same patient-level split the fine-tuning run held out. An image that cannot be
+split is the same patient-level split the fine-tuning run held out. Another dataset's labels
+(--labels) are matched to the checkpoint's by name through a shared vocabulary (NIH Effusion =
+CheXpert Pleural Effusion, ...; --labels_map for more): the labels both share are scored, the
+others are named and left out, never counted as negatives. An image that cannot be
 read is left out together with its labels and listed in errors.csv; the summary says how
 many were evaluated ("evaluated 19 of 22 images; 3 unreadable, see .../errors.csv"). Under
 torchrun the images are shared out across the ranks and the scores gathered.

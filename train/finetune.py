@@ -8,12 +8,16 @@ Examples:
   python -m train.finetune --data /data/nih/images --labels Data_Entry_2017.csv \\
       --pretrained outputs/pretrain/checkpoint-00100000.pth --model vit_base --label_fraction 0.1
   python -m train.finetune --data /data/CheXpert-v1.0 --labels train.csv --uncertain ones
+  python -m train.finetune --data /data --labels /data/CheXpert-v1.0-small/train.csv \\
+      --test_labels /data/CheXpert-v1.0-small/valid.csv --label_set chexpert5 --view frontal \\
+      --uncertain Atelectasis=ones,Edema=ones,*=zeros
   torchrun --nproc_per_node 8 -m train.finetune --config configs/finetune_vit_base.toml
 
-Label CSVs: NIH ChestX-ray14 (Image Index, Finding Labels joined by |), CheXpert (Path +
-observation columns with 1/0/-1/blank; --uncertain ones|zeros|ignore) or generic
-(path,<label columns...>). Without a split column, images are split by patient
-(--split_fractions train,val,test). Recipe defaults follow MAE fine-tuning: layer-wise lr
+Label CSVs: NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, RSNA Pneumonia, PadChest, VinDr-CXR or
+generic (path,<label columns...>); see --label_format. Dataset protocols: --label_set chexpert5,
+--uncertain Atelectasis=ones,Edema=ones,*=zeros, --view PA,AP, --split_files (NIH's official
+lists), --test_labels valid.csv (CheXpert), --labels_map, --rad_vote (VinDr). Without an
+official split or a split column, images are split by patient (--split_fractions train,val,test). Recipe defaults follow MAE fine-tuning: layer-wise lr
 decay 0.75, drop path 0.1, AdamW weight decay 0.05, warmup then cosine.
 """
 from __future__ import annotations
