@@ -286,6 +286,10 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     with _as_prepare_error():
         _check_arguments(src, size, dtype, workers, shard_gb, split_fractions, uncertain)
         protocol = protocol or Protocol()
+        needs_labels = [f"--{k.replace('_', '-')}" for k in ("label_set", "labels_map", "split_files", "test_labels")
+                        if getattr(protocol, k)]
+        if needs_labels and not labels:
+            raise PrepareError(f"{', '.join(needs_labels)}: only with --labels (they shape the label columns)")
         table, notes = cli.label_protocol(labels, label_format, uncertain, protocol=protocol) if labels else (None, [])
         files = cli.image_files(src, option="")
         root = Path(src) if Path(src).is_dir() else Path(src).parent

@@ -286,6 +286,7 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     ("train.finetune", ["--rad_vote", "all"], "--rad_vote all"),
     ("cxrfast.prepare", [".", "never_made", "--uncertain", "Edema=maybe"], "--uncertain Edema=maybe"),
     ("cxrfast.prepare", [".", "never_made", "--rad-vote", "all"], "all"),
+    ("cxrfast.prepare", [".", "never_made", "--label-set", "chexpert5"], "--label-set: only with --labels"),
 ])
 def test_bad_protocol_option_is_one_error_line(module, args, named):
     r = _run(module, *args)
