@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from .data.files import find_images
-from .data.labels import LabelTable, read_labels
+from .data.labels import LabelTable, Protocol, read_protocol
 
 
 class UsageError(Exception):
@@ -56,16 +56,29 @@ def image_files(data: str | os.PathLike, option: str = "--data") -> list[Path]:
 
 
 def label_table(labels: str | os.PathLike, label_format: str = "auto", uncertain: str = "ones",
-                option: str = "--labels") -> LabelTable:
-    """The label CSV, read and checked (columns, values); a problem is a :class:`UsageError`
-    naming the file (and the columns found and expected)."""
-    path = Path(labels)
-    if not path.is_file():
-        raise UsageError(f"{option} {path}: no such file")
+                option: str = "--labels", protocol: Protocol | None = None) -> LabelTable:
+    """The label CSV, read and checked (columns, values) under ``protocol``; a problem is a
+    :class:`UsageError` naming the file (and the columns found and expected) or the option."""
+    return label_protocol(labels, label_format, uncertain, option, protocol)[0]
+
+
+def label_protocol(labels: str | os.PathLike, label_format: str = "auto", uncertain: str = "ones",
+                   option: str = "--labels", protocol: Protocol | None = None) -> tuple[LabelTable, list[str]]:
+    """:func:`label_table` and the lines that count what the protocol left out (to print)."""
+    protocol = protocol or Protocol()
+    for what, path in [(option, Path(labels))] + ([("--test_labels", Path(protocol.test_labels))]
+                                                   if protocol.test_labels else []):
+        if not path.is_file():
+            raise UsageError(f"{what} {path}: no such file")
     try:
-        return read_labels(path, label_format, uncertain)
+        return read_protocol(labels, label_format, uncertain, protocol)
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
         message = " ".join(str(exc).split())
+        if message.startswith("--"):  # names its option already (--uncertain, --label_set, ...)
+            raise UsageError(message) from None
+        if protocol.test_labels and str(protocol.test_labels) in message:
+            raise UsageError(f"--test_labels {message}") from None
+        path = Path(labels)
         raise UsageError(f"{option} {message}" if str(path) in message else f"{option} {path}: {message}") from None
 
 

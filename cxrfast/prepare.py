@@ -47,9 +47,10 @@ from . import manifest as mf
 from .atomic import atomic_open
 from .data.files import IMAGE_SUFFIXES, load_image
 from .data import label_formats
-from .data.labels import FORMATS, LabelTable
-from .data.shards import FORMAT_VERSION
+from .data.label_formats import UNCERTAIN_HELP, VOTES, Uncertainty, vocabulary
+from .data.labels import FORMATS, LabelTable, Protocol, file_keys, filter_views, resolve_splits, split_name
 from .data.splits import patient_split
+from .data.shards import FORMAT_VERSION
 from .manifest import INDEX_COLUMNS, PrepareError, Record
 
 DECODE_CHUNK = 64  # files per read_many call: enough to keep every native thread busy
@@ -257,8 +258,10 @@ def _check_arguments(src: str, size: int, dtype: str, workers: int | None, shard
     if not (isinstance(shard_gb, (int, float)) and math.isfinite(shard_gb) and shard_gb > 0):
         raise PrepareError(f"--shard-gb must be a positive number, got {shard_gb!r}")
     cli.check_fractions(split_fractions, "--split-fractions")
-    if uncertain not in ("ones", "zeros", "ignore"):
-        raise PrepareError(f"--uncertain must be ones, zeros or ignore, got {uncertain!r}")
+    try:
+        Uncertainty.parse(uncertain)
+    except ValueError as exc:
+        raise PrepareError(f"--uncertain {uncertain}: {exc}") from None
 
 
 @contextmanager
@@ -273,16 +276,25 @@ def _as_prepare_error() -> Iterator[None]:
 def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels: str | None = None,
             label_format: str = "auto", uncertain: str = "ones", workers: int | None = None,
             shard_gb: float = 2.0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-            overwrite: bool = False) -> dict:
-    """Prepares ``src`` into ``out``; returns the meta dict.
+            overwrite: bool = False, protocol: Protocol | None = None) -> dict:
+    """Prepares ``src`` into ``out``; returns the meta dict (``notes``: what the label
+    protocol left out, e.g. images of other views, counted).
 
     Every input is checked before anything is written (PrepareError otherwise). A rerun keeps
     finished shards whose source files are unchanged and decodes only the rest; ``overwrite``
     first removes what an earlier run wrote (and nothing else)."""
     with _as_prepare_error():
         _check_arguments(src, size, dtype, workers, shard_gb, split_fractions, uncertain)
-        table = cli.label_table(labels, label_format, uncertain) if labels else None
+        protocol = protocol or Protocol()
+        needs_labels = [f"--{k.replace('_', '-')}" for k in ("label_set", "labels_map", "split_files", "test_labels")
+                        if getattr(protocol, k)]
+        if needs_labels and not labels:
+            raise PrepareError(f"{', '.join(needs_labels)}: only with --labels (they shape the label columns)")
+        table, notes = cli.label_protocol(labels, label_format, uncertain, protocol=protocol) if labels else (None, [])
         files = cli.image_files(src, option="")
+        root = Path(src) if Path(src).is_dir() else Path(src).parent
+        if protocol.view:  # before decoding: other views never reach a shard
+            files = _views_kept(files, root, table, protocol.view, notes)
     label_names = list(table.names) if table else []
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -294,7 +306,6 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
         mf.check_settings(out_dir, settings)
 
     workers = workers or os.cpu_count() or 1
-    root = Path(src) if Path(src).is_dir() else Path(src).parent
     prep = Preparer(out_dir, root, size, dtype, workers, shard_gb)
     t0 = time.perf_counter()
     (out_dir / "parts").mkdir(parents=True, exist_ok=True)
@@ -337,37 +348,44 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
             "shards": [f"shard_{n:05d}.npy" for n in range(shard_count)], "images": len(rows),
             "images_per_shard": prep.per_shard, "files_seen": len(files), "duplicates": duplicates,
             "errors": errors, "decoded_this_run": prep.decoded, "dropped_this_run": stale_images,
-            "split_fractions": list(split_fractions), "source": str(root.resolve())}
+            "split_fractions": list(split_fractions), "source": str(root.resolve()), "notes": notes}
     atomic.write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return meta
+
+
+def _views_kept(files: list[Path], root: Path, table: LabelTable | None, view: str, notes: list[str]) -> list[Path]:
+    """The files of the views asked for (the label CSV's view, else the DICOM header's); the
+    count of the others goes to ``notes``. None left is a UsageError."""
+    index = table.lookup() if table is not None else {}
+    rows = [next((index[k] for k in file_keys(p, root) if k in index), None) for p in files]
+    kept, note = filter_views(files, rows, table, view)
+    notes.append(note)
+    if not kept:
+        raise cli.UsageError(f"--view {view}: none of the {len(files)} images has that view")
+    return [files[i] for i in kept]
 
 
 def _splits_and_labels(rows: list[list], root: Path, table: LabelTable | None,
                        split_fractions: tuple[float, float, float]) -> tuple[list[str], list[list]]:
     """Patient-level splits (or the label CSV's own) and the label columns of each index row."""
     patients = [r[6] or r[2] for r in rows]
-    splits = patient_split(patients, split_fractions)
     label_rows: list[list] = [[] for _ in rows]
     if table is None:
-        return splits, label_rows
+        return resolve_splits([None] * len(rows), patients, split_fractions), label_rows
     index = table.lookup()
+    given: list[str | None] = []
     for k, r in enumerate(rows):
-        row = next((index[key] for key in _keys(root.resolve() / r[2], root) if key in index), None)
+        row = next((index[key] for key in file_keys(root.resolve() / r[2], root.resolve()) if key in index), None)
         values = table.labels[row] if row is not None else np.full(len(table.names), np.nan)
         label_rows[k] = ["" if math.isnan(v) else int(v) if float(v).is_integer() else float(v) for v in values]
-        if row is not None and table.splits and table.splits[row]:
-            splits[k] = table.splits[row]
-    return splits, label_rows
-
-
-def _keys(path: Path, root: Path) -> list[str]:
-    keys = [path.name, path.stem]
-    try:
-        keys.insert(0, str(path.relative_to(root.resolve())))
-    except ValueError:
-        pass
-    return keys
+        given.append(table.splits[row] if row is not None and table.splits else None)
+        if not r[6] and row is not None and table.patients and table.patients[row]:
+            patients[k] = table.patients[row]  # no Patient ID in the file (PNG, JPEG): the CSV's
+    if given and all(given):
+        return resolve_splits(given, patients, split_fractions), label_rows
+    by_patient = patient_split(patients, split_fractions)  # a row with its own split keeps it
+    return [split_name(g) or s for g, s in zip(given, by_patient)], label_rows
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -390,8 +408,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", help=f"label CSV ({', '.join(label_formats.names())}; see --label-format)")
     parser.add_argument("--label-format", default="auto", choices=FORMATS,
                         help=f"label CSV format (default: auto): {label_formats.help_text()}")
-    parser.add_argument("--uncertain", default="ones", choices=["ones", "zeros", "ignore"],
-                        help="CheXpert/MIMIC -1 labels: ones, zeros or ignore (NaN)")
+    parser.add_argument("--uncertain", default="ones", help=f"CheXpert/MIMIC {UNCERTAIN_HELP}")
+    parser.add_argument("--label-set", help="keep these labels only: " + ", ".join(vocabulary.LABEL_SETS)
+                        + " or names A,B,C (a label the CSV lacks is NaN = ignored)")
+    parser.add_argument("--labels-map", help="rename labels: From=To,... or a JSON file {\"From\": \"To\"}")
+    parser.add_argument("--split-files", type=lambda t: tuple(t.split(",")), default=(),
+                        help="official split as two lists of image names, train+val then test "
+                             "(NIH: train_val_list.txt,test_list.txt)")
+    parser.add_argument("--test-labels", help="a second label CSV of the same format: its images are the test split "
+                                              "(CheXpert valid.csv)")
+    parser.add_argument("--view", help="keep only these views, e.g. PA,AP or frontal (the CSV's view, else the "
+                                       "DICOM header's); the others are counted and not decoded")
+    parser.add_argument("--rad-vote", default="majority", choices=VOTES,
+                        help="several radiologists' rows per image (VinDr-CXR): majority or any")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GiB (default 2)")
     parser.add_argument("--split-fractions", type=_fractions, default=(0.7, 0.1, 0.2),
@@ -403,9 +432,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         meta = prepare(args.src, args.out, size=args.size, dtype=args.dtype, labels=args.labels,
                        label_format=args.label_format, uncertain=args.uncertain, workers=args.workers,
-                       shard_gb=args.shard_gb, split_fractions=args.split_fractions, overwrite=args.overwrite)
+                       shard_gb=args.shard_gb, split_fractions=args.split_fractions, overwrite=args.overwrite,
+                       protocol=Protocol(args.label_set, args.labels_map, args.split_files, args.test_labels,
+                                         args.view, args.rad_vote))
     except PrepareError as exc:
         cli.fail(str(exc))
+    for note in meta["notes"]:
+        print(note)
     rate = meta["files_seen"] / meta["seconds"] if meta["seconds"] else 0
     dropped = f"; {meta['dropped_this_run']} removed or changed since the last run" if meta["dropped_this_run"] else ""
     print(f"prepared {meta['images']} images into {len(meta['shards'])} shards under {args.out} "

@@ -173,13 +173,18 @@ def test_prepared_folder_pairs_labels_by_name(setup, tmp_path, capsys):
         assert turned["classes"][name] == pytest.approx(same["classes"][name], abs=1e-9, nan_ok=True)
 
 
-def test_checkpoint_label_missing_from_the_data_is_one_error_line(setup, tmp_path, capsys):
+def test_checkpoint_label_missing_from_the_data_is_dropped_and_named(setup, tmp_path, capsys):
+    """A label the data lacks is left out of the evaluation (never scored against zeros) and
+    named; a checkpoint that shares no label with the data is one error line."""
     root, images, ckpt = setup
-    out = tmp_path / "out"
-    line = _fails(capsys, 2, "--checkpoint", ckpt, "--data", images, "--labels", root / "partial.csv",
-                  "--output_dir", out)
-    assert FINDINGS[0] in line and "partial.csv" in line
-    assert not out.exists()
+    result, stdout = _evaluate(setup, "partial.csv", tmp_path / "out", capsys)
+    assert result["dropped_labels"] == [FINDINGS[0]] and set(result["classes"]) == set(FINDINGS[1:])
+    assert f"checkpoint labels not in the data, dropped: {FINDINGS[0]}" in stdout
+    (root / "none_shared.csv").write_text("path,Hernia\n" + "".join(f"{p.name},0\n" for p in sorted(images.iterdir())))
+    line = _fails(capsys, 2, "--checkpoint", ckpt, "--data", images, "--labels", root / "none_shared.csv",
+                  "--output_dir", tmp_path / "none")
+    assert "shares no label" in line and "none_shared.csv" in line
+    assert not (tmp_path / "none").exists()
 
 
 def test_non_finite_scores_are_an_error_not_a_metric():

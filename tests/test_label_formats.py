@@ -42,12 +42,12 @@ RSNA_CSV = ("patientId,x,y,width,height,Target\n"
 
 
 def test_registry_lists_every_format():
-    assert label_formats.names() == ("nih14", "chexpert", "mimic", "rsna", "generic")
+    assert label_formats.names() == ("nih14", "chexpert", "mimic", "rsna", "padchest", "vindr", "generic")
     assert FORMATS == ("auto", *label_formats.names()) == label_formats.choices()
     for name in label_formats.names():
         fmt = label_formats.get(name)
         assert fmt.name == name and fmt.columns and "\n" not in fmt.description
-    assert label_formats.choices_text() == "auto, nih14, chexpert, mimic, rsna or generic"
+    assert label_formats.choices_text() == "auto, nih14, chexpert, mimic, rsna, padchest, vindr or generic"
 
 
 @pytest.mark.parametrize("name", list(HEADERS))
@@ -134,7 +134,7 @@ def test_unknown_format_is_a_clear_error(tmp_path):
     for call in (lambda: read_labels(path, "xml"), lambda: label_formats.get("xml")):
         with pytest.raises(ValueError) as err:
             call()
-        assert "'xml'" in str(err.value) and "auto, nih14, chexpert, mimic, rsna, generic" in str(err.value)
+        assert "'xml'" in str(err.value) and "auto, nih14, chexpert, mimic, rsna, padchest, vindr, generic" in str(err.value)
 
 
 def test_explicit_format_checks_its_columns(tmp_path):
@@ -180,4 +180,4 @@ def test_help_names_every_registered_format(module):
 def test_finetune_rejects_an_unknown_format_naming_the_choices():
     r = _run("train.finetune", "--label_format", "xml")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "--label_format xml: not one of auto, nih14, chexpert, mimic, rsna, generic" in r.stderr
+    assert "--label_format xml: not one of auto, nih14, chexpert, mimic, rsna, padchest, vindr, generic" in r.stderr

@@ -45,7 +45,7 @@ def _fails(capsys, argv: list[str], *names: str) -> str:
     (["--workers", "0"], "0"),
     (["--workers", "-2"], "-2"),
     (["--dtype", "float32"], "float32"),
-    (["--label-format", "padchest"], "padchest"),
+    (["--label-format", "xml"], "xml"),
     (["--uncertain", "maybe"], "maybe"),
     (["--labels", "no_such_labels.csv"], "no_such_labels.csv"),
     (["--shard-gb", "0"], "0"),

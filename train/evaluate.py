@@ -9,9 +9,14 @@ Examples:
   python -m train.evaluate --checkpoint outputs/finetune/best.pth --split test
   python -m train.evaluate --linear_probe true --checkpoint outputs/pretrain/checkpoint-00100000.pth \\
       --data /data/nih/images --labels Data_Entry_2017.csv
+  python -m train.evaluate --checkpoint outputs/finetune/best.pth --data /data/nih/images \\
+      --labels Data_Entry_2017.csv --split_files train_val_list.txt,test_list.txt --view PA
 
 The data, labels and split default to those the checkpoint was fine-tuned with, so the test
-split is the same patient-level split the fine-tuning run held out. An image that cannot be
+split is the same patient-level split the fine-tuning run held out. Another dataset's labels
+(--labels) are matched to the checkpoint's by name through a shared vocabulary (NIH Effusion =
+CheXpert Pleural Effusion, ...; --labels_map for more): the labels both share are scored, the
+others are named and left out, never counted as negatives. An image that cannot be
 read is left out together with its labels and listed in errors.csv; the summary says how
 many were evaluated ("evaluated 19 of 22 images; 3 unreadable, see .../errors.csv"). Under
 torchrun the images are shared out across the ranks and the scores gathered.
@@ -30,7 +35,8 @@ import torch
 from cxrfast import atomic, cli
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data import label_formats
-from cxrfast.data.labels import FORMATS, UNCERTAIN
+from cxrfast.data.label_formats import UNCERTAIN_HELP, VOTES, vocabulary
+from cxrfast.data.labels import FORMATS
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import PRESETS, classifier
 from cxrfast.models.checkpoints import CheckpointError, load_file, load_pretrained, unwrap
@@ -49,7 +55,13 @@ class EvaluateConfig:
     labels: Optional[str] = opt(None, "label CSV (default: the checkpoint's)")
     label_format: Optional[str] = opt(None, f"{label_formats.help_text()} (default: the checkpoint's)",
                                       choices=FORMATS)
-    uncertain: Optional[str] = opt(None, "ones, zeros or ignore (default: the checkpoint's)", choices=UNCERTAIN)
+    uncertain: Optional[str] = opt(None, f"{UNCERTAIN_HELP} (default: the checkpoint's)")
+    label_set: Optional[str] = opt(None, labelled.HELP["label_set"] + " (default: the checkpoint's)")
+    labels_map: Optional[str] = opt(None, labelled.HELP["labels_map"] + " (default: the checkpoint's)")
+    split_files: Optional[tuple[str, ...]] = opt(None, labelled.HELP["split_files"] + " (default: the checkpoint's)")
+    test_labels: Optional[str] = opt(None, labelled.HELP["test_labels"] + " (default: the checkpoint's)")
+    view: Optional[str] = opt(None, labelled.HELP["view"] + " (default: the checkpoint's)")
+    rad_vote: Optional[str] = opt(None, labelled.HELP["rad_vote"] + " (default: the checkpoint's)", choices=VOTES)
     split: str = opt("test", "which split to evaluate: train, val or test", choices=("train", "val", "test"))
     split_fractions: Optional[tuple[float, ...]] = opt(None, "patient split fractions (default: the checkpoint's)",
                                                        minimum=0, maximum=1)
@@ -68,6 +80,7 @@ class EvaluateConfig:
             engine.check_patch(self.model or "vit_base", self.img_size)
         if self.split_fractions is not None:
             cli.check_fractions(self.split_fractions, "--split_fractions")
+        labelled.check_options(self.uncertain, self.label_set, self.labels_map, self.view)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,6 +101,19 @@ def _pick(value, saved: dict, key: str, default=None):
     return value if value is not None else saved.get(key, default)
 
 
+# label options that describe one dataset: taken from the checkpoint only when --labels is not
+# given (another CSV is another dataset); --view is about the model, so it is always taken
+DATASET_OPTIONS = ("label_format", "uncertain", "label_set", "labels_map", "split_files", "test_labels", "rad_vote")
+
+
+def label_options(cfg: EvaluateConfig, saved: dict) -> dict:
+    """The label options to read the data with: given ones, else the checkpoint's (see DATASET_OPTIONS)."""
+    inherit = saved if cfg.labels is None else {}
+    options = {k: _pick(getattr(cfg, k), inherit, k) for k in DATASET_OPTIONS}
+    options["view"] = _pick(cfg.view, saved, "view")
+    return options
+
+
 def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     ckpt = load_file(path)  # data only: a checkpoint cannot run code
     saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
@@ -102,8 +128,11 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
         size = len(split)
     else:
         fractions = tuple(_pick(cfg.split_fractions, saved, "split_fractions", (0.7, 0.1, 0.2)))
-        data = labelled.load(data_src, labels_src, _pick(cfg.label_format, saved, "label_format", "auto"),
-                             _pick(cfg.uncertain, saved, "uncertain", "ones"), 1.0, fractions, cfg.seed)
+        opts = label_options(cfg, saved)
+        data = labelled.load(data_src, labels_src, opts["label_format"] or "auto", opts["uncertain"] or "ones", 1.0,
+                             fractions, cfg.seed,
+                             labelled.protocol(opts["label_set"], opts["labels_map"], opts["split_files"],
+                                               opts["test_labels"], opts["view"], opts["rad_vote"]))
         split, train_part = data.splits[cfg.split], data.splits["train"]
         size = len(split.files)
     if not size:
@@ -113,7 +142,7 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     in_chans = saved.get("in_chans", 1)
     names = list(ckpt.get("label_names", data.names)) if not cfg.linear_probe else list(data.names)
     where = f"--data {data_src}" if prepared else f"--labels {labels_src}"
-    cols, ignored = label_columns(names, list(data.names), where)
+    pairs, dropped, ignored = label_columns(names, list(data.names), where)
     model = classifier(model_name, img_size=img_size, in_chans=in_chans, num_classes=len(names),
                        global_pool=saved.get("global_pool", True), drop_path_rate=0.0)
     if cfg.linear_probe:
@@ -150,8 +179,11 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     if not len(pred.indices) or (cfg.linear_probe and not len(feats_train.indices)):
         which = f"the {cfg.split} split" if not len(pred.indices) else "the train split (for the probe)"
         raise SystemExit(f"error: no image of {which} could be read; see {errors_csv}")
-    # the labels of exactly the images that were scored, in the checkpoint's label order
+    # the labels of exactly the images that were scored, for the labels both sides share, in the
+    # checkpoint's order (a checkpoint label the data lacks is dropped, never scored as negative)
+    keep, cols = [m for m, _ in pairs], [d for _, d in pairs]
     labels = np.asarray(split.labels)[pred.indices][:, cols]
+    scores, names = scores[:, keep], [names[m] for m in keep]
     try:
         result = metrics.per_class(labels, scores, names)
     except ValueError as exc:  # NaN/inf scores: a diverged model, not a user mistake; every rank stops
@@ -163,8 +195,12 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
         counted += f" (and {feats_train.unreadable} of the probe's train split)"
     if ignored:
         counted += f"; label columns not in the checkpoint, ignored: {', '.join(ignored)}"
+    if dropped:
+        counted += f"; checkpoint labels not in the data, dropped: {', '.join(dropped)}"
+    for note in data.notes:
+        counted += f"; {note}"
     result.update(checkpoint=str(path), split=cfg.split, images=len(pred.indices), images_in_split=size,
-                  unreadable=pred.unreadable, errors=str(errors_csv), ignored_labels=ignored,
+                  unreadable=pred.unreadable, errors=str(errors_csv), ignored_labels=ignored, dropped_labels=dropped,
                   mode="linear_probe" if cfg.linear_probe else "classifier")
     if not rt.main:
         return result
@@ -185,15 +221,23 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     return result
 
 
-def label_columns(names: list[str], columns: list[str], source: str) -> tuple[list[int], list[str]]:
-    """The data's label column of each of the model's label ``names`` (matched by name, never
-    by position: a CSV may order its columns differently), and the data columns left over.
-    A label the model predicts but the data lacks is a UsageError naming it."""
-    missing = [n for n in names if n not in columns]
-    if missing:
-        raise config.UsageError(f"{source}: has no column for the checkpoint's label(s) "
-                                f"{', '.join(missing)} (its label columns: {', '.join(columns)})")
-    return [columns.index(n) for n in names], [c for c in columns if c not in names]
+def label_columns(names: list[str], columns: list[str], source: str) -> tuple[list[tuple[int, int]], list[str], list[str]]:
+    """Pairs each of the model's label ``names`` with the data's column of the same label (by
+    name, never by position, through the shared vocabulary: NIH Effusion = CheXpert Pleural
+    Effusion). Returns (model index, data column) pairs, the model's labels the data lacks
+    (dropped from the evaluation) and the data columns left over. No shared label is a UsageError."""
+    pairs, dropped = [], []
+    for m, n in enumerate(names):
+        d = vocabulary.find(n, columns)
+        if d is None or d in [c for _, c in pairs]:
+            dropped.append(n)
+        else:
+            pairs.append((m, d))
+    if not pairs:
+        raise config.UsageError(f"{source}: shares no label with the checkpoint (its labels: {', '.join(names)}; "
+                                f"the data's: {', '.join(columns)}); rename with --labels_map")
+    used = {d for _, d in pairs}
+    return pairs, dropped, [c for i, c in enumerate(columns) if i not in used]
 
 
 def load_classifier(model: torch.nn.Module, ckpt, path: Path, model_name: str) -> None:

@@ -8,12 +8,16 @@ Examples:
   python -m train.finetune --data /data/nih/images --labels Data_Entry_2017.csv \\
       --pretrained outputs/pretrain/checkpoint-00100000.pth --model vit_base --label_fraction 0.1
   python -m train.finetune --data /data/CheXpert-v1.0 --labels train.csv --uncertain ones
+  python -m train.finetune --data /data --labels /data/CheXpert-v1.0-small/train.csv \\
+      --test_labels /data/CheXpert-v1.0-small/valid.csv --label_set chexpert5 --view frontal \\
+      --uncertain Atelectasis=ones,Edema=ones,*=zeros
   torchrun --nproc_per_node 8 -m train.finetune --config configs/finetune_vit_base.toml
 
-Label CSVs: NIH ChestX-ray14 (Image Index, Finding Labels joined by |), CheXpert (Path +
-observation columns with 1/0/-1/blank; --uncertain ones|zeros|ignore) or generic
-(path,<label columns...>). Without a split column, images are split by patient
-(--split_fractions train,val,test). Recipe defaults follow MAE fine-tuning: layer-wise lr
+Label CSVs: NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, RSNA Pneumonia, PadChest, VinDr-CXR or
+generic (path,<label columns...>); see --label_format. Dataset protocols: --label_set chexpert5,
+--uncertain Atelectasis=ones,Edema=ones,*=zeros, --view PA,AP, --split_files (NIH's official
+lists), --test_labels valid.csv (CheXpert), --labels_map, --rad_vote (VinDr). Without an
+official split or a split column, images are split by patient (--split_fractions train,val,test). Recipe defaults follow MAE fine-tuning: layer-wise lr
 decay 0.75, drop path 0.1, AdamW weight decay 0.05, warmup then cosine.
 """
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 from cxrfast import cli
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data import label_formats
-from cxrfast.data.labels import FORMATS, UNCERTAIN
+from cxrfast.data.label_formats import UNCERTAIN_HELP, VOTES
+from cxrfast.data.labels import FORMATS
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
 from cxrfast.models.checkpoints import (CheckpointError, check_fits, load_file, load_pretrained, saved_config,
@@ -51,7 +56,13 @@ class FinetuneConfig(engine.ImageConfig):
                                     "or a CSV with a 'path' column; none: the demo dataset")
     labels: Optional[str] = opt(None, "label CSV in one of the --label_format layouts; none: the demo labels")
     label_format: str = opt("auto", label_formats.help_text(), choices=FORMATS)
-    uncertain: str = opt("ones", "CheXpert -1 labels: ones, zeros or ignore (masked out)", choices=UNCERTAIN)
+    uncertain: str = opt("ones", f"CheXpert/MIMIC {UNCERTAIN_HELP}")
+    label_set: Optional[str] = opt(None, labelled.HELP["label_set"])
+    labels_map: Optional[str] = opt(None, labelled.HELP["labels_map"])
+    split_files: Optional[tuple[str, ...]] = opt(None, labelled.HELP["split_files"])
+    test_labels: Optional[str] = opt(None, labelled.HELP["test_labels"])
+    view: Optional[str] = opt(None, labelled.HELP["view"])
+    rad_vote: str = opt("majority", labelled.HELP["rad_vote"], choices=VOTES)
     label_fraction: float = opt(1.0, "use this reproducible fraction of the training labels (e.g. 0.01, 0.1)",
                                 maximum=1)
     split_fractions: tuple[float, ...] = opt((0.7, 0.1, 0.2), "patient-level train,val,test fractions",
@@ -75,6 +86,7 @@ class FinetuneConfig(engine.ImageConfig):
         if not self.label_fraction > 0:
             raise config.UsageError(f"--label_fraction {self.label_fraction}: must be in (0, 1]")
         cli.check_fractions(self.split_fractions, "--split_fractions")
+        labelled.check_options(self.uncertain, self.label_set, self.labels_map, self.view)
 
 
 DEMO = dict(output_dir="outputs/finetune_demo", model="vit_tiny", img_size=128, epochs=12, warmup_epochs=2,
@@ -185,7 +197,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> torch.nn.Module:
 
 def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -> dict:
     out = Path(cfg.output_dir)  # made (with config.json) only once the inputs are known to be good
-    batches, backend = None, ""
+    batches, backend, notes = None, "", []
     if is_prepared(cfg.data):
         names, parts = labelled.load_prepared(cfg.data, cfg.label_fraction, cfg.seed)
         if not len(parts["train"]):
@@ -199,7 +211,10 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
         if cfg.labels is None:
             raise config.UsageError(f"--data {cfg.data}: --labels is required (unless --data is a prepared folder)")
         data = labelled.load(cfg.data, cfg.labels, cfg.label_format, cfg.uncertain, cfg.label_fraction,
-                             tuple(cfg.split_fractions), cfg.seed)
+                             tuple(cfg.split_fractions), cfg.seed,
+                             labelled.protocol(cfg.label_set, cfg.labels_map, cfg.split_files, cfg.test_labels,
+                                               cfg.view, cfg.rad_vote))
+        notes = data.notes
         names = data.names
         train_split, val_split = data.splits["train"], data.splits["val"]
         if not train_split.files:
@@ -215,6 +230,8 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
     resumed = engine.read_resume(cfg, rt)
     engine.start(cfg, rt)
     logs.announce(f"{len(names)} labels {names}; images: " + ", ".join(f"{k} {v}" for k, v in counts.items()), rt.main)
+    for note in notes:
+        logs.announce(note, rt.main)
     model = build_model(cfg, len(names)).to(rt.device)
     if cfg.pretrained:
         report = load_pretrained(model, pretrained if pretrained is not None else cfg.pretrained,

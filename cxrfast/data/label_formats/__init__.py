@@ -2,8 +2,8 @@
 :class:`LabelFormat`). Adding a format is one new module plus a :func:`register` call here."""
 from __future__ import annotations
 
-from .base import UNCERTAIN, LabelFormat, LabelTable, uncertain_value
-from . import chexpert, generic, mimic, nih14, rsna
+from .base import UNCERTAIN, UNCERTAIN_HELP, VOTES, LabelFormat, LabelTable, ReadOptions, Uncertainty, uncertain_value
+from . import chexpert, generic, mimic, nih14, padchest, rsna, vindr, vocabulary
 
 _REGISTRY: dict[str, LabelFormat] = {}
 
@@ -60,8 +60,8 @@ def help_text() -> str:
                                                                      for f in _REGISTRY.values()])
 
 
-for _module in (nih14, chexpert, mimic, rsna, generic):
+for _module in (nih14, chexpert, mimic, rsna, padchest, vindr, generic):
     register(_module.FORMAT)
 
-__all__ = ["LabelFormat", "LabelTable", "UNCERTAIN", "choices", "choices_text", "detect", "expected", "get", "help_text", "names",
-           "register", "uncertain_value"]
+__all__ = ["LabelFormat", "LabelTable", "ReadOptions", "UNCERTAIN", "UNCERTAIN_HELP", "Uncertainty", "VOTES", "choices", "choices_text", "detect", "expected", "get", "help_text", "names",
+           "register", "uncertain_value", "vocabulary"]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import LabelFormat, LabelTable
+from .base import LabelFormat, LabelTable, ReadOptions
 
 
-def read(path: Path, rows: list[dict], columns: list[str], uncertain: str) -> LabelTable:
+def read(path: Path, rows: list[dict], columns: list[str], options: ReadOptions) -> LabelTable:
     """One row per patientId, in order of first appearance; a Target that is not a number is a ValueError."""
     target: dict[str, float] = {}
     for r in rows:
