@@ -311,6 +311,7 @@ class Study:
         else:
             labels, scores, unreadable = self.fine_tune(run, data, folder, where)
         result = self.record(run, data, labels, scores, unreadable, folder, time.perf_counter() - start)
+        self.tidy(folder)  # after result.json: a study killed in between retrains nothing
         print(f"{where}: test AUROC {_num(result['mean_auroc'])} [{_num(result['mean_low'])}, "
               f"{_num(result['mean_high'])}], {_count(result['train_images'], 'training image')}, "
               f"{result['seconds']:.1f} s" + "".join(f"; {n}" for n in result["notes"]), flush=True)
@@ -359,13 +360,11 @@ class Study:
         if code:
             print(_failed(where, log, code), file=sys.stderr)
             raise SystemExit(code if isinstance(code, int) else 1)
-        scores = self.score_classifier(folder / "best.pth")
-        self.tidy(folder)
-        return scores
+        return self.score_classifier(folder / "best.pth")
 
     def tidy(self, folder: Path) -> None:
         """A finished run keeps its numbers, logs and config; its checkpoints go (best.pth with --keep_models)."""
-        for path in checkpoints.list_checkpoints(folder) + [folder / "final.pth"]:
+        for path in checkpoints.list_checkpoints(folder) + [folder / "final.pth"]:  # none for the probe
             path.unlink(missing_ok=True)
         if not self.cfg.keep_models:
             (folder / "best.pth").unlink(missing_ok=True)
