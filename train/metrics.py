@@ -98,7 +98,7 @@ def brier(y: np.ndarray, score: np.ndarray) -> float:
     keep = ~np.isnan(y)
     if not keep.any():
         return float("nan")
-    return float(np.mean((score[keep] - (y[keep] > 0.5)) ** 2))
+    return float(np.mean((score[keep].astype(np.float64) - (y[keep] > 0.5)) ** 2))  # float32 scores: sum in float64
 
 
 def pr_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
