@@ -154,6 +154,13 @@ def test_two_process_evaluation_matches_one_process(setup, tmp_path, capsys):
         assert two["classes"][name]["auroc"] == pytest.approx(one["classes"][name]["auroc"], abs=1e-6)
         assert two["classes"][name]["auprc"] == pytest.approx(one["classes"][name]["auprc"], abs=1e-6)
     assert two["mean_auroc"] == pytest.approx(one["mean_auroc"], abs=1e-6)
+    for key in ("mean_auroc_low", "mean_auroc_high", "mean_auprc_low", "mean_auprc_high"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6)  # same images in the same order: same resamples
+    rows_one, p_one, y_one = _read_predictions(tmp_path / "one" / "predictions.csv")
+    rows_two, p_two, y_two = _read_predictions(out / "predictions.csv")
+    assert [r["path"] for r in rows_two] == [r["path"] for r in rows_one] and len(rows_two) == 19
+    np.testing.assert_allclose(p_two, p_one, atol=1e-6)
+    np.testing.assert_array_equal(y_two, y_one)
     assert proc.stdout.count("evaluated 19 of 22 images") == 1  # rank 0 reports, once
 
 
@@ -178,6 +185,10 @@ def test_prepared_folder_pairs_labels_by_name(setup, tmp_path, capsys):
     same, _ = _evaluate(setup, None, tmp_path / "same", capsys, data=tmp_path / "p_same")
     turned, _ = _evaluate(setup, None, tmp_path / "turned", capsys, data=tmp_path / "p_turned")
     assert same["images"] == turned["images"] == 19
+    rows, _, y = _read_predictions(tmp_path / "same" / "predictions.csv")
+    assert len(rows) == 19 and all(Path(r["path"]).is_file() and r["path"].startswith(str(images)) for r in rows)
+    _, _, y_turned = _read_predictions(tmp_path / "turned" / "predictions.csv")
+    np.testing.assert_array_equal(y_turned, y)  # y_<name> follow the names, not the CSV's column order
     for name in FINDINGS:
         assert turned["classes"][name] == pytest.approx(same["classes"][name], abs=1e-9, nan_ok=True)
 
