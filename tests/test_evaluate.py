@@ -448,3 +448,9 @@ def test_one_value_classes_and_unlabelled_classes_stay_out_of_the_means():
     nothing = report.build(y[:, 1:], s[:, 1:], ["allpos", "unlabelled", "allneg"], "test", resamples=50)
     assert nothing["mean_over"] == 0 and nothing["mean_auroc"] is None and nothing["mean_brier"] is None
     assert "mean (0 of 3 classes)" in report.screen_table(nothing)
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "2.5"])
+def test_bad_bootstrap_count_is_one_error_line(capsys, value):
+    line = _fails(capsys, 2, "--bootstrap", value)
+    assert "--bootstrap" in line and value in line
