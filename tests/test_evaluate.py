@@ -49,6 +49,15 @@ def setup(tmp_path_factory):
     write(root / "good.csv", lambda p: p not in BAD)
     write(root / "reversed.csv", lambda p: True, columns=FINDINGS[::-1], extra=("Hernia",))
     write(root / "partial.csv", lambda p: True, columns=FINDINGS[1:])
+    with open(root / "mixed.csv", "w", newline="") as f:  # Nodule: no positives; Effusion: some ignored
+        w = csv.writer(f)
+        w.writerow(["path", "patient_id", "split", *FINDINGS])
+        for i, r in enumerate(rows):
+            values = {k: r[k] for k in FINDINGS}
+            values["Nodule"] = "0"
+            if i % 5 == 1:
+                values["Effusion"] = "-1"  # uncertain: ignored under --uncertain ignore
+            w.writerow([r["path"], f"P{i // 2:03d}", "test", *(values[k] for k in FINDINGS)])
     torch.manual_seed(0)
     model = classifier("vit_tiny", img_size=64, in_chans=1, num_classes=len(FINDINGS), global_pool=True)
     ckpt = root / "model.pth"
@@ -145,6 +154,13 @@ def test_two_process_evaluation_matches_one_process(setup, tmp_path, capsys):
         assert two["classes"][name]["auroc"] == pytest.approx(one["classes"][name]["auroc"], abs=1e-6)
         assert two["classes"][name]["auprc"] == pytest.approx(one["classes"][name]["auprc"], abs=1e-6)
     assert two["mean_auroc"] == pytest.approx(one["mean_auroc"], abs=1e-6)
+    for key in ("mean_auroc_low", "mean_auroc_high", "mean_auprc_low", "mean_auprc_high"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6)  # same images in the same order: same resamples
+    rows_one, p_one, y_one = _read_predictions(tmp_path / "one" / "predictions.csv")
+    rows_two, p_two, y_two = _read_predictions(out / "predictions.csv")
+    assert [r["path"] for r in rows_two] == [r["path"] for r in rows_one] and len(rows_two) == 19
+    np.testing.assert_allclose(p_two, p_one, atol=1e-6)
+    np.testing.assert_array_equal(y_two, y_one)
     assert proc.stdout.count("evaluated 19 of 22 images") == 1  # rank 0 reports, once
 
 
@@ -169,6 +185,10 @@ def test_prepared_folder_pairs_labels_by_name(setup, tmp_path, capsys):
     same, _ = _evaluate(setup, None, tmp_path / "same", capsys, data=tmp_path / "p_same")
     turned, _ = _evaluate(setup, None, tmp_path / "turned", capsys, data=tmp_path / "p_turned")
     assert same["images"] == turned["images"] == 19
+    rows, _, y = _read_predictions(tmp_path / "same" / "predictions.csv")
+    assert len(rows) == 19 and all(Path(r["path"]).is_file() and r["path"].startswith(str(images)) for r in rows)
+    _, _, y_turned = _read_predictions(tmp_path / "turned" / "predictions.csv")
+    np.testing.assert_array_equal(y_turned, y)  # y_<name> follow the names, not the CSV's column order
     for name in FINDINGS:
         assert turned["classes"][name] == pytest.approx(same["classes"][name], abs=1e-9, nan_ok=True)
 
@@ -269,3 +289,173 @@ def test_clean_validation_rewrites_a_stale_val_errors_file(tmp_path):
                    "--model", "vit_tiny", "--img_size", "64", "--device", "cpu", "--num_workers", "0",
                    "--max_steps", "1", "--batch_size", "4", "--split_fractions", "0.5,0.5,0.0"])
     assert (out / "val_errors.csv").read_text().splitlines() == ["path,error"]
+
+
+def _read_predictions(path: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """predictions.csv as (rows, probabilities (N, K), labels (N, K), blank = NaN) in FINDINGS order."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    p = np.array([[float(r[f"p_{n}"]) for n in FINDINGS] for r in rows]).reshape(len(rows), -1)
+    y = np.array([[float(r[f"y_{n}"]) if r[f"y_{n}"] != "" else np.nan for n in FINDINGS] for r in rows])
+    return rows, p, y.reshape(len(rows), -1)
+
+
+def _markdown_table(text: str) -> list[list[str]]:
+    """The rows of the one pipe table in ``text`` (header first, separator checked and dropped)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, text
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    assert len({len(c) for c in cells}) == 1, "every row of the table has the same number of cells"
+    assert all(c and set(c) <= set("-:") and c.count("-") >= 3 for c in cells[1]), lines[1]
+    return [cells[0]] + cells[2:]
+
+
+@pytest.fixture(scope="module")
+def mixed(setup, tmp_path_factory):
+    """One evaluation of mixed.csv (3 unreadable images, a class without positives, ignored labels)."""
+    root, images, ckpt = setup
+    out = tmp_path_factory.mktemp("mixed")
+    result = evaluate.main(["--checkpoint", str(ckpt), "--data", str(images), "--labels", str(root / "mixed.csv"),
+                            "--uncertain", "ignore", "--output_dir", str(out), "--device", "cpu",
+                            "--batch_size", "5", "--bootstrap", "300", "--seed", "5"])
+    return result, out
+
+
+def test_predictions_csv_has_one_row_per_evaluated_image(mixed, setup, capsys):
+    result, out = mixed
+    rows, p, y = _read_predictions(out / "predictions.csv")
+    assert len(rows) == result["images"] == 19
+    with open(out / "errors.csv", newline="") as f:
+        bad = {Path(r["path"]).name for r in csv.DictReader(f)}
+    names = [Path(r["path"]).name for r in rows]
+    assert bad == set(BAD) and not bad & set(names) and len(set(names)) == 19  # unreadable: absent
+    assert all(Path(r["path"]).is_file() for r in rows)
+    with open(setup[0] / "mixed.csv", newline="") as f:  # each row carries its own image's patient and labels
+        given = {r["path"]: r for r in csv.DictReader(f)}
+    for r in rows:
+        g = given[Path(r["path"]).name]
+        assert r["patient_id"] == g["patient_id"]
+        for n in FINDINGS:
+            assert r[f"y_{n}"] == ("" if g[n] == "-1" else g[n])
+    assert np.all((p >= 0) & (p <= 1))
+    ignored = int(np.isnan(y[:, 0]).sum())
+    assert ignored == result["classes"]["Effusion"]["ignored"] == 5  # rows 1, 6, 11, 16, 21: all readable
+
+
+def test_metrics_json_is_reproduced_by_the_predictions(mixed):
+    result, out = mixed
+    saved = json.loads((out / "metrics.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))  # strict JSON
+    _, p, y = _read_predictions(out / "predictions.csv")
+    defined = []
+    for k, name in enumerate(FINDINGS):
+        c = saved["classes"][name]
+        known = ~np.isnan(y[:, k])
+        assert (c["positives"], c["negatives"], c["ignored"]) == (int((y[known, k] == 1).sum()),
+                                                                  int((y[known, k] == 0).sum()), int((~known).sum()))
+        assert c["brier"] == pytest.approx(np.mean((p[known, k] - y[known, k]) ** 2), abs=1e-12)
+        if c["status"] != "ok":
+            continue
+        defined.append(name)
+        assert c["auroc"] == pytest.approx(metrics.auroc(y[:, k], p[:, k]), abs=1e-12)
+        assert c["auprc"] == pytest.approx(metrics.average_precision(y[:, k], p[:, k]), abs=1e-12)
+        assert c["prevalence"] == pytest.approx(c["positives"] / (c["positives"] + c["negatives"]))
+        for m in ("auroc", "auprc"):
+            assert c[f"{m}_low"] <= c[m] <= c[f"{m}_high"]
+    assert defined == ["Effusion", "Cardiomegaly"] and saved["mean_over"] == 2 and saved["classes_total"] == 3
+    for m in ("auroc", "auprc", "brier"):
+        assert saved[f"mean_{m}"] == pytest.approx(np.mean([saved["classes"][n][m] for n in defined]))
+    for m in ("auroc", "auprc"):
+        assert saved[f"mean_{m}_low"] <= saved[f"mean_{m}"] <= saved[f"mean_{m}_high"]
+    assert saved["bootstrap"] == {"resamples": 300, "seed": 5, "level": 0.95, "method": "percentile"}
+    assert saved["classes"] == result["classes"]  # the returned report is the one written
+
+
+def test_a_class_without_positives_is_reported_as_such_everywhere(mixed, setup, tmp_path, capsys):
+    result, out = mixed
+    nodule = json.loads((out / "metrics.json").read_text())["classes"]["Nodule"]
+    assert nodule["status"] == "no positives in test" and nodule["positives"] == 0 and nodule["negatives"] == 19
+    assert all(nodule[k] is None for k in ("auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high"))
+    assert result["undefined"] == {"Nodule": "no positives in test"}
+    md = (out / "metrics.md").read_text()
+    assert "NaN" not in md and "nan" not in md
+    row = next(r for r in _markdown_table(md)[1:] if r[0] == "Nodule")
+    assert row[1] == "no positives in test"
+    root, images, ckpt = setup  # and on screen
+    evaluate.main(["--checkpoint", str(ckpt), "--data", str(images), "--labels", str(root / "mixed.csv"),
+                   "--output_dir", str(tmp_path), "--device", "cpu", "--bootstrap", "20"])
+    screen = capsys.readouterr().out
+    line = next(s for s in screen.splitlines() if s.startswith("Nodule"))
+    assert "no positives in test" in line and "nan" not in screen.lower()
+    assert "mean (2 of 3 classes)" in screen
+
+
+def test_metrics_md_is_a_markdown_table_of_the_json(mixed):
+    result, out = mixed
+    md = (out / "metrics.md").read_text()
+    assert "```" not in md and "evaluated 19 of 22 images; 3 unreadable" in md
+    table = _markdown_table(md)
+    head, body = table[0], table[1:]
+    assert head[:5] == ["class", "AUROC", "AUROC 95% CI", "AUPRC", "AUPRC 95% CI"] and "Brier" in head
+    assert [r[0] for r in body] == [*FINDINGS, "**mean (2 of 3 classes)**"]
+    col = {h: i for i, h in enumerate(head)}
+    for r in body[:-1]:
+        c = result["classes"][r[0]]
+        assert int(r[col["positives"]]) == c["positives"] and int(r[col["ignored"]]) == c["ignored"]
+        assert float(r[col["Brier"]]) == pytest.approx(c["brier"], abs=5e-5)
+        if c["status"] == "ok":
+            assert float(r[col["AUROC"]]) == pytest.approx(c["auroc"], abs=5e-4)
+            lo, hi = map(float, r[col["AUROC 95% CI"]].split("-"))
+            assert (lo, hi) == pytest.approx((c["auroc_low"], c["auroc_high"]), abs=5e-4)
+    assert float(body[-1][col["AUPRC"]]) == pytest.approx(result["mean_auprc"], abs=5e-4)
+
+
+def test_curves_are_written_as_pngs(mixed):
+    from PIL import Image
+
+    _, out = mixed
+    for name in ("roc.png", "pr.png", "calibration.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and min(im.size) >= 300
+            # not a blank canvas: curves and text in more than a few colours
+            assert len(im.convert("RGB").getcolors(1 << 16) or range(1 << 16)) > 20
+
+
+def test_intervals_follow_the_seed_and_resamples():
+    from train import report
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 2)) < 0.4).astype(np.float64)
+    s = rng.random((60, 2)) + 0.3 * y
+    a = report.build(y, s, ["a", "b"], "val", resamples=200, seed=1)
+    assert a == report.build(y, s, ["a", "b"], "val", resamples=200, seed=1)
+    b = report.build(y, s, ["a", "b"], "val", resamples=200, seed=2)
+    assert (a["classes"]["a"]["auroc_low"], a["mean_auroc_high"]) != (b["classes"]["a"]["auroc_low"],
+                                                                     b["mean_auroc_high"])
+    assert a["classes"]["a"]["auroc"] == b["classes"]["a"]["auroc"]
+    none = report.build(y, s, ["a", "b"], "val", resamples=0)
+    assert none["classes"]["a"]["auroc"] == a["classes"]["a"]["auroc"] and none["classes"]["a"]["auroc_low"] is None
+    assert "no bootstrap intervals" in report.markdown({**none, "checkpoint": "x"}, "h", "c")
+
+
+def test_one_value_classes_and_unlabelled_classes_stay_out_of_the_means():
+    from train import report
+
+    y = np.array([[1, 1, np.nan, 0], [0, 1, np.nan, 0], [1, 1, np.nan, 0], [0, 1, np.nan, 0]], np.float64)
+    s = np.array([[0.9, 0.2, 0.5, 0.1], [0.1, 0.7, 0.5, 0.3], [0.8, 0.6, 0.5, 0.2], [0.3, 0.4, 0.5, 0.4]])
+    r = report.build(y, s, ["ok", "allpos", "unlabelled", "allneg"], "test", resamples=50)
+    assert [c["status"] for c in r["classes"].values()] == ["ok", "no negatives in test", "no labels in test",
+                                                             "no positives in test"]
+    assert r["mean_over"] == 1 and r["mean_auroc"] == r["classes"]["ok"]["auroc"] == 1.0
+    assert r["classes"]["unlabelled"]["brier"] is None and r["classes"]["unlabelled"]["prevalence"] is None
+    assert r["classes"]["allpos"]["brier"] == pytest.approx(np.mean((s[:, 1] - 1) ** 2))
+    assert r["mean_brier"] == pytest.approx(r["classes"]["ok"]["brier"])
+    nothing = report.build(y[:, 1:], s[:, 1:], ["allpos", "unlabelled", "allneg"], "test", resamples=50)
+    assert nothing["mean_over"] == 0 and nothing["mean_auroc"] is None and nothing["mean_brier"] is None
+    assert "mean (0 of 3 classes)" in report.screen_table(nothing)
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "2.5"])
+def test_bad_bootstrap_count_is_one_error_line(capsys, value):
+    line = _fails(capsys, 2, "--bootstrap", value)
+    assert "--bootstrap" in line and value in line

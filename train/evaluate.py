@@ -1,12 +1,16 @@
 """Evaluate a fine-tuned CXRBase classifier, or linear-probe a pretrained encoder.
 
-Writes per-class AUROC and AUPRC (a table on screen, metrics.json, metrics.md) and a
-ROC-curve PNG. With no arguments it evaluates the demo fine-tuning result
+Writes into --output_dir: predictions.csv (one row per scored image: path, patient id, a
+probability p_<label> and the label y_<label> of each class, blank = unknown), per-class
+AUROC and AUPRC with seeded 95% bootstrap intervals, prevalence, counts and Brier score
+(a table on screen, metrics.json, metrics.md), and roc.png, pr.png, calibration.png. A class
+with no positives (or no negatives) in the split is reported as such, and the means are over
+the other classes. With no arguments it evaluates the demo fine-tuning result
 (`outputs/finetune_demo/best.pth`) on the demo test split.
 
 Examples:
   python -m train.evaluate
-  python -m train.evaluate --checkpoint outputs/finetune/best.pth --split test
+  python -m train.evaluate --checkpoint outputs/finetune/best.pth --split test --bootstrap 2000 --seed 1
   python -m train.evaluate --linear_probe true --checkpoint outputs/pretrain/checkpoint-00100000.pth \\
       --data /data/nih/images --labels Data_Entry_2017.csv
   python -m train.evaluate --checkpoint outputs/finetune/best.pth --data /data/nih/images \\
@@ -32,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cxrfast import atomic, cli
+from cxrfast import atomic, cli, dicom
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data import label_formats
 from cxrfast.data.label_formats import UNCERTAIN_HELP, VOTES, vocabulary
@@ -41,7 +45,7 @@ from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import PRESETS, classifier
 from cxrfast.models.checkpoints import CheckpointError, load_file, load_pretrained, unwrap
 
-from . import config, engine, inference, labelled, logs, metrics, pictures, runtime
+from . import config, engine, inference, labelled, logs, metrics, pictures, report, runtime
 from .config import opt
 
 DEMO_CHECKPOINT = Path("outputs") / "finetune_demo" / "best.pth"
@@ -65,14 +69,17 @@ class EvaluateConfig:
     split: str = opt("test", "which split to evaluate: train, val or test", choices=("train", "val", "test"))
     split_fractions: Optional[tuple[float, ...]] = opt(None, "patient split fractions (default: the checkpoint's)",
                                                        minimum=0, maximum=1)
-    output_dir: str = opt("outputs/evaluate", "where metrics.json, metrics.md, errors.csv and roc.png go")
+    output_dir: str = opt("outputs/evaluate", "where predictions.csv, metrics.json, metrics.md, errors.csv and "
+                                              "roc.png, pr.png, calibration.png go")
+    bootstrap: int = opt(1000, "bootstrap resamples of the images for the 95 percent intervals (0: no intervals)",
+                         minimum=0)
     linear_probe: bool = opt(False, "fit a logistic-regression probe on frozen encoder features of the train split")
     probe_l2: float = opt(1e-3, "L2 penalty of the linear probe", minimum=0)
     model: Optional[str] = opt(None, "encoder preset when the checkpoint does not say", choices=sorted(PRESETS))
     img_size: Optional[int] = opt(None, "input size when the checkpoint does not say", minimum=1)
     batch_size: int = opt(64, "inference batch size", minimum=1)
     num_workers: int = opt(0, "data loader workers", minimum=0)
-    seed: int = opt(0, "seed of the label-fraction subset")
+    seed: int = opt(0, "seed of the bootstrap resamples (the same seed gives the same intervals)")
     device: str = opt("auto", "cuda, cpu or auto", choices=runtime.DEVICES)
 
     def validate(self) -> None:
@@ -185,7 +192,7 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
     labels = np.asarray(split.labels)[pred.indices][:, cols]
     scores, names = scores[:, keep], [names[m] for m in keep]
     try:
-        result = metrics.per_class(labels, scores, names)
+        metrics.check_finite(scores)
     except ValueError as exc:  # NaN/inf scores: a diverged model, not a user mistake; every rank stops
         if rt.main:
             print(f"error: {path}: {exc}", file=sys.stderr)
@@ -199,26 +206,69 @@ def evaluate(cfg: EvaluateConfig, path: Path, rt: runtime.Runtime) -> dict:
         counted += f"; checkpoint labels not in the data, dropped: {', '.join(dropped)}"
     for note in data.notes:
         counted += f"; {note}"
-    result.update(checkpoint=str(path), split=cfg.split, images=len(pred.indices), images_in_split=size,
-                  unreadable=pred.unreadable, errors=str(errors_csv), ignored_labels=ignored, dropped_labels=dropped,
-                  mode="linear_probe" if cfg.linear_probe else "classifier")
-    if not rt.main:
-        return result
-    text = metrics.table(result)
-    atomic.write_text(out / "metrics.json", json.dumps(result, indent=2, default=float))
-    atomic.write_text(out / "metrics.md", f"# {result['mode']} on the {cfg.split} split ({counted})\n\n"
-           f"checkpoint: `{path}`\n\n```\n{text}\n```\n")
-    curves = {}
-    for j, name in enumerate(names):
-        auc = result["classes"][name]["auroc"]
-        if not np.isnan(auc):
-            fpr, tpr = metrics.roc_curve(labels[:, j], scores[:, j])
-            curves[name] = (fpr, tpr, auc)
-    if curves:
-        pictures.roc_figure(curves, out / "roc.png")
-    logs.announce(f"{result['mode']} on the {cfg.split} split: {counted}\n{text}\n"
-                  f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, {out / 'roc.png'}, {errors_csv}", rt.main)
+    facts = dict(checkpoint=str(path), split=cfg.split, images=len(pred.indices), images_in_split=size,
+                 unreadable=pred.unreadable, errors=str(errors_csv), ignored_labels=ignored, dropped_labels=dropped,
+                 mode="linear_probe" if cfg.linear_probe else "classifier", model=model_name)
+    if not rt.main:  # rank 0 alone computes the intervals and writes the report
+        return facts
+    result = report.build(labels, scores, names, cfg.split, cfg.bootstrap, cfg.seed)
+    result.update(facts)
+    sources, patients = identities(split, pred.indices, prepared)
+    written = write_report(out, result, counted, scores, labels, sources, patients)
+    logs.announce(f"{result['mode']} on the {cfg.split} split: {counted}\n{report.screen_table(result)}\n"
+                  f"written: {', '.join(map(str, written))}, {errors_csv}", rt.main)
     return result
+
+
+def identities(split, indices: np.ndarray, prepared: bool) -> tuple[list[str], list[Optional[str]]]:
+    """(source path, patient id or None) of each scored image: the prepared index's columns,
+    or the label CSV's patient column with the DICOM header's PatientID where the CSV has none."""
+    if prepared:
+        rows, root = [split.rows[i] for i in indices], Path(split.meta.get("source", ""))
+        return [str(root / r["source"]) for r in rows], [r.get("patient_id") or None for r in rows]
+    files = [split.files[i] for i in indices]
+    given = [split.patients[i] for i in indices] if split.patients else [None] * len(files)
+    return [str(f) for f in files], [pid or _header_patient(f) for pid, f in zip(given, files)]
+
+
+def _header_patient(path: Path) -> Optional[str]:
+    """PatientID (0010,0020) of a DICOM file; None for other files or when it is empty."""
+    try:
+        return dicom.read_header(path).get("patient_id") or None
+    except (dicom.DicomError, OSError):
+        return None
+
+
+def write_report(out: Path, result: dict, counted: str, scores: np.ndarray, labels: np.ndarray,
+                 sources: list[str], patients: list[Optional[str]]) -> list[Path]:
+    """predictions.csv, metrics.json, metrics.md and the three figures, each atomically."""
+    names = list(result["classes"])
+    heading = f"{result['mode']} on the {result['split']} split"
+    written = [report.write_predictions(out / "predictions.csv", sources, patients, names, scores, labels),
+               atomic.write_text(out / "metrics.json", json.dumps(result, indent=2, allow_nan=False)),
+               atomic.write_text(out / "metrics.md", report.markdown(result, heading, counted))]
+    return written + figures(out, result, scores, labels)
+
+
+def figures(out: Path, result: dict, scores: np.ndarray, labels: np.ndarray) -> list[Path]:
+    """roc.png, pr.png and calibration.png, titled with the checkpoint and split; a class
+    without a curve is a legend line that says why."""
+    ckpt = Path(result["checkpoint"])
+    title = (f"{result['mode']} {ckpt.parent.name}/{ckpt.name} ({result['model']}), "
+             f"{result['split']} split, {result['images']} images")
+    roc, pr, calibration = {}, {}, {}
+    for j, (name, c) in enumerate(result["classes"].items()):
+        y, s = labels[:, j], scores[:, j]
+        if c["status"] == "ok":
+            roc[name] = (*metrics.roc_curve(y, s), c["auroc"])
+            pr[name] = (*metrics.pr_curve(y, s), c["auprc"], c["prevalence"])
+        if c["brier"] is not None:
+            calibration[name] = (*metrics.reliability(y, s), c["brier"])
+    undefined = result["undefined"]
+    no_labels = {n: why for n, why in undefined.items() if result["classes"][n]["brier"] is None}
+    return [pictures.roc_figure(roc, out / "roc.png", f"ROC: {title}", undefined),
+            pictures.pr_figure(pr, out / "pr.png", f"precision-recall: {title}", undefined),
+            pictures.reliability_figure(calibration, out / "calibration.png", f"calibration: {title}", no_labels)]
 
 
 def label_columns(names: list[str], columns: list[str], source: str) -> tuple[list[tuple[int, int]], list[str], list[str]]:

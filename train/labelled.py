@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from .config import UsageError
 class Split:
     files: list[Path]
     labels: np.ndarray
+    patients: Optional[list[Optional[str]]] = None  # the label CSV's patient id of each file, where it has one
 
 
 @dataclass
@@ -64,7 +66,8 @@ def load(data: str, labels: str, label_format: str = "auto", uncertain: str = "o
         idx = np.array([i for i, n in enumerate(names) if n == split], dtype=np.int64)
         if split == "train" and len(idx) and label_fraction < 1.0:
             idx = idx[fraction_subset(len(idx), label_fraction, seed)]
-        splits[split] = Split([files[i] for i in idx], y[idx] if len(idx) else np.zeros((0, y.shape[1]), np.float32))
+        splits[split] = Split([files[i] for i in idx], y[idx] if len(idx) else np.zeros((0, y.shape[1]), np.float32),
+                              [patients[i] for i in idx])
     return LabelledData(list(table.names), splits, notes)
 
 

@@ -72,8 +72,64 @@ def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return fpr, tpr
 
 
+def counts(y: np.ndarray) -> dict:
+    """{positives, negatives, ignored, prevalence} of one class's labels (NaN = ignored);
+    prevalence is over the labelled images (None when none is labelled)."""
+    known = ~np.isnan(y)
+    pos = int(np.count_nonzero(y[known] > 0.5))
+    neg = int(np.count_nonzero(known)) - pos
+    return {"positives": pos, "negatives": neg, "ignored": int(len(y) - np.count_nonzero(known)),
+            "prevalence": pos / (pos + neg) if pos + neg else None}
+
+
+def status(c: dict, split: str) -> str:
+    """'ok', or why AUROC/AUPRC are undefined for a class of ``counts``: 'no positives in test'."""
+    if c["positives"] and c["negatives"]:
+        return "ok"
+    if not c["positives"] and not c["negatives"]:
+        return f"no labels in {split}"
+    return f"no {'positives' if not c['positives'] else 'negatives'} in {split}"
+
+
+def brier(y: np.ndarray, score: np.ndarray) -> float:
+    """Mean squared error of the probabilities against the 0/1 labels (NaN labels ignored);
+    NaN when no image is labelled. 0 is perfect; always answering the prevalence p scores p(1-p)."""
+    check_finite(score)
+    keep = ~np.isnan(y)
+    if not keep.any():
+        return float("nan")
+    return float(np.mean((score[keep].astype(np.float64) - (y[keep] > 0.5)) ** 2))  # float32 scores: sum in float64
+
+
+def pr_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision), one point per distinct threshold, high scores first; the step
+    curve whose area is ``average_precision``."""
+    check_finite(score)
+    keep = ~np.isnan(y)
+    y, score = y[keep] > 0.5, score[keep]
+    order = np.argsort(-score, kind="mergesort")
+    y, s = y[order], score[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp = np.cumsum(y)[last]
+    return tp / max(1, y.sum()), tp / (last + 1)
+
+
+def reliability(y: np.ndarray, score: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean probability, observed frequency, images) of each non-empty equal-width bin of [0, 1]."""
+    check_finite(score)
+    keep = ~np.isnan(y)
+    y, score = (y[keep] > 0.5).astype(np.float64), score[keep].astype(np.float64)
+    which = np.clip((score * bins).astype(np.int64), 0, bins - 1)
+    n = np.bincount(which, minlength=bins)
+    full = n > 0
+    mean_p = np.bincount(which, score, bins)[full] / n[full]
+    observed = np.bincount(which, y, bins)[full] / n[full]
+    return mean_p, observed, n[full]
+
+
 def per_class(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> dict:
-    """{'classes': {name: {auroc, auprc, positives}}, 'mean_auroc', 'mean_auprc'}."""
+    """{'classes': {name: {auroc, auprc, positives}}, 'mean_auroc', 'mean_auprc'}: point
+    estimates only (validation during fine-tuning); NaN where a class has one value only."""
     check_finite(scores)  # all of them at once, so the message counts them all
     classes = {}
     for j, name in enumerate(names):
@@ -84,11 +140,3 @@ def per_class(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> dict:
     auprcs = [c["auprc"] for c in classes.values() if not np.isnan(c["auprc"])]
     return {"classes": classes, "mean_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
             "mean_auprc": float(np.mean(auprcs)) if auprcs else float("nan")}
-
-
-def table(result: dict) -> str:
-    lines = [f"{'class':<28} {'AUROC':>7} {'AUPRC':>7} {'positives':>9}"]
-    for name, c in result["classes"].items():
-        lines.append(f"{name:<28} {c['auroc']:>7.4f} {c['auprc']:>7.4f} {c['positives']:>9d}")
-    lines.append(f"{'mean':<28} {result['mean_auroc']:>7.4f} {result['mean_auprc']:>7.4f}")
-    return "\n".join(lines)

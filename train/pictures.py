@@ -37,22 +37,62 @@ def reconstruction_grid(imgs: torch.Tensor, recon: torch.Tensor, mask: torch.Ten
     return path
 
 
-def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path) -> Path:
-    """One ROC curve per class (fpr, tpr, auroc); written atomically."""
+def _axes(title: str, xlabel: str, ylabel: str):
+    """A square matplotlib figure (Agg backend: no display needed) with its labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
-    for name, (fpr, tpr, auc) in curves.items():
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("ROC")
-    ax.legend(loc="lower right", fontsize=8)
+    fig, ax = plt.subplots(figsize=(6.4, 6.4), dpi=100)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=9)
+    return fig, ax
+
+
+def _finish(fig, ax, path: Path, notes: dict[str, str], loc: str) -> Path:
+    """Legend (with one text-only entry per class that has no curve, saying why), atomic save."""
+    import matplotlib.pyplot as plt
+
+    for name, why in notes.items():
+        ax.plot([], [], " ", label=f"{name}: {why}")
+    ax.legend(loc=loc, fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as f:
         fig.savefig(f, format="png")
     plt.close(fig)
     return path
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str = "ROC",
+               notes: dict[str, str] | None = None) -> Path:
+    """One ROC curve per class {name: (fpr, tpr, auroc)}, the chance diagonal, and a legend
+    entry per class in ``notes`` ({name: "no positives in test"}); written atomically."""
+    fig, ax = _axes(title, "false positive rate (1 - specificity)", "true positive rate (sensitivity)")
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance (AUROC 0.5)")
+    return _finish(fig, ax, path, notes or {}, "lower right")
+
+
+def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float, float]], path: Path, title: str = "PR",
+              notes: dict[str, str] | None = None) -> Path:
+    """One precision-recall step curve per class {name: (recall, precision, auprc, prevalence)},
+    each with its chance line (precision = prevalence, dashed in its colour); written atomically."""
+    fig, ax = _axes(title, "recall (sensitivity)", "precision (positive predictive value)")
+    for name, (recall, precision, ap, prevalence) in curves.items():
+        line, = ax.plot(np.r_[0.0, recall], np.r_[precision[:1], precision], drawstyle="steps-pre", lw=1.5,
+                        label=f"{name} (AUPRC {ap:.3f})")
+        ax.axhline(prevalence, color=line.get_color(), ls="--", lw=0.8, label=f"{name} chance ({prevalence:.3f})")
+    return _finish(fig, ax, path, notes or {}, "upper right")
+
+
+def reliability_figure(bins: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]], path: Path,
+                       title: str = "calibration", notes: dict[str, str] | None = None) -> Path:
+    """Reliability diagram: per class {name: (mean probability, observed frequency, images,
+    brier)} of each non-empty bin, against the diagonal of perfect calibration."""
+    fig, ax = _axes(title, "mean predicted probability", "observed frequency of positives")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    for name, (mean_p, observed, count, score) in bins.items():
+        ax.plot(mean_p, observed, marker="o", ms=3, lw=1.2, label=f"{name} (Brier {score:.4f})")
+    return _finish(fig, ax, path, notes or {}, "upper left")
