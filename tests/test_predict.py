@@ -218,6 +218,7 @@ def test_the_checkpoints_normalisation_is_applied(setup, tmp_path, capsys):
     ({"img_size": 128}, "img_size 128 but its weights are for img_size 64"),
     ({"in_chans": 3}, "in_chans 3 but its weights are for in_chans 1"),
     ({"mean": [0.5, 0.5]}, "mean [0.5, 0.5] does not fit 1 channel"),
+    ({"std": 0.0}, "std [0.0] must be positive"),
 ])
 def test_a_config_its_weights_contradict_is_an_error(setup, tmp_path, capsys, config, expect):
     root, images, _ = setup

@@ -88,11 +88,14 @@ def _preset_of(state: Mapping[str, torch.Tensor], name: str) -> str:
 
 
 def _per_channel(value: Any, in_chans: int, key: str, name: str) -> tuple[float, ...]:
+    """A config's mean or std as one value per channel (a single value is repeated)."""
     values = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
     if len(values) == 1:
         values = values * in_chans
     if len(values) != in_chans or not all(math.isfinite(v) for v in values):
         raise CheckpointMismatchError(f"{name}: its config's {key} {list(values)} does not fit {in_chans} channel(s)")
+    if key == "std" and not all(v > 0 for v in values):
+        raise CheckpointMismatchError(f"{name}: its config's std {list(values)} must be positive")
     return values
 
 
