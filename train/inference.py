@@ -7,7 +7,6 @@ rank ends with the same predictions, in dataset order, each index once.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from cxrfast import atomic
+from cxrfast import errorfile
 from cxrfast.data.direct import UnreadableImage
 from cxrfast.data.shards import FetchedBatch, collate
 
@@ -25,12 +24,12 @@ from . import runtime
 @dataclass
 class Predictions:
     """Scores (N, K) or features (N, D) of the images read, their dataset indices (N,), and
-    (index, path, reason) of each image that could not be read; ``total`` images were asked for."""
+    (index, path, error class, reason) of each image that could not be read; ``total`` images were asked for."""
 
     indices: np.ndarray
     values: np.ndarray
     total: int
-    failed: list[tuple[int, str, str]] = field(default_factory=list)
+    failed: list[tuple[int, str, str, str]] = field(default_factory=list)
 
     @property
     def unreadable(self) -> int:
@@ -58,7 +57,7 @@ class _Indexed(Dataset):
             try:
                 item = self.base[i]
             except UnreadableImage as exc:
-                failed.append((i, str(exc.path), exc.reason))
+                failed.append((i, str(exc.path), exc.error, exc.reason))
                 continue
             images.append(item[0] if isinstance(item, (list, tuple)) else item)
             good.append(i)
@@ -114,10 +113,7 @@ def _merge(parts: list, total: int) -> Predictions:
     return Predictions(idx, vals[first], total, failed)
 
 
-def write_errors(path, failed: list[tuple[int, str, str]]) -> None:
-    """The unreadable images as CSV (path, error), written whole and atomically each time, so
-    a rerun replaces the file instead of appending to it."""
-    with atomic.atomic_open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "error"])
-        writer.writerows((p, reason) for _, p, reason in failed)
+def write_errors(path, failed: list[tuple[int, str, str, str]]) -> None:
+    """The unreadable images in the errors-file layout (source, error, reason; see
+    cxrfast.errorfile), written whole and atomically each time, so a rerun replaces the file."""
+    errorfile.write(path, (f[1:] for f in failed))

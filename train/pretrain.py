@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from cxrfast import cli
+from cxrfast import cli, errorfile
 from cxrfast.data.direct import MEAN, STD, ImageDataset
 from cxrfast.data.shards import PreparedData, PreparedDataset, is_prepared
 from cxrfast.models import mae
@@ -109,7 +109,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
         files = cli.image_files(cfg.data)
         dataset = ImageDataset(files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
                                crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, decode_size=cfg.decode_size,
-                               errors_path=out / "errors.tsv")
+                               errors_path=out / errorfile.NAME)
         preview = ImageDataset(files[:8], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False)
     engine.check_batch(len(dataset), cfg, rt.world_size)
     init = read_init(cfg)
@@ -137,7 +137,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
               f"  config:          {out / 'config.json'}\n"
               f"  metrics:         {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'})\n"
               f"  reconstructions: {picture}\n"
-              f"  unreadable files (if any): {out / 'errors.tsv'}")
+              f"  unreadable files (if any): {out / errorfile.NAME}")
     return summary
 
 
