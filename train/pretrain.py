@@ -123,7 +123,9 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
 
     def on_epoch_end(epoch: int, step: int) -> dict:
         if rt.main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            return {"reconstruction": str(save_reconstructions(model, preview, rt.device, out / "reconstructions" / f"epoch_{epoch:04d}.png"))}
+            # a Path to a PNG: metrics.jsonl records it, TensorBoard shows the picture (logs.MetricsLog)
+            return {"reconstruction": save_reconstructions(model, preview, rt.device,
+                                                           out / "reconstructions" / f"epoch_{epoch:04d}.png")}
         return {}
 
     job = engine.Job("pretrain", model, dataset, param_groups(model, cfg.weight_decay),
@@ -158,7 +160,8 @@ def read_init(cfg: PretrainConfig):
 
 @torch.no_grad()
 def save_reconstructions(model, preview, device: torch.device, path: Path) -> Path:
-    """original | masked | reconstruction | pasted, for fixed images and a fixed mask."""
+    """original | masked | reconstruction | pasted, for fixed images and a fixed mask, captioned
+    with the mask ratio and (norm_pix_loss) how the reconstruction was de-normalised."""
     was_training = model.training
     model.eval()
     imgs = torch.stack([preview[i] for i in range(len(preview))]).to(device)
@@ -167,8 +170,9 @@ def save_reconstructions(model, preview, device: torch.device, path: Path) -> Pa
         _, pred, mask = model(imgs, noise=noise.to(device))
     recon = model.reconstruct(pred.float(), imgs.float())
     model.train(was_training)
+    caption = pictures.reconstruction_caption(model.norm_pix_loss, float(mask.float().mean()))
     return pictures.reconstruction_grid(imgs.float().cpu(), recon.cpu(), mask.float().cpu(),
-                                        model.patch_embed.patch_size, path, MEAN, STD)
+                                        model.patch_embed.patch_size, path, MEAN, STD, caption)
 
 
 if __name__ == "__main__":
