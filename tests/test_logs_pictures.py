@@ -133,3 +133,28 @@ def test_rates_keep_three_significant_digits(x, three):
 def test_epoch_line():
     line = logs.epoch_line(3, 12, {"val_mean_auroc": 0.71234, "val_mean_auprc": float("nan"), "val_images": 19})
     assert line == "epoch 3/12: val_mean_auroc 0.7123, val_mean_auprc nan, val_images 19"
+
+
+def test_finetune_prints_validation_auroc_each_epoch_and_no_carriage_returns(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from cxrfast.synthetic import ensure_demo_dataset
+
+    root = Path(__file__).resolve().parents[1]
+    data = ensure_demo_dataset(tmp_path / "cxr", count=24, size=32)
+    out = tmp_path / "ft"
+    args = ["--data", str(data), "--labels", str(data / "labels.csv"), "--output_dir", str(out), "--model", "vit_tiny",
+            "--img_size", "32", "--epochs", "2", "--warmup_epochs", "0", "--batch_size", "4", "--num_workers", "0",
+            "--split_fractions", "0.5,0.5,0.0", "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "-m", "train.finetune", *args], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="2"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr and "finetune: step" in proc.stderr  # plain progress lines in a log file
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    aurocs = [r["val_mean_auroc"] for r in logged if "val_mean_auroc" in r]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == len(aurocs) == 2
+    for k, (line, auroc) in enumerate(zip(lines, aurocs), 1):
+        assert line.startswith(f"epoch {k}/2: val_mean_auroc {logs._value(auroc)},"), line
