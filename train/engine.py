@@ -442,8 +442,8 @@ class Loop:
                              wait=f"{100 * timing['data_wait_frac']:.0f}%", **{k: f"{v:.1%}" for k, v in extra.items()})
         if warning:
             self.bar.write(warning, file=sys.stderr)
-        self.log.write(step, epoch=self.pos.epoch, loss=mean_loss, lr=lr, images_per_s=float(logs.significant(ips, 4)), **timing,
-                       **extra)
+        self.log.write(step, epoch=self.pos.epoch, loss=mean_loss, lr=lr, images_per_s=float(logs.significant(ips, 4)),
+                       **timing, **extra)
 
     def ensure_finite(self) -> None:
         """Stops every rank before anything (validation, best.pth, a checkpoint) uses exploded parameters."""

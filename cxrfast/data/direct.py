@@ -3,8 +3,8 @@
 Items are addressed by (index, epoch) so that augmentation is seeded by the sample and the
 epoch alone: the same run gives the same crops whatever the worker count, and a resumed run
 continues with exactly the crops the killed one would have used. A file that cannot be read
-is logged to the errors file (``errors.csv``, see cxrfast.errorfile; once per file and run folder, however many epochs, reruns and
-resumes meet it) and replaced by the next readable one (with that one's labels),
+is logged to the errors file (``errors.csv``, see cxrfast.errorfile; once per file and run
+folder, however many epochs, reruns and resumes meet it) and replaced by the next readable one (with that one's labels),
 so every rank still gets full batches and a long run never stops for one bad file. For
 evaluation (``substitute=False``) a bad file raises :class:`UnreadableImage` instead, so
 the caller drops the image and its labels rather than scoring another file under them.
