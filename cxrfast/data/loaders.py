@@ -78,11 +78,10 @@ class PreparedBatches:
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """This process's share: the given one, else torch.distributed's, else the whole."""
     dist = torch.distributed
-    if rank is None or world_size is None:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() if rank is None else rank, dist.get_world_size() if world_size is None else world_size
-        return rank or 0, world_size or 1
-    return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return (dist.get_rank() if rank is None else rank,
+                dist.get_world_size() if world_size is None else world_size)
+    return rank or 0, world_size or 1
 
 
 def loader(prepared: str | os.PathLike | PreparedData, batch_size: int = 64, *, train: bool = True,
@@ -99,8 +98,8 @@ def loader(prepared: str | os.PathLike | PreparedData, batch_size: int = 64, *, 
     ``split``: "train", "val" or "test" rows of the index only (None: all). ``img_size``
     defaults to the prepared size. ``device`` "cpu" gives CPU tensors from the DataLoader
     path; a CUDA device with ``backend`` "auto" uses DALI (bf16) or else plain torch (bf16) on
-    the GPU (see :func:`choose`; these drop an incomplete last batch always). Under torch.distributed each rank gets its own share. Iterate
-    it once per epoch::
+    the GPU (see :func:`choose`; these always drop an incomplete last batch). Under
+    torch.distributed each rank gets its own share. Iterate it once per epoch::
 
         batches = cxrfast.data.loader("prepared/", batch_size=64)
         for epoch in range(10):
