@@ -99,8 +99,9 @@ def test_unreadable_images_are_dropped_with_their_labels(setup, tmp_path, capsys
     assert (saved["images"], saved["images_in_split"], saved["unreadable"]) == (19, 22, 3)
     with open(errors_csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(Path(r["path"]).name for r in rows) == sorted(BAD)
-    assert [r["error"].split(":")[0] for r in rows] == ["TruncatedError"] * len(BAD)  # cut at 400 bytes
+    assert sorted(Path(r["source"]).name for r in rows) == sorted(BAD)
+    assert [r["error"] for r in rows] == ["TruncatedError"] * len(BAD)  # cut at 400 bytes
+    assert all(Path(r["source"]).name in r["reason"] for r in rows)  # the message names the file
     assert "evaluated 19 of 22 images" in (tmp_path / "all" / "metrics.md").read_text()
 
 
@@ -110,7 +111,7 @@ def test_rerun_rewrites_the_errors_file(setup, tmp_path, capsys):
     _evaluate(setup, "all.csv", out, capsys)
     assert len((out / "errors.csv").read_text().splitlines()) == 1 + len(BAD)
     _evaluate(setup, "good.csv", out, capsys)  # nothing unreadable now: no stale rows
-    assert (out / "errors.csv").read_text().splitlines() == ["path,error"]
+    assert (out / "errors.csv").read_text().splitlines() == ["source,error,reason"]
 
 
 def test_training_substitute_brings_its_own_label(setup):
@@ -131,7 +132,7 @@ def test_training_substitute_brings_its_own_label(setup):
 def test_merge_drops_duplicate_indices_and_sorts():
     # rank shares as a padded DistributedSampler would give them: index 0 twice
     a = (np.array([0, 2, 4]), np.array([[0.0], [0.2], [0.4]]), [])
-    b = (np.array([1, 3, 0]), np.array([[0.1], [0.3], [0.0]]), [(5, "f5", "TruncatedError: x")])
+    b = (np.array([1, 3, 0]), np.array([[0.1], [0.3], [0.0]]), [(5, "f5", "TruncatedError", "x")])
     merged = inference._merge([a, b], 6)
     np.testing.assert_array_equal(merged.indices, [0, 1, 2, 3, 4])
     np.testing.assert_allclose(merged.values[:, 0], [0.0, 0.1, 0.2, 0.3, 0.4])
@@ -263,7 +264,7 @@ def test_training_errors_file_lists_each_bad_file_once(setup, tmp_path):
 
     _, images, _ = setup
     files = sorted(images.glob("*.dcm"))
-    errors = tmp_path / "errors.tsv"
+    errors = tmp_path / "errors.csv"
     for run in range(2):  # the second is a rerun / resume into the same folder
         ds = ImageDataset(files, img_size=32, train=True, errors_path=errors)
         for epoch in range(2):
@@ -273,9 +274,10 @@ def test_training_errors_file_lists_each_bad_file_once(setup, tmp_path):
                             collate_fn=lambda idx, ds=ds: [ds[(i, 5)] for i in idx])
         for _ in loader:
             pass
-    rows = errors.read_text().splitlines()
-    assert sorted(Path(r.split("\t")[0]).name for r in rows) == sorted(BAD)
-    assert all(r.split("\t")[1].startswith("TruncatedError: ") for r in rows)
+    with open(errors, newline="") as f:
+        rows = list(csv.DictReader(f))  # the header once, then one row per bad file
+    assert sorted(Path(r["source"]).name for r in rows) == sorted(BAD)
+    assert all(r["error"] == "TruncatedError" and Path(r["source"]).name in r["reason"] for r in rows)
 
 
 def test_clean_validation_rewrites_a_stale_val_errors_file(tmp_path):
@@ -284,11 +286,11 @@ def test_clean_validation_rewrites_a_stale_val_errors_file(tmp_path):
     data = ensure_demo_dataset(tmp_path / "cxr", count=12, size=64)
     out = tmp_path / "ft"
     out.mkdir()
-    (out / "val_errors.csv").write_text("path,error\nold.dcm,TruncatedError: from an earlier run\n")
+    (out / "val_errors.csv").write_text("source,error,reason\nold.dcm,TruncatedError,from an earlier run\n")
     finetune.main(["--data", str(data), "--labels", str(data / "labels.csv"), "--output_dir", str(out),
                    "--model", "vit_tiny", "--img_size", "64", "--device", "cpu", "--num_workers", "0",
                    "--max_steps", "1", "--batch_size", "4", "--split_fractions", "0.5,0.5,0.0"])
-    assert (out / "val_errors.csv").read_text().splitlines() == ["path,error"]
+    assert (out / "val_errors.csv").read_text().splitlines() == ["source,error,reason"]
 
 
 def _read_predictions(path: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
@@ -326,7 +328,7 @@ def test_predictions_csv_has_one_row_per_evaluated_image(mixed, setup, capsys):
     rows, p, y = _read_predictions(out / "predictions.csv")
     assert len(rows) == result["images"] == 19
     with open(out / "errors.csv", newline="") as f:
-        bad = {Path(r["path"]).name for r in csv.DictReader(f)}
+        bad = {Path(r["source"]).name for r in csv.DictReader(f)}
     names = [Path(r["path"]).name for r in rows]
     assert bad == set(BAD) and not bad & set(names) and len(set(names)) == 19  # unreadable: absent
     assert all(Path(r["path"]).is_file() for r in rows)

@@ -2,6 +2,7 @@
 non-finite loss handling, bad files skipped."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -174,8 +175,10 @@ def test_unreadable_files_are_logged_and_skipped(tmp_path, data):
     (folder / "broken.dcm").write_bytes((data / "cxr_000.dcm").read_bytes()[:300])
     out = tmp_path / "out"
     run(["--data", str(folder), "--output_dir", str(out), "--max_steps", "3", *TINY])
-    errors = (out / "errors.tsv").read_text()
-    assert "broken.dcm" in errors and "TruncatedError" in errors
+    with open(out / "errors.csv", newline="") as f:
+        rows = list(csv.DictReader(f))  # the layout of prepare's and evaluate's errors.csv
+    assert [(Path(r["source"]).name, r["error"]) for r in rows] == [("broken.dcm", "TruncatedError")]
+    assert not (out / "errors.tsv").exists()
 
 
 def test_shipped_configs_parse():

@@ -43,12 +43,34 @@ def user_errors() -> Iterator[None]:
         fail(str(exc))
 
 
+GROUPS = ("data", "model", "optimisation", "output", "other")  # the --help sections, in this order
+
+# The section of each field that does not name its own (``opt(..., group=)``); others go to "other".
+FIELD_GROUPS: dict[str, str] = {
+    **dict.fromkeys(("data", "labels", "label_format", "uncertain", "label_fraction", "split_fractions", "split",
+                     "img_size", "crop_scale", "decode_size", "loader", "num_workers"), "data"),
+    **dict.fromkeys(("model", "in_chans", "mask_ratio", "norm_pix_loss", "decoder_dim", "decoder_depth",
+                     "decoder_heads", "init", "pretrained", "checkpoint", "global_pool", "drop_path",
+                     "allow_mismatch", "linear_probe"), "model"),
+    **dict.fromkeys(("epochs", "warmup_epochs", "batch_size", "accum_iter", "blr", "lr", "min_lr", "weight_decay",
+                     "betas", "clip_grad", "layer_decay", "label_smoothing", "mixup", "cutmix", "max_steps",
+                     "probe_l2"), "optimisation"),
+    **dict.fromkeys(("output_dir", "save_every", "keep_last", "log_every", "eval_every", "resume"), "output"),
+}
+
+# str fields that name a file or folder (shown as PATH in --help)
+PATH_FIELDS = frozenset({"data", "labels", "init", "pretrained", "resume", "output_dir", "checkpoint"})
+
+
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,
-        maximum: float | None = None, allow_nonfinite: bool = False) -> Any:
+        maximum: float | None = None, allow_nonfinite: bool = False, group: str | None = None) -> Any:
     """A dataclass field with its help text and the limits :func:`check` enforces; a float
-    field rejects NaN and infinities unless ``allow_nonfinite``."""
+    field rejects NaN and infinities unless ``allow_nonfinite``. ``group`` is its --help
+    section (one of :data:`GROUPS`; default: :data:`FIELD_GROUPS`, else "other")."""
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
-                "minimum": minimum, "maximum": maximum, "allow_nonfinite": allow_nonfinite}
+                "minimum": minimum, "maximum": maximum, "allow_nonfinite": allow_nonfinite, "group": group}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -106,8 +128,45 @@ def _converter(tp: Any):
     raise TypeError(f"unsupported config field type {tp}")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+def _unwrap_optional(tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def metavar(name: str, tp: Any, default: Any) -> str:
+    """What --help shows as an option's value: PATH, N (int), X (float), A,B,C (a tuple, one
+    letter per item of the default), true|false, NAME (one of choices) or TEXT."""
+    tp = _unwrap_optional(tp)
+    if typing.get_origin(tp) is tuple:
+        if isinstance(default, (tuple, list)) and 0 < len(default) <= 26:
+            return ",".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(default)])
+        return "A,B,..."
+    if tp is bool:
+        return "true|false"
+    if tp is int:
+        return "N"
+    if tp is float:
+        return "X"
+    return "PATH" if name in PATH_FIELDS else "NAME"
+
+
+def group_of(f: dataclasses.Field) -> str:
+    """The --help section of a config field."""
+    return f.metadata.get("group") or FIELD_GROUPS.get(f.name, "other")
+
+
+def help_text(f: dataclasses.Field, default: Any) -> str:
+    """The field's help, its choices (when limited to some) and its default."""
+    text = f.metadata.get("help", "")
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        text += f" (choices: {', '.join(map(str, choices))})"
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    # argparse %-formats help strings: a literal % must be doubled
+    return f"{text} (default: {default})".replace("%", "%%")
 
 
 def _toml():
@@ -149,17 +208,20 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str) -> 
     """
     hints = typing.get_type_hints(cls)
     parser = Parser(prog=prog, description=description, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    usage=f"{prog} [-h] [--config FILE] [--OPTION VALUE ...]",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of options (keys as below); "
                         "command-line options override it")
+    fields = dataclasses.fields(cls)
+    sections = {g: parser.add_argument_group(f"{g} options") for g in GROUPS if any(group_of(f) == g for f in fields)}
     converters = {}
-    for f in dataclasses.fields(cls):
+    for f in fields:
         converters[f.name] = _converter(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, type=converters[f.name],
-                            metavar=_type_name(hints[f.name]).upper().split("[")[0],
-                            help=f"{f.metadata.get('help', '')} (default: {default})")
+        sections[group_of(f)].add_argument(*names, dest=f.name, default=argparse.SUPPRESS, type=converters[f.name],
+                                           metavar=metavar(f.name, hints[f.name], default),
+                                           help=help_text(f, default))
     ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_file = ns.pop("config", None)

@@ -438,12 +438,12 @@ class Loop:
             extra["mfu"] = round(self.seen * self.flops / (now - self.t_last) / self.peak, 4)
         warning = self.wait.warning(timing, self.logged_at + 1, step) if self.rt.main else None
         self.logged_at, self.t_last, self.seen = step, now, 0
-        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}",
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=logs.significant(ips), lr=f"{lr:.2e}",
                              wait=f"{100 * timing['data_wait_frac']:.0f}%", **{k: f"{v:.1%}" for k, v in extra.items()})
         if warning:
             self.bar.write(warning, file=sys.stderr)
-        self.log.write(step, epoch=self.pos.epoch, loss=mean_loss, lr=lr, images_per_s=round(ips, 1), **timing,
-                       **extra)
+        self.log.write(step, epoch=self.pos.epoch, loss=mean_loss, lr=lr, images_per_s=float(logs.significant(ips, 4)),
+                       **timing, **extra)
 
     def ensure_finite(self) -> None:
         """Stops every rank before anything (validation, best.pth, a checkpoint) uses exploded parameters."""
@@ -483,6 +483,8 @@ class Loop:
         metrics = self.job.on_epoch_end(self.pos.epoch, self.pos.global_step)
         if metrics:
             self.log.write(self.pos.global_step, epoch=self.pos.epoch, **metrics)
+            if self.rt.main:  # one line per epoch, above the bar (e.g. fine-tuning's validation AUROC)
+                self.bar.write(logs.epoch_line(self.pos.epoch, self.cfg.epochs, metrics))
         # every epoch end is a resume point, written after its validation and best.pth with the
         # position of the next epoch, so a resume never repeats the epoch end
         self.last_path = self.checkpoint(checked=True)  # validation does not change the parameters

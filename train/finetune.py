@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from cxrfast import cli
+from cxrfast import cli, errorfile
 from cxrfast.data.direct import ImageDataset
 from cxrfast.data import label_formats
 from cxrfast.data.label_formats import UNCERTAIN_HELP, VOTES
@@ -221,7 +221,7 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
             raise config.UsageError(f"--data {cfg.data}: no image is in the training split")
         dataset = ImageDataset(train_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
                                crop_scale=tuple(cfg.crop_scale), labels=train_split.labels, seed=cfg.seed,
-                               decode_size=cfg.decode_size, errors_path=out / "errors.tsv")
+                               decode_size=cfg.decode_size, errors_path=out / errorfile.NAME)
         val = ImageDataset(val_split.files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=False,
                            labels=val_split.labels, substitute=False) if val_split.files else None
         val_labels = val_split.labels

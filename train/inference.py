@@ -8,10 +8,8 @@ rank ends with the same predictions, in dataset order, each index once.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,29 +19,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from cxrfast import atomic
 from cxrfast.data.augment import MEAN, STD
+from cxrfast import errorfile
 from cxrfast.data.direct import UnreadableImage
 from cxrfast.data.shards import FetchedBatch, collate
 from cxrfast.models import PRESETS, VisionTransformerClassifier, classifier
 from cxrfast.models.checkpoints import CheckpointError, CheckpointMismatchError, load_file, saved_config, unwrap
 
-from . import runtime
+from . import logs, runtime
 from .config import UsageError
 
 
 @dataclass
 class Predictions:
     """Scores (N, K) or features (N, D) of the images read, their dataset indices (N,), and
-    (index, path, reason) of each image that could not be read; ``total`` images were asked for.
-    ``outputs`` holds every requested output by name (``values`` is the first of them)."""
+    (index, path, error class, reason) of each image that could not be read; ``total`` images were
+    asked for. ``outputs`` holds every requested output by name (``values`` is the first of them)."""
 
     indices: np.ndarray
     values: np.ndarray
     total: int
-    failed: list[tuple[int, str, str]] = field(default_factory=list)
+    failed: list[tuple[int, str, str, str]] = field(default_factory=list)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -233,7 +230,7 @@ class _Indexed(Dataset):
             try:
                 item = self.base[i]
             except UnreadableImage as exc:
-                failed.append((i, str(exc.path), exc.reason))
+                failed.append((i, str(exc.path), exc.error, exc.reason))
                 continue
             images.append(item[0] if isinstance(item, (list, tuple)) else item)
             good.append(i)
@@ -279,8 +276,7 @@ def predict(model: torch.nn.Module, dataset: Dataset, device: torch.device, batc
     values: list[list[torch.Tensor]] = [[] for _ in names]
     indices, failed = [], []
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    bar = tqdm(total=len(part), desc=progress, unit="img", disable=progress is None or rank != 0,
-               dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    bar = logs.progress(len(part), 0, progress is not None and rank == 0, progress or "", unit="img")
     for x, idx, bad in loader:
         failed.extend(bad)
         bar.update(len(idx) + len(bad))
@@ -316,10 +312,7 @@ def _merge(parts: list, total: int, names: Sequence[str] = ("scores",)) -> Predi
     return Predictions(idx, merged[names[0]], total, failed, merged)
 
 
-def write_errors(path, failed: list[tuple[int, str, str]]) -> None:
-    """The unreadable images as CSV (path, error), written whole and atomically each time, so
-    a rerun replaces the file instead of appending to it."""
-    with atomic.atomic_open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "error"])
-        writer.writerows((p, reason) for _, p, reason in failed)
+def write_errors(path, failed: list[tuple[int, str, str, str]]) -> None:
+    """The unreadable images in the errors-file layout (source, error, reason; see
+    cxrfast.errorfile), written whole and atomically each time, so a rerun replaces the file."""
+    errorfile.write(path, (f[1:] for f in failed))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -40,15 +42,34 @@ class MetricsLog:
                 print("tensorboard not installed: writing metrics.jsonl only", file=sys.stderr)
 
     def write(self, step: int, **values) -> None:
+        """One JSONL record; numbers become TensorBoard scalars and a :class:`Path` to a PNG
+        (a picture the job wrote) a TensorBoard image, recorded in the JSONL as its path."""
         if not self.enabled:
             return
-        record = {"step": step, "time": round(time.time(), 3), **values}
+        record = {"step": step, "time": round(time.time(), 3),
+                  **{k: str(v) if isinstance(v, Path) else v for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+                elif isinstance(v, Path) and v.suffix.lower() == ".png":
+                    self.image(k, v, step)
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A PNG file as a TensorBoard image (grey or colour); an unreadable one is reported, not raised."""
+        if self.tb is None:
+            return
+        try:
+            from PIL import Image
+
+            with Image.open(png) as img:
+                pixels = np.asarray(img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB"))
+        except OSError as exc:  # a picture must never stop a run
+            print(f"warning: {png} not shown in TensorBoard: {exc}", file=sys.stderr)
+            return
+        self.tb.add_image(tag, pixels, step, dataformats="HW" if pixels.ndim == 2 else "HWC")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -70,10 +91,93 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     atomic.write_text(path, "".join(kept))
 
 
-def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
-    """A bar over optimizer steps; the caller adds img/s and loss as postfix."""
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
-                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+PROGRESS_SECONDS_ENV = "CXRFAST_PROGRESS_SECONDS"  # seconds between plain progress lines (default 30)
+
+
+class PlainProgress:
+    """The progress bar's stand-in when its stream is not a terminal (a log file, a pipe,
+    a batch scheduler): a plain line at most every ``interval`` seconds and one at the end,
+    never a carriage return. It takes the calls the training loop makes on a tqdm bar."""
+
+    def __init__(self, total: int, initial: int, desc: str, file=None, interval: float = 30.0):
+        self.total, self.n, self.desc = total, initial, desc
+        self.file = file if file is not None else sys.stderr
+        self.interval = interval
+        self.postfix: dict[str, Any] = {}
+        self._start = self._last = time.monotonic()
+        self._printed_at = initial
+        self._closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._last >= self.interval:
+            self._line()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def write(self, text: str, file=None) -> None:
+        print(text, file=file if file is not None else sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if not self._closed and self.n != self._printed_at:
+            self._line()
+        self._closed = True
+
+    def _line(self) -> None:
+        elapsed = int(time.monotonic() - self._start)
+        done = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        extra = "".join(f" {k}={v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: step {self.n}/{self.total}{done}, {elapsed // 60}:{elapsed % 60:02d} elapsed{extra}",
+              file=self.file, flush=True)
+        self._last, self._printed_at = time.monotonic(), self.n
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str, file=None, unit: str = "step") -> tqdm | PlainProgress:
+    """A bar over optimizer steps (or ``unit``s); the caller adds img/s and loss as postfix. Written to
+    ``file`` (stderr); where that is not a terminal, plain lines (:class:`PlainProgress`,
+    every $CXRFAST_PROGRESS_SECONDS, default 30) instead of a bar redrawn with carriage returns."""
+    file = file if file is not None else sys.stderr
+    if enabled and not _is_terminal(file):
+        seconds = os.environ.get(PROGRESS_SECONDS_ENV, "")
+        try:
+            interval = float(seconds) if seconds else 30.0
+        except ValueError:
+            interval = 30.0
+        return PlainProgress(total, initial, desc, file, interval)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit,
+                dynamic_ncols=True, file=file, mininterval=0.5)
+
+
+def significant(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits, without an exponent for the values a rate takes
+    (1234.4 -> '1234', 12.345 -> '12.3', 0.01234 -> '0.0123')."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:g}"
+    if abs(x) >= 10 ** (digits - 1) - 0.5:  # whole numbers keep all their digits: 1235 img/s, not 1230
+        return f"{x:.0f}"
+    x = float(f"{x:.{digits}g}")  # rounded first, so 9.996 becomes 10.0, not 10.00
+    decimals = digits - 1 - math.floor(math.log10(abs(x)))
+    return f"{x:.{decimals}f}"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if math.isfinite(v) and abs(v) >= 1e-3 else f"{v:.3g}"
+    return str(v)
+
+
+def epoch_line(epoch: int, epochs: int, metrics: dict[str, Any]) -> str:
+    """The one line printed at an epoch end: what the job measured (e.g. validation AUROC)."""
+    return f"epoch {epoch}/{epochs}: " + ", ".join(f"{k} {_value(v)}" for k, v in metrics.items())
 
 
 def announce(message: str, enabled: bool = True) -> None:

@@ -9,16 +9,62 @@ import torch
 from cxrfast.atomic import atomic_open
 
 
+COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible patches")
+TEXT_SIZE = 11  # pixels: PIL's default font, readable at the demo's 128-pixel tiles
+PAD = 2  # black border around each tile
+
+
+def reconstruction_caption(norm_pix_loss: bool, mask_ratio: float) -> str:
+    """What a reader must know to judge the picture: how much was hidden and, under
+    norm_pix_loss, that the shown reconstruction borrowed each patch's true statistics."""
+    text = f"{100 * mask_ratio:.0f}% of the patches hidden from the encoder (black in the masked input)."
+    if norm_pix_loss:
+        text += (" norm_pix_loss: the model predicts each patch normalised to zero mean and unit variance; the "
+                 "reconstruction is de-normalised with the true mean and variance of each patch of the original "
+                 "(hidden ones included), so its brightness and contrast are not the model's.")
+    return text
+
+
 def _to_uint8(x: torch.Tensor, mean: float, std: float) -> np.ndarray:
     img = (x.float() * std + mean).clamp(0, 1)
     return (img.mean(0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Words in lines no wider than ``width`` pixels (a longer word gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _text_block(texts: list[str], width: int, font) -> np.ndarray:
+    """White text on black, ``texts`` side by side in equal columns spanning ``width`` pixels."""
+    from PIL import Image, ImageDraw
+
+    column = width // len(texts)
+    wrapped = [_wrap(t, font, column - 2 * PAD) for t in texts]
+    line = TEXT_SIZE + 3
+    block = Image.new("L", (width, max(map(len, wrapped)) * line + 2 * PAD), 0)
+    draw = ImageDraw.Draw(block)
+    for k, lines in enumerate(wrapped):
+        for j, text in enumerate(lines):
+            draw.text((k * column + PAD, PAD + j * line), text, fill=255, font=font)
+    return np.asarray(block)
+
+
 def reconstruction_grid(imgs: torch.Tensor, recon: torch.Tensor, mask: torch.Tensor, patch: int,
-                        path: Path, mean: float, std: float) -> Path:
-    """Rows of original | masked input | reconstruction | reconstruction with visible patches
-    pasted back, one row per image; written atomically."""
-    from PIL import Image
+                        path: Path, mean: float, std: float, caption: str | None = None) -> Path:
+    """A PNG with a header row naming the columns (original | masked input | reconstruction |
+    reconstruction with the visible patches pasted back), one row per image, and ``caption``
+    (e.g. :func:`reconstruction_caption`) below; written atomically.
+
+    ``imgs`` and ``recon`` are normalised (B, C, H, W) tensors, ``mask`` (B, patches) with 1
+    for a hidden patch; ``mean`` and ``std`` undo the normalisation for display."""
+    from PIL import Image, ImageFont
 
     b, c, h, w = imgs.shape
     gw = w // patch
@@ -29,8 +75,13 @@ def reconstruction_grid(imgs: torch.Tensor, recon: torch.Tensor, mask: torch.Ten
     rows = []
     for i in range(b):
         tiles = [_to_uint8(t[i], mean, std) for t in (imgs, masked, recon, pasted)]
-        rows.append(np.concatenate([np.pad(t, 2) for t in tiles], axis=1))
-    sheet = np.concatenate(rows, axis=0)
+        rows.append(np.concatenate([np.pad(t, PAD) for t in tiles], axis=1))
+    font = ImageFont.load_default(size=TEXT_SIZE)
+    width = rows[0].shape[1]
+    parts = [_text_block(list(COLUMNS), width, font), *rows]
+    if caption:
+        parts.append(_text_block([caption], width, font))
+    sheet = np.concatenate(parts, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as f:
         Image.fromarray(sheet).save(f, format="PNG")

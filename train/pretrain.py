@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from cxrfast import cli
+from cxrfast import cli, errorfile
 from cxrfast.data.direct import MEAN, STD, ImageDataset
 from cxrfast.data.shards import PreparedData, PreparedDataset, is_prepared
 from cxrfast.models import mae
@@ -109,7 +109,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
         files = cli.image_files(cfg.data)
         dataset = ImageDataset(files, img_size=cfg.img_size, in_chans=cfg.in_chans, train=True,
                                crop_scale=tuple(cfg.crop_scale), seed=cfg.seed, decode_size=cfg.decode_size,
-                               errors_path=out / "errors.tsv")
+                               errors_path=out / errorfile.NAME)
         preview = ImageDataset(files[:8], img_size=cfg.img_size, in_chans=cfg.in_chans, train=False)
     engine.check_batch(len(dataset), cfg, rt.world_size)
     init = read_init(cfg)
@@ -123,7 +123,9 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
 
     def on_epoch_end(epoch: int, step: int) -> dict:
         if rt.main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            return {"reconstruction": str(save_reconstructions(model, preview, rt.device, out / "reconstructions" / f"epoch_{epoch:04d}.png"))}
+            # a Path to a PNG: metrics.jsonl records it, TensorBoard shows the picture (logs.MetricsLog)
+            return {"reconstruction": save_reconstructions(model, preview, rt.device,
+                                                           out / "reconstructions" / f"epoch_{epoch:04d}.png")}
         return {}
 
     job = engine.Job("pretrain", model, dataset, param_groups(model, cfg.weight_decay),
@@ -137,7 +139,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
               f"  config:          {out / 'config.json'}\n"
               f"  metrics:         {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'})\n"
               f"  reconstructions: {picture}\n"
-              f"  unreadable files (if any): {out / 'errors.tsv'}")
+              f"  unreadable files (if any): {out / errorfile.NAME}")
     return summary
 
 
@@ -158,7 +160,8 @@ def read_init(cfg: PretrainConfig):
 
 @torch.no_grad()
 def save_reconstructions(model, preview, device: torch.device, path: Path) -> Path:
-    """original | masked | reconstruction | pasted, for fixed images and a fixed mask."""
+    """original | masked | reconstruction | pasted, for fixed images and a fixed mask, captioned
+    with the mask ratio and (norm_pix_loss) how the reconstruction was de-normalised."""
     was_training = model.training
     model.eval()
     imgs = torch.stack([preview[i] for i in range(len(preview))]).to(device)
@@ -167,8 +170,9 @@ def save_reconstructions(model, preview, device: torch.device, path: Path) -> Pa
         _, pred, mask = model(imgs, noise=noise.to(device))
     recon = model.reconstruct(pred.float(), imgs.float())
     model.train(was_training)
+    caption = pictures.reconstruction_caption(model.norm_pix_loss, float(mask.float().mean()))
     return pictures.reconstruction_grid(imgs.float().cpu(), recon.cpu(), mask.float().cpu(),
-                                        model.patch_embed.patch_size, path, MEAN, STD)
+                                        model.patch_embed.patch_size, path, MEAN, STD, caption)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Items are addressed by (index, epoch) so that augmentation is seeded by the sample and the
 epoch alone: the same run gives the same crops whatever the worker count, and a resumed run
 continues with exactly the crops the killed one would have used. A file that cannot be read
-is logged to the errors file (once per file and run folder, however many epochs, reruns and
-resumes meet it) and replaced by the next readable one (with that one's labels),
+is logged to the errors file (``errors.csv``, see cxrfast.errorfile; once per file and run
+folder, however many epochs, reruns and resumes meet it) and replaced by the next readable one (with that one's labels),
 so every rank still gets full batches and a long run never stops for one bad file. For
 evaluation (``substitute=False``) a bad file raises :class:`UnreadableImage` instead, so
 the caller drops the image and its labels rather than scoring another file under them.
@@ -14,29 +14,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; a rare duplicate row is the worst case
-    fcntl = None  # type: ignore[assignment]
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .. import errorfile
 from .augment import MEAN, STD, crop_resize, draw_crops, whole_images
 from .files import load_image
-
-
-def _logged_paths(fd: int) -> set[str]:
-    """The paths (first column) of an errors file open as ``fd``."""
-    chunks = []
-    while True:
-        chunk = os.pread(fd, 1 << 20, sum(map(len, chunks)))
-        if not chunk:
-            break
-        chunks.append(chunk)
-    text = b"".join(chunks).decode(errors="replace")
-    return {line.split("\t", 1)[0] for line in text.splitlines() if line}
 
 
 class UnreadableImage(Exception):
@@ -45,7 +29,7 @@ class UnreadableImage(Exception):
     def __init__(self, index: int, path: Path, cause: Exception):
         super().__init__(f"{path}: {type(cause).__name__}: {' '.join(str(cause).split())}")
         self.index, self.path = index, path
-        self.reason = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+        _, self.error, self.reason = errorfile.row(path, cause)  # the errors file's columns
 
 
 class ImageDataset(Dataset):
@@ -71,21 +55,10 @@ class ImageDataset(Dataset):
         return len(self.files)
 
     def _log_error(self, path: Path, exc: Exception) -> None:
-        """Appends ``path`` to the errors file unless it is listed there already, so every
-        epoch, rerun and resume into the same run folder lists each bad file once."""
-        if self.errors_path is None or str(path) in self._logged:
-            return
-        line = f"{path}\t{type(exc).__name__}: {' '.join(str(exc).split())}\n"
-        fd = os.open(self.errors_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None:  # data-loader workers are processes: one at a time reads, then appends
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            self._logged |= _logged_paths(fd)  # what other workers and earlier runs wrote
-            if str(path) not in self._logged:
-                os.write(fd, line.encode())  # one append: lines from many workers never interleave
-                self._logged.add(str(path))
-        finally:
-            os.close(fd)  # releases the lock
+        """Adds ``path`` to the errors file (cxrfast.errorfile) unless it is listed there
+        already, so every epoch, rerun and resume into the same run folder lists each bad file once."""
+        if self.errors_path is not None:
+            errorfile.append_once(self.errors_path, errorfile.row(path, exc), self._logged)
 
     def _read(self, index: int) -> tuple[int, np.ndarray]:
         if not self.substitute:

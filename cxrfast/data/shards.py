@@ -114,11 +114,22 @@ class PreparedData:
         return out
 
 
+COLLATE_HINT = ("PreparedDataset fetches whole batches: pass collate_fn=cxrfast.data.shards.collate to the "
+                "DataLoader, e.g. DataLoader(dataset, batch_size=64, collate_fn=collate), or let "
+                "cxrfast.data.loader(prepared_folder, batch_size=64) build the loader")
+
+
 class FetchedBatch:
-    """A batch a dataset built whole in ``__getitems__``; :func:`collate` passes it through."""
+    """A batch a dataset built whole in ``__getitems__``; :func:`collate` passes it through.
+
+    torch's default collate starts by indexing the batch it is given: here that says which
+    collate function to pass instead of failing somewhere inside torch."""
 
     def __init__(self, value):
         self.value = value
+
+    def __getitem__(self, index):
+        raise TypeError(COLLATE_HINT)
 
 
 def collate(samples):
@@ -132,7 +143,9 @@ def collate(samples):
 class PreparedDataset(Dataset):
     """The CPU path over a prepared folder: (index, epoch) -> normalised (C, size, size) [, labels].
 
-    A DataLoader (with ``collate_fn=collate``) fetches whole batches through
+    ``cxrfast.data.loader(folder, batch_size=...)`` builds the batches in one call. A
+    DataLoader of your own needs ``collate_fn=collate`` (without it, the first batch raises a
+    TypeError saying so): it fetches whole batches through
     ``__getitems__``: crops are drawn for the batch at once and cropped, resized, mirrored and
     normalised straight from the memmap by native code into one output tensor (reused once
     nothing holds it; in shared memory in a worker). Crops and flips are those of every other
