@@ -91,7 +91,7 @@ def test_one_row_per_readable_image_and_the_bad_ones_listed(setup, tmp_path, cap
     assert [r["path"] for r in rows] == [str(p) for p in good]  # 5 DICOMs, a PNG and a JPEG
     assert list(rows[0]) == ["path", *FINDINGS]
     errors = _rows(tmp_path / "o" / "preds.errors.csv")
-    assert sorted(Path(e["path"]).name for e in errors) == sorted(BAD) and all(e["error"] for e in errors)
+    assert sorted(Path(e["source"]).name for e in errors) == sorted(BAD) and all(e["error"] for e in errors)
     assert "predicted 7 of 9 images; 2 unreadable" in stdout and str(tmp_path / "o" / "preds.errors.csv") in stdout
     assert result["predicted"] == 7 and result["unreadable"] == 2
     want, _ = _expected(model, good)
@@ -104,7 +104,7 @@ def test_rerun_rewrites_the_errors_file(setup, tmp_path, capsys):
     root, images, _ = setup
     out = tmp_path / "preds.csv"
     errors = tmp_path / "preds.errors.csv"
-    errors.write_text("path,error\nstale.dcm,old\n")
+    errors.write_text("source,error,reason\nstale.dcm,OSError,old\n")
     good = tmp_path / "good.csv"
     good.write_text(f"path\n{images / 'cxr_000.dcm'}\n")
     predict.main(["--checkpoint", str(root / "model.pth"), "--data", str(good), "--out", str(out), "--device", "cpu"])
