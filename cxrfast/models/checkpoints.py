@@ -4,7 +4,8 @@
   our MAE or classifier: unwrap, strip ``module.`` prefixes, fold the source's input
   normalisation into the patch embedding (and the pixel decoder head), turn 3-channel patch
   embeddings into 1 channel (sum over RGB: a grey image fed as R=G=B gives the same response)
-  or 1 into 3 (repeat / 3), and resample position embeddings to another grid, in fp32.
+  or 1 into 3 (repeat / 3), all in fp64, and resample position embeddings to another grid,
+  in fp32.
 - The source normalisation (:func:`source_normalisation`): a ``normalisation`` entry
   ``{'mean': [...], 'std': [...]}`` in the file if it has one; cxrfast's grey one for a cxrfast
   checkpoint (it has a ``config`` entry); ImageNet's mean/std for any other 3-channel patch
@@ -26,7 +27,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
