@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cxrfast import ops
 from cxrfast.models import mae
+from cxrfast.models.mae import visible_count
 from kernels.masking import mask_ids, unshuffle, unshuffle_op, unshuffle_ref
 
 
@@ -183,3 +184,78 @@ def test_forward_decoder_without_ids_keep_recovers_them():
     ids_keep, _, ids_restore = m.masking(2, 0.75, torch.rand(2, 16))
     latent = m.encode_visible(imgs, ids_keep)
     assert torch.equal(m.forward_decoder(latent, ids_restore), m.forward_decoder(latent, ids_restore, ids_keep))
+
+
+def test_visible_count_rounds_down_as_mae_does():
+    """int(), not round(): 19 of 196 patches stay at 0.9 (round would give 20); a product that
+    is whole in exact arithmetic is not lost to floating point (400 * (1 - 0.9) = 39.999...)."""
+    assert visible_count(196, 0.75) == 49 and visible_count(196, 0.9) == 19 and visible_count(400, 0.9) == 40
+    m = _tiny()
+    _, mask, _ = m.masking(2, 0.9, torch.rand(2, 16))
+    assert mask.sum(1).tolist() == [15, 15]  # int(1.6) = 1 visible of 16
+
+
+def test_the_same_ids_keep_gives_the_same_loss_in_any_order():
+    m = _tiny()
+    imgs = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    ids = torch.tensor([[3, 0, 15, 7], [9, 2, 4, 1]])
+    loss = m(imgs, ids_keep=ids)[0]
+    assert torch.equal(m(imgs, ids_keep=ids.clone())[0], loss)
+    torch.testing.assert_close(m(imgs, ids_keep=ids.flip(1))[0], loss, atol=1e-12, rtol=1e-10)
+    noise = torch.rand(2, 16)  # the patches noise keeps, given as ids_keep: the noise path's numbers
+    from_noise, _, _ = m.masking(2, m.mask_ratio, noise)
+    torch.testing.assert_close(m(imgs, ids_keep=from_noise)[0], m(imgs, noise=noise)[0], atol=1e-12, rtol=1e-10)
+    assert not torch.allclose(m(imgs, ids_keep=torch.tensor([[1, 2, 5, 6], [0, 8, 10, 11]]))[0], loss)
+
+
+def test_mask_from_ids_keep_marks_exactly_the_other_patches():
+    m = _tiny()
+    ids = torch.tensor([[3, 0, 15, 7, 8], [9, 2, 4, 1, 11]])
+    ids_keep, mask, ids_restore = m.masking_from_ids(ids, 2)
+    assert torch.equal(ids_keep, ids)
+    for row in range(2):
+        expected = torch.ones(16)
+        expected[ids[row]] = 0
+        assert torch.equal(mask[row], expected)
+        assert ids_restore[row][ids[row]].tolist() == list(range(5))  # encoder token j is patch ids[row, j]
+    _, _, mask = m(torch.randn(2, 1, 32, 32, dtype=torch.float64), ids_keep=ids)
+    assert mask.sum(1).tolist() == [11, 11]
+
+
+@pytest.mark.parametrize("noise, message", [
+    (torch.rand(2, 17), r"noise must have shape \(batch, patches\) = \(2, 16\), got \(2, 17\)"),
+    (torch.rand(3, 16), r"= \(2, 16\), got \(3, 16\)"),
+    (torch.rand(2, 4, 4), r"got \(2, 4, 4\)"),
+    (torch.randint(0, 9, (2, 16)), "floating-point tensor, got torch.int64"),
+])
+def test_bad_noise_is_a_value_error_naming_the_shapes(noise, message):
+    m = _tiny()
+    with pytest.raises(ValueError, match=message):
+        m(torch.randn(2, 1, 32, 32, dtype=torch.float64), noise=noise)
+    with pytest.raises(ValueError, match=message):
+        m.random_masking(torch.randn(2, 16, 32), 0.75, noise)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[1, 2, 2, 3], [0, 1, 2, 3]]), r"row 0 must hold distinct patch indices in \[0, 16\), got \[1, 2, 2, 3\]"),
+    (torch.tensor([[1, 2, 3, 4], [0, 1, 2, 16]]), r"row 1 must hold distinct"),
+    (torch.tensor([[-1, 2, 3, 4], [0, 1, 2, 3]]), r"row 0 must hold distinct"),
+    (torch.tensor([[1, 2, 3, 4]]), r"ids_keep must have shape \(batch, keep\) = \(2, keep <= 16\), got \(1, 4\)"),
+    (torch.arange(17).expand(2, -1), r"got \(2, 17\)"),
+    (torch.tensor([1, 2, 3, 4]), r"got \(4,\)"),
+    (torch.tensor([[1, 2, 3, 4], [0, 1, 2, 3]], dtype=torch.int32), "int64 patch indices, got torch.int32"),
+])
+def test_bad_ids_keep_is_a_value_error(ids, message):
+    m = _tiny()
+    with pytest.raises(ValueError, match=message):
+        m(torch.randn(2, 1, 32, 32, dtype=torch.float64), ids_keep=ids)
+
+
+def test_ids_keep_excludes_noise_and_an_other_mask_ratio():
+    m = _tiny()
+    imgs, ids = torch.randn(2, 1, 32, 32, dtype=torch.float64), torch.tensor([[1, 2, 3, 4], [0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="noise or ids_keep, not both"):
+        m(imgs, noise=torch.rand(2, 16), ids_keep=ids)
+    with pytest.raises(ValueError, match="mask_ratio 0.5 keeps 8 of 16 patches, ids_keep gives 4"):
+        m(imgs, mask_ratio=0.5, ids_keep=ids)
+    assert torch.equal(m(imgs, mask_ratio=0.75, ids_keep=ids)[0], m(imgs, ids_keep=ids)[0])

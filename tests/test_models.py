@@ -100,16 +100,21 @@ def _facebook_mae_state_dict(depth=2, dim=192, ddim=64, ddepth=2, gs=4, p=16, ch
     return {k: torch.randn(v) for k, v in sd.items()}
 
 
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
 def test_facebook_mae_checkpoint_loads_without_missing_or_unexpected_keys():
     sd = _facebook_mae_state_dict()
     model = mae("vit_tiny", img_size=64, depth=2, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
     result = load_pretrained(model, {"model": sd, "epoch": 799}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    # RGB -> grey: summing the channel weights gives the same response to a grey image
+    # RGB -> grey: the same response to a grey image, ImageNet-normalised for the RGB weights and
+    # cxrfast-normalised for ours (the normalisation is folded into the weights and the bias)
     grey = torch.rand(1, 1, 16, 16)
-    rgb_resp = (sd["patch_embed.proj.weight"] * grey.expand(1, 3, 16, 16)).sum((1, 2, 3))
-    ours = (model.patch_embed.proj.weight * grey).sum((1, 2, 3))
-    torch.testing.assert_close(ours, rgb_resp, rtol=1e-5, atol=1e-4)
+    rgb_in = (grey.expand(1, 3, 16, 16) - IMAGENET_MEAN.view(1, 3, 1, 1)) / IMAGENET_STD.view(1, 3, 1, 1)
+    rgb_resp = (sd["patch_embed.proj.weight"] * rgb_in).sum((1, 2, 3)) + sd["patch_embed.proj.bias"]
+    ours = (model.patch_embed.proj.weight * (grey - 0.5) / 0.25).sum((1, 2, 3)) + model.patch_embed.proj.bias
+    torch.testing.assert_close(ours, rgb_resp, rtol=1e-4, atol=1e-3)
     assert torch.equal(model.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
 
 

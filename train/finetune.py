@@ -39,8 +39,7 @@ from cxrfast.data.label_formats import UNCERTAIN_HELP, VOTES
 from cxrfast.data.labels import FORMATS
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
-from cxrfast.models.checkpoints import (CheckpointError, check_fits, load_file, load_pretrained, saved_config,
-                                        unwrap)
+from cxrfast.models.checkpoints import CheckpointError, check_fits, load_file, load_pretrained, saved_config, slim
 from cxrfast.models.vit import param_groups
 
 from . import checkpoints, config, engine, inference, labelled, logs, metrics, runtime
@@ -135,7 +134,7 @@ def resolve_pretrained(cfg: FinetuneConfig, explicit: set[str]) -> tuple[Finetun
         config.fail(f"--pretrained {exc}" if not Path(cfg.pretrained).is_file() else str(exc))
     saved = saved_config(ckpt)
     if isinstance(ckpt, dict):
-        ckpt = {"model": unwrap(ckpt)}
+        ckpt = slim(ckpt, cfg.pretrained)  # the weights and their input normalisation, not the optimizer
     if "model" in saved and "model" in explicit and saved["model"] != cfg.model:
         config.fail(f"--model {cfg.model} does not fit --pretrained {cfg.pretrained}, a {saved['model']} checkpoint; "
                  f"leave --model out (or pass --model {saved['model']}) to fine-tune it")

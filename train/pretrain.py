@@ -29,7 +29,7 @@ from cxrfast.data.direct import MEAN, STD, ImageDataset
 from cxrfast.data.shards import PreparedData, PreparedDataset, is_prepared
 from cxrfast.models import mae
 from cxrfast.models.checkpoints import CheckpointError, check_fits, load_file, load_pretrained
-from cxrfast.models.vit import param_groups
+from cxrfast.models.vit import PRETRAIN_NO_DECAY, param_groups
 from cxrfast.synthetic import ensure_demo_dataset
 
 from . import config, engine, logs, pictures, runtime
@@ -128,7 +128,8 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
                                                            out / "reconstructions" / f"epoch_{epoch:04d}.png")}
         return {}
 
-    job = engine.Job("pretrain", model, dataset, param_groups(model, cfg.weight_decay),
+    # facebookresearch/mae's pretraining groups: cls_token and mask_token decay, only 1-D and biases do not
+    job = engine.Job("pretrain", model, dataset, param_groups(model, cfg.weight_decay, no_decay=PRETRAIN_NO_DECAY),
                      loss=mae_loss, on_epoch_end=on_epoch_end, batches=batches,
                      loader=f"{backend} loader over prepared shards" if backend else "")
     summary = engine.run(cfg, rt, job, resumed)

@@ -244,9 +244,19 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+# Parameters exempt from weight decay besides 1-D ones (norms) and biases, by name.
+# Fine-tuning (BEiT / MAE main_finetune: model.no_weight_decay()): the learnt tokens and position embedding.
+FINETUNE_NO_DECAY: tuple[str, ...] = ("cls_token", "pos_embed", "mask_token")
+# Pretraining (MAE main_pretrain: timm's add_weight_decay with no skip list): nothing else, so
+# cls_token and mask_token decay; the fixed sin-cos position embeddings do not train at all.
+PRETRAIN_NO_DECAY: tuple[str, ...] = ()
+
+
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
-                 no_decay: tuple[str, ...] = ("cls_token", "pos_embed", "mask_token")) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms (1-D) and tokens; lr scaled by
+                 no_decay: tuple[str, ...] = FINETUNE_NO_DECAY) -> list[dict]:
+    """AdamW groups over the parameters that train: no weight decay on biases, 1-D parameters
+    (norms) and the names in ``no_decay`` (:data:`FINETUNE_NO_DECAY`, or
+    :data:`PRETRAIN_NO_DECAY` for MAE pretraining); lr scaled by
     layer_decay ** (depth + 1 - layer) when layer_decay < 1 (BEiT / MAE fine-tuning)."""
     depth = len(getattr(model, "blocks", []))
     groups: dict[tuple[int, bool], dict] = {}
