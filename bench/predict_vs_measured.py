@@ -28,7 +28,7 @@ for p in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 import step_model as sm  # noqa: E402
-from cxrfast.models.vit import PRESETS, param_groups  # noqa: E402
+from cxrfast.models.vit import PRESETS  # noqa: E402
 from train import engine, pretrain, runtime  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def build_step(model: str, img_size: int, batch: int, device: torch.device):
     torch.manual_seed(0)
     net = pretrain.build_model(cfg).to(device)
     rt = runtime.Runtime(rank=0, world_size=1, local_rank=0, device=device)
-    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=1e-4, betas=tuple(cfg.betas), fused=True)
+    optimizer = torch.optim.AdamW(pretrain.optimizer_groups(net, cfg.weight_decay), lr=1e-4, betas=tuple(cfg.betas), fused=True)
     guard = engine.Guard(device)
     images = torch.randn(batch, cfg.in_chans, img_size, img_size, device=device)
     counter = [0]

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
-import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -47,7 +45,6 @@ if str(ROOT) not in sys.path:
 from cxrfast import ops  # noqa: E402
 from kernels.library import TRAFFIC  # noqa: E402
 from train import engine, pretrain, runtime  # noqa: E402
-from cxrfast.models.vit import param_groups  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -330,7 +327,7 @@ def record_step(model: str = "vit_base", img_size: int = 224, batch: int = 256, 
     try:
         with FakeTensorMode():
             _fake_like(net)
-            optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=1e-4, betas=tuple(cfg.betas),
+            optimizer = torch.optim.AdamW(pretrain.optimizer_groups(net, cfg.weight_decay), lr=1e-4, betas=tuple(cfg.betas),
                                           fused=True)
             _warm_optimizer(net, optimizer)
             guard = engine.Guard(rt.device)

@@ -62,6 +62,12 @@ DEMO = dict(output_dir="outputs/pretrain_demo", model="vit_tiny", img_size=128, 
             eval_every=5, log_every=5)
 
 
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """facebookresearch/mae's pretraining groups: cls_token and mask_token decay, only 1-D
+    parameters and biases do not (the benchmarks build the same groups through this)."""
+    return param_groups(model, weight_decay, no_decay=PRETRAIN_NO_DECAY)
+
+
 def build_model(cfg: PretrainConfig) -> torch.nn.Module:
     return mae(cfg.model, img_size=cfg.img_size, in_chans=cfg.in_chans, decoder_embed_dim=cfg.decoder_dim,
                decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_heads,
@@ -128,8 +134,7 @@ def pretrain(cfg: PretrainConfig, rt: runtime.Runtime) -> dict:
                                                            out / "reconstructions" / f"epoch_{epoch:04d}.png")}
         return {}
 
-    # facebookresearch/mae's pretraining groups: cls_token and mask_token decay, only 1-D and biases do not
-    job = engine.Job("pretrain", model, dataset, param_groups(model, cfg.weight_decay, no_decay=PRETRAIN_NO_DECAY),
+    job = engine.Job("pretrain", model, dataset, optimizer_groups(model, cfg.weight_decay),
                      loss=mae_loss, on_epoch_end=on_epoch_end, batches=batches,
                      loader=f"{backend} loader over prepared shards" if backend else "")
     summary = engine.run(cfg, rt, job, resumed)
