@@ -31,7 +31,6 @@ import json
 import math
 import numbers
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
+from .progress import progress
 
 from . import atomic, cli, dicom
 from . import manifest as mf
@@ -127,10 +126,10 @@ class Preparer:
         """Header pass over ``files`` (sorted): one entry per key, in order of its first file."""
         by_key: dict[str, Entry] = {}
         entries: list[Entry] = []
-        with ThreadPoolExecutor(self.workers) as pool:
+        with ThreadPoolExecutor(self.workers) as pool, progress(len(files), 0, True, "headers", unit="file") as bar:
             futures = [pool.submit(_describe, p) for p in files]
-            for p, fut in tqdm(zip(files, futures), total=len(files), desc="headers", unit="file",
-                               file=sys.stderr, disable=None):
+            for p, fut in zip(files, futures):
+                bar.update(1)
                 try:
                     key, meta = fut.result()
                 except Exception as exc:  # DicomError, OSError, PIL errors: logged, not fatal
@@ -191,7 +190,7 @@ class Preparer:
             trying = retry
         return [tuple(s) for s in state]
 
-    def write_shard(self, number: int, entries: list[Entry], bar: tqdm) -> list[Record]:
+    def write_shard(self, number: int, entries: list[Entry], bar) -> list[Record]:
         """Decodes the entries, writes the manifest, then the shard; returns the manifest's records."""
         records: list[Record] = []
         images: list[np.ndarray] = []
@@ -324,8 +323,7 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     chunks = [entries[i:i + prep.per_shard] for i in range(0, len(entries), prep.per_shard)]
     new_numbers = _numbers(finished, len(chunks))
     chunks += [[] for _ in range(len(new_numbers) - len(chunks))]
-    with tqdm(total=len(files), initial=len(files) - len(pending), desc="decode", unit="file", file=sys.stderr,
-              disable=None) as bar:
+    with progress(len(files), len(files) - len(pending), True, "decode", unit="file") as bar:
         for n, chunk in zip(new_numbers, chunks):
             for r in prep.write_shard(n, chunk, bar):
                 records[r.source] = r

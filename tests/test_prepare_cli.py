@@ -83,6 +83,7 @@ def test_malformed_label_csv(tmp_path, capsys, src):
 def test_rerun_with_another_size_is_refused_then_overwrite_rebuilds(tmp_path, capsys, src):
     out = tmp_path / "out"
     main([str(src), str(out), "--size", "16", "--workers", "1"])
+    capsys.readouterr()  # the first run's output (its progress lines) is not the rerun's
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     line = _fails(capsys, [str(src), str(out), "--size", "24", "--workers", "1"], str(out), "16", "24", "--overwrite")
     assert "size" in line
@@ -98,3 +99,12 @@ def test_real_process_prints_one_line_without_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such folder"]
     assert not (tmp_path / "o").exists()
+
+
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, capsys, src):
+    """Under a scheduler or `> log 2>&1` the header and decode passes print plain lines (no
+    carriage returns), ending with the full count (cxrfast.progress)."""
+    main([str(src), str(tmp_path / "out"), "--size", "16", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "headers: file 3/3 (100%)" in err and "decode: file 3/3 (100%)" in err
