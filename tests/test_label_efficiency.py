@@ -163,3 +163,15 @@ def test_bad_options_are_one_error_line(inputs, tmp_path, capsys, args, named):
 def test_data_without_pretrained_is_an_error(inputs, tmp_path, capsys):
     line = fails(capsys, 2, ["--data", inputs[0], "--output_dir", tmp_path / "out"])
     assert "--pretrained" in line
+
+
+def test_dataset_protocol_options_reach_every_run_unchanged():
+    """--label_set, --split_files, --view ... of the study are the fine-tuning runs' own."""
+    from train import config, labelled
+
+    argv = ["--label_set", "chexpert5", "--split_files", "train_val_list.txt,test_list.txt", "--view", "PA,AP",
+            "--labels_map", "Effusion=Pleural Effusion", "--test_labels", "valid.csv", "--rad_vote", "any"]
+    study, _ = config.parse(le.StudyConfig, argv, "study", "")
+    run, _ = config.parse(finetune.FinetuneConfig, labelled.protocol_argv(study), "run", "")
+    assert labelled.protocol_of(run) == labelled.protocol_of(study)
+    assert labelled.protocol_of(study).split_files == ("train_val_list.txt", "test_list.txt")

@@ -210,9 +210,7 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, pretrained: Any = None) -
         if cfg.labels is None:
             raise config.UsageError(f"--data {cfg.data}: --labels is required (unless --data is a prepared folder)")
         data = labelled.load(cfg.data, cfg.labels, cfg.label_format, cfg.uncertain, cfg.label_fraction,
-                             tuple(cfg.split_fractions), cfg.seed,
-                             labelled.protocol(cfg.label_set, cfg.labels_map, cfg.split_files, cfg.test_labels,
-                                               cfg.view, cfg.rad_vote))
+                             tuple(cfg.split_fractions), cfg.seed, labelled.protocol_of(cfg))
         notes = data.notes
         names = data.names
         train_split, val_split = data.splits["train"], data.splits["val"]

@@ -46,7 +46,8 @@ import torch
 
 from cxrfast import atomic, cli
 from cxrfast.data import label_formats
-from cxrfast.data.labels import FORMATS, UNCERTAIN
+from cxrfast.data.label_formats import UNCERTAIN_HELP, VOTES
+from cxrfast.data.labels import FORMATS
 from cxrfast.data.shards import is_prepared
 from cxrfast.models import PRESETS, classifier
 from cxrfast.models.checkpoints import CheckpointError, load_file, load_pretrained, saved_config
@@ -68,7 +69,13 @@ class StudyConfig:
                                     "none: the demo dataset")
     labels: Optional[str] = opt(None, "label CSV (not needed for a prepared folder); none: the demo labels")
     label_format: str = opt("auto", label_formats.help_text(), choices=FORMATS)
-    uncertain: str = opt("ones", "CheXpert -1 labels: ones, zeros or ignore", choices=UNCERTAIN)
+    uncertain: str = opt("ones", f"CheXpert/MIMIC {UNCERTAIN_HELP}")
+    label_set: Optional[str] = opt(None, labelled.HELP["label_set"])
+    labels_map: Optional[str] = opt(None, labelled.HELP["labels_map"])
+    split_files: Optional[tuple[str, ...]] = opt(None, labelled.HELP["split_files"])
+    test_labels: Optional[str] = opt(None, labelled.HELP["test_labels"])
+    view: Optional[str] = opt(None, labelled.HELP["view"])
+    rad_vote: str = opt("majority", labelled.HELP["rad_vote"], choices=VOTES)
     pretrained: Optional[str] = opt(None, "the MAE pretraining checkpoint; none: the demo's newest")
     output_dir: str = opt("outputs/label_efficiency", "where runs/, study.json and the report go")
     fractions: tuple[float, ...] = opt((0.01, 0.1, 1.0), "label fractions of the training split", maximum=1)
@@ -105,6 +112,7 @@ class StudyConfig:
             if not f > 0:
                 raise config.UsageError(f"--fractions {f}: a label fraction must be in (0, 1]")
         cli.check_fractions(self.split_fractions, "--split_fractions")
+        labelled.check_options(self.uncertain, self.label_set, self.labels_map, self.view)
         if self.model is not None and self.img_size is not None:
             engine.check_patch(self.model, self.img_size)
 
@@ -284,7 +292,7 @@ class Study:
                     raise config.UsageError(f"--data {c.data}: --labels is required (unless --data is a prepared "
                                             "folder)")
                 d = labelled.load(c.data, c.labels, c.label_format, c.uncertain, fraction,
-                                  tuple(c.split_fractions), seed)
+                                  tuple(c.split_fractions), seed, labelled.protocol_of(c))
                 self._data[key] = Labelled(list(d.names), False, d.splits)
         return self._data[key]
 
@@ -335,7 +343,7 @@ class Study:
                 "--num_workers", str(c.num_workers), "--device", c.device, "--output_dir", str(folder),
                 "--resume", "auto", "--keep_last", "1"]
         if c.labels is not None:
-            argv += ["--labels", c.labels]
+            argv += ["--labels", c.labels] + labelled.protocol_argv(c)
         if c.lr is not None:
             argv += ["--lr", repr(c.lr)]
         if run.arm == "mae_finetune":

@@ -126,3 +126,21 @@ def protocol(label_set: str | None = None, labels_map: str | None = None, split_
     """A Protocol from config values (a saved config holds split_files as a list)."""
     return Protocol(label_set or None, labels_map or None, tuple(split_files or ()), test_labels or None, view or None,
                     rad_vote or "majority")
+
+
+PROTOCOL_OPTIONS = ("label_set", "labels_map", "split_files", "test_labels", "view", "rad_vote")
+
+
+def protocol_of(cfg) -> Protocol:
+    """The Protocol of a config that has the PROTOCOL_OPTIONS fields."""
+    return protocol(*(getattr(cfg, name) for name in PROTOCOL_OPTIONS))
+
+
+def protocol_argv(cfg) -> list[str]:
+    """The PROTOCOL_OPTIONS a config sets, as command-line options (for a run it starts)."""
+    argv = []
+    for name in PROTOCOL_OPTIONS:
+        value = getattr(cfg, name)
+        if value is not None:
+            argv += [f"--{name}", ",".join(value) if isinstance(value, (tuple, list)) else str(value)]
+    return argv
