@@ -101,8 +101,9 @@ def _png(arr: np.ndarray, sbit: int | None = None) -> bytes:
 @pytest.mark.parametrize("top,sbit,white", [
     (4095, None, 4095),    # PadChest: 12-bit values in a 16-bit PNG
     (3000, None, 4095),    # bit length 12
-    (1500, None, 4095),    # bit length 11, rounded up to 12
-    (200, None, 255),      # at least 8 bits
+    (1500, None, 4095),    # bit length 11: 12
+    (200, None, 4095),     # 12 at least
+    (13600, None, 65535),  # a dark full-range image stays dark (not 14 bits)
     (40000, None, 65535),  # the full range
     (1000, 12, 4095),      # sBIT wins over the values
     (1000, 16, 65535),

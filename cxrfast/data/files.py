@@ -17,10 +17,12 @@ crop-resize kernel, GIL released), and only what the target size needs is decode
   without imagecodecs) and resized from their integers: exactly full decode + the same resize. Other
   PNGs (palette, RGB, alpha, 1-4 bit) go through Pillow's conversion to 8-bit grey.
 
-The white level of a 16-bit greyscale PNG is its real bit depth (``png_bit_depth``): the
-sBIT chunk where it has one (1-16 significant bits), otherwise the bit length of its largest
-value rounded up to 8, 10, 12, 14 or 16 - PadChest's 12-bit values in 16-bit PNGs then span
-[0, 1] instead of [0, 1/16]. 8-bit images use 255.
+The white level of a 16-bit greyscale PNG is 2**bits - 1 for its real bit depth
+(``png_bit_depth``): the sBIT chunk where it has one (1-16 significant bits), otherwise 12
+when every value fits in 12 bits, else 16. PadChest's 12-bit values in 16-bit PNGs then span
+[0, 1] instead of [0, 1/16]. Only 12 and 16 are guessed because those are the depths 16-bit
+chest PNGs come in; rounding the largest value up to 10 or 14 bits as well would turn a dark
+full-range image (largest value 13600 of 65535) into a bright one. 8-bit images use 255.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ JPEG_TOLERANCE = 4  # max abs difference (8-bit levels) of scaled vs full decode
 JPEG_MEAN_TOLERANCE = 0.3  # mean abs difference, 8-bit levels
 MAX_PIXELS = 1 << 28  # a PNG/JPEG header announcing more is refused before any decode
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_DEPTHS = (8, 10, 12, 14, 16)
+_DEPTHS = (12, 16)  # the depths guessed for a 16-bit PNG without sBIT
 
 
 def _is_dicom(path: Path) -> bool:
@@ -124,8 +126,8 @@ def _png_header(data: bytes) -> tuple[int, int, int, int, int | None]:
 
 
 def png_bit_depth(pixels: np.ndarray, significant: int | None) -> int:
-    """The real bit depth of 16-bit greyscale samples: sBIT when it is 1-16, otherwise the
-    largest value's bit length rounded up to 8, 10, 12, 14 or 16."""
+    """The real bit depth of 16-bit greyscale samples: sBIT when it is 1-16, otherwise 12
+    when the largest value fits in 12 bits, else 16."""
     if significant is not None and 1 <= significant <= 16:
         return significant
     used = int(pixels.max(initial=0)).bit_length()
