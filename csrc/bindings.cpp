@@ -77,6 +77,23 @@ bool c_contiguous(const py::buffer_info& b) {
   return true;
 }
 
+// A 2-D uint8, uint16 or float32 array with contiguous rows, of the same item size as the
+// images before it (itemsize 0: the first); checked with the GIL held.
+py::array grey_image(py::handle item, int& itemsize) {
+  if (!py::isinstance<py::array>(item)) throw py::value_error("images must be 2-D uint8, uint16 or float32 arrays");
+  auto img = py::reinterpret_borrow<py::array>(item);
+  if (img.ndim() != 2 ||
+      !((img.dtype().kind() == 'u' && (img.itemsize() == 1 || img.itemsize() == 2)) ||
+        (img.dtype().kind() == 'f' && img.itemsize() == 4)))
+    throw py::value_error("images must be 2-D uint8, uint16 or float32 arrays");
+  if (itemsize && img.itemsize() != itemsize) throw py::value_error("images must share one dtype");
+  itemsize = int(img.itemsize());
+  if (img.shape(0) > INT32_MAX || img.shape(1) > INT32_MAX) throw py::value_error("image too large for crop_resize");
+  if (img.strides(1) != itemsize || img.strides(0) <= 0 || img.strides(0) % itemsize != 0)
+    throw py::value_error("image rows must be contiguous with a positive row stride");
+  return img;
+}
+
 py::object maybe_str(const std::string& s) { return s.empty() ? py::none() : py::object(text(s)); }
 
 py::dict header_dict(const Header& h) {
@@ -374,20 +391,8 @@ PYBIND11_MODULE(_dicom, m) {
         auto flip = mirror.unchecked<1>();
         auto* dst = static_cast<float*>(out.mutable_data());
         for (size_t i = 0; i < n; ++i) {
-          py::object item = images[i];
-          if (!py::isinstance<py::array>(item)) throw py::value_error("images must be 2-D uint8, uint16 or float32 arrays");
-          keep.push_back(py::reinterpret_borrow<py::array>(item));
+          keep.push_back(grey_image(images[i], itemsize));
           const py::array& img = keep.back();
-          if (img.ndim() != 2 ||
-              !((img.dtype().kind() == 'u' && (img.itemsize() == 1 || img.itemsize() == 2)) ||
-                (img.dtype().kind() == 'f' && img.itemsize() == 4)))
-            throw py::value_error("images must be 2-D uint8, uint16 or float32 arrays");
-          if (itemsize && img.itemsize() != itemsize) throw py::value_error("images must share one dtype");
-          itemsize = int(img.itemsize());
-          if (img.shape(0) > INT32_MAX || img.shape(1) > INT32_MAX)
-            throw py::value_error("image too large for crop_resize");
-          if (img.strides(1) != itemsize || img.strides(0) <= 0 || img.strides(0) % itemsize != 0)
-            throw py::value_error("image rows must be contiguous with a positive row stride");
           CropJob& j = jobs[i];
           j.top = int(box(i, 0)), j.left = int(box(i, 1)), j.height = int(box(i, 2)), j.width = int(box(i, 3));
           if (box(i, 0) < 0 || box(i, 1) < 0 || box(i, 2) < 1 || box(i, 3) < 1 || box(i, 0) + box(i, 2) > img.shape(0) ||
@@ -403,6 +408,46 @@ PYBIND11_MODULE(_dicom, m) {
         crop_resize_many(jobs, itemsize, size, gain, offset, num_threads);
       },
       py::arg("images"), py::arg("boxes"), py::arg("mirror"), py::arg("out"), py::arg("gain"), py::arg("offset"),
+      py::arg("num_threads") = 1);
+
+  m.def(
+      "resize",
+      [](py::list images, py::array_t<int64_t, py::array::c_style | py::array::forcecast> shapes, float gain,
+         float offset, int num_threads) {
+        // Whole images resized to their own (rows, columns): new float32 arrays.
+        const size_t n = images.size();
+        if (shapes.ndim() != 2 || size_t(shapes.shape(0)) != n || shapes.shape(1) != 2)
+          throw py::value_error("shapes must be (len(images), 2): rows, columns");
+        auto shape = shapes.unchecked<2>();
+        int itemsize = 0;
+        std::vector<py::array> keep;  // owned references, as in crop_resize
+        std::vector<py::array_t<float>> outs;
+        keep.reserve(n);
+        outs.reserve(n);
+        std::vector<CropJob> jobs(n);
+        for (size_t i = 0; i < n; ++i) {
+          keep.push_back(grey_image(images[i], itemsize));
+          const py::array& img = keep.back();
+          if (shape(i, 0) < 1 || shape(i, 1) < 1 || shape(i, 0) > 65536 || shape(i, 1) > 65536)
+            throw py::value_error("output shape " + std::to_string(i) + " must be 1 to 65536 per side");
+          outs.emplace_back(std::vector<py::ssize_t>{py::ssize_t(shape(i, 0)), py::ssize_t(shape(i, 1))});
+          CropJob& j = jobs[i];
+          j.height = int(img.shape(0)), j.width = int(img.shape(1));
+          if (j.height < 1 || j.width < 1) throw py::value_error("image " + std::to_string(i) + " is empty");
+          j.src = img.data();
+          j.stride = img.strides(0) / itemsize;
+          j.out_h = int(shape(i, 0)), j.out_w = int(shape(i, 1));
+          j.out = outs.back().mutable_data();
+        }
+        if (n) {
+          py::gil_scoped_release release;
+          crop_resize_many(jobs, itemsize, 0, gain, offset, num_threads);
+        }
+        py::list result;
+        for (auto& o : outs) result.append(o);
+        return result;
+      },
+      py::arg("images"), py::arg("shapes"), py::arg("gain") = 1.0f, py::arg("offset") = 0.0f,
       py::arg("num_threads") = 1);
 
   m.def(

@@ -132,30 +132,32 @@ void with_taps(int taps, F&& f) {
 template <class T>
 void crop_resize_one(const CropJob& job, int size, float gain, float offset, Scratch& s) {
   const T* base = static_cast<const T*>(job.src) + ptrdiff_t(job.top) * job.stride + job.left;
+  const int out_h = job.out_h > 0 ? job.out_h : size, out_w = job.out_w > 0 ? job.out_w : size;
   // The gain rides on the weights of the last pass and the offset is its starting value.
-  const bool rows_first = job.height <= size;  // the gathering pass runs on fewer rows
-  triangle_taps(job.width, size, rows_first ? 1.f : gain, s.tx);
-  triangle_taps(job.height, size, rows_first ? gain : 1.f, s.ty);
+  const bool rows_first = job.height <= out_h;  // the gathering pass runs on fewer rows
+  triangle_taps(job.width, out_w, rows_first ? 1.f : gain, s.tx);
+  triangle_taps(job.height, out_h, rows_first ? gain : 1.f, s.ty);
   if (rows_first) {
-    s.tmp.resize(size_t(job.height) * size);
+    s.tmp.resize(size_t(job.height) * out_w);
     with_taps(s.tx.taps, [&](auto TX) {
       for (int y = 0; y < job.height; ++y)
-        filter_row<TX.value>(base + ptrdiff_t(y) * job.stride, s.tx, size, job.mirror, 0.f,
-                             s.tmp.data() + size_t(y) * size);
+        filter_row<TX.value>(base + ptrdiff_t(y) * job.stride, s.tx, out_w, job.mirror, 0.f,
+                             s.tmp.data() + size_t(y) * out_w);
     });
     with_taps(s.ty.taps, [&](auto TY) {
-      auto rows = [&](int y) -> const float* { return s.tmp.data() + size_t(y) * size; };
-      for (int o = 0; o < size; ++o) filter_cols<TY.value>(rows, s.ty, o, size, offset, job.out + size_t(o) * size);
+      auto rows = [&](int y) -> const float* { return s.tmp.data() + size_t(y) * out_w; };
+      for (int o = 0; o < out_h; ++o)
+        filter_cols<TY.value>(rows, s.ty, o, out_w, offset, job.out + size_t(o) * out_w);
     });
   } else {
-    // Vertical first (contiguous, vectorised) down to `size` rows, then the gathering pass.
+    // Vertical first (contiguous, vectorised) down to `out_h` rows, then the gathering pass.
     s.row.resize(size_t(job.width));
     with_taps(s.ty.taps, [&](auto TY) {
       with_taps(s.tx.taps, [&](auto TX) {
         auto rows = [&](int y) -> const T* { return base + ptrdiff_t(y) * job.stride; };
-        for (int o = 0; o < size; ++o) {
+        for (int o = 0; o < out_h; ++o) {
           filter_cols<TY.value>(rows, s.ty, o, job.width, 0.f, s.row.data());
-          filter_row<TX.value>(s.row.data(), s.tx, size, job.mirror, offset, job.out + size_t(o) * size);
+          filter_row<TX.value>(s.row.data(), s.tx, out_w, job.mirror, offset, job.out + size_t(o) * out_w);
         }
       });
     });

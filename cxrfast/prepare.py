@@ -2,8 +2,10 @@
 
 A training step that eats thousands of images a second cannot decode 12 MB DICOM files every
 epoch. This walks SRC (DICOM, 8/16-bit PNG, JPEG), decodes every image once through the
-display pipeline (DICOM in native threads via cxrfast.dicom.read_many, others with Pillow),
-resizes it (antialiased, aspect kept: the longer side becomes --size), pads it to a square
+display pipeline (DICOM in native threads via cxrfast.dicom.read_many; PNG/JPEG read once,
+hashed and decoded from the same bytes by cxrfast.data.files in a thread pool, JPEG at the
+DCT scale the size allows), resizes it (the same native antialiased resize for both, aspect
+kept: the longer side becomes --size), pads it to a square
 and writes fixed-size arrays into shards, plus an index of one row per image.
 
 Output folder (readable without cxrfast, with plain numpy and csv/pandas):
@@ -44,7 +46,8 @@ from .progress import progress
 from . import atomic, cli, dicom
 from . import manifest as mf
 from .atomic import atomic_open
-from .data.files import IMAGE_SUFFIXES, load_image
+from .data import files as image_files
+from .data.files import IMAGE_SUFFIXES
 from .data import label_formats
 from .data.label_formats import UNCERTAIN_HELP, VOTES, Uncertainty, vocabulary
 from .data.labels import FORMATS, LabelTable, Protocol, file_keys, filter_views, resolve_splits, split_name
@@ -73,18 +76,22 @@ def _is_image(path: Path) -> bool:
 
 
 def _describe(path: Path) -> tuple[str, dict]:
-    """(key, header facts) of one file; raises when the header cannot be read."""
-    if _is_image(path):
-        from PIL import Image
-
-        digest = hashlib.sha1(path.read_bytes()).hexdigest()
-        with Image.open(path) as im:
-            w, h = im.size
-        return "sha1:" + digest, {"rows": h, "columns": w}
+    """(key, header facts) of one DICOM file; raises when the header cannot be read.
+    PNG/JPEG files are not described here: their key (the content hash) and size come from
+    the one read that also decodes them (``_decode_image``)."""
     meta = dicom.read_header(path)
     if not meta.get("has_pixel_data"):
         raise dicom.NoPixelDataError(str(path), "no Pixel Data (7FE0,0010)")
     return meta.get("sop_instance_uid") or "sha1:" + hashlib.sha1(path.read_bytes()).hexdigest(), meta
+
+
+def _decode_image(path: Path, size: int, dtype: np.dtype) -> tuple[np.ndarray, str, dict]:
+    """(pixels resized and quantised, key, header facts) of a PNG/JPEG from one read of its bytes."""
+    data = path.read_bytes()
+    key = "sha1:" + hashlib.sha1(data).hexdigest()
+    decoded = image_files.decode(data, size)
+    img = _quantize(image_files.decoded_image(decoded, size), dtype)
+    return img, key, {"rows": decoded.original[0], "columns": decoded.original[1]}
 
 
 def _letterbox(img: np.ndarray, size: int, dtype: np.dtype) -> tuple[np.ndarray, int, int]:
@@ -114,6 +121,9 @@ class Preparer:
         self.per_shard = max(1, int(shard_gb * 2**30) // (size * size * self.dtype.itemsize))
         self.stamps: dict[str, tuple[int, int]] = {}  # source -> (size, mtime_ns) when found
         self.decoded = 0
+        self.live_keys: dict[str, str] = {}  # key -> source of the images of finished shards
+        self.image_keys: dict[str, str] = {}  # key -> source of the PNG/JPEG images of this run
+        self.facts: dict[Path, tuple[str, dict]] = {}  # PNG/JPEG decoded, not yet recorded: (key, meta)
 
     def relative(self, path: Path) -> str:
         """Source paths are stored relative to SRC when they lie under it (data moves)."""
@@ -123,13 +133,18 @@ class Preparer:
             return str(path.resolve())
 
     def entries(self, files: list[Path], live_keys: dict[str, str]) -> list[Entry]:
-        """Header pass over ``files`` (sorted): one entry per key, in order of its first file."""
+        """Header pass over ``files`` (sorted): one entry per key, in order of its first file.
+        A PNG/JPEG file is an entry of its own, with its key found when it is decoded."""
+        self.live_keys = live_keys
         by_key: dict[str, Entry] = {}
         entries: list[Entry] = []
         with ThreadPoolExecutor(self.workers) as pool, progress(len(files), 0, True, "headers", unit="file") as bar:
-            futures = [pool.submit(_describe, p) for p in files]
+            futures = [None if _is_image(p) else pool.submit(_describe, p) for p in files]
             for p, fut in zip(files, futures):
                 bar.update(1)
+                if fut is None:
+                    entries.append(Entry([p], metas=[{}]))
+                    continue
                 try:
                     key, meta = fut.result()
                 except Exception as exc:  # DicomError, OSError, PIL errors: logged, not fatal
@@ -143,7 +158,8 @@ class Preparer:
         return entries
 
     def decode(self, paths: list[Path]) -> list[np.ndarray | BaseException]:
-        """Decodes files: DICOM in native threads, others with Pillow in a thread pool."""
+        """Decodes files: DICOM in native threads, PNG/JPEG in a thread pool (decoders and the
+        native resize release the GIL); the key and size of each PNG/JPEG go to ``facts``."""
         self.decoded += len(paths)
         out: list[np.ndarray | BaseException] = [ValueError("not decoded")] * len(paths)
         dcm = [i for i, p in enumerate(paths) if not _is_image(p)]
@@ -162,12 +178,16 @@ class Preparer:
         if others:
             def one(i):
                 try:
-                    return _quantize(load_image(paths[i], self.size), self.dtype)
-                except Exception as exc:
+                    return _decode_image(paths[i], self.size, self.dtype)
+                except Exception as exc:  # OSError, PIL and imagecodecs errors: this file's
                     return exc
             with ThreadPoolExecutor(self.workers) as pool:
                 for i, res in zip(others, pool.map(one, others)):
-                    out[i] = res
+                    if isinstance(res, BaseException):
+                        out[i] = res
+                    else:
+                        out[i], key, meta = res
+                        self.facts[paths[i]] = (key, meta)
         return out
 
     def resolve(self, entries: list[Entry]) -> list[tuple[Entry, int, np.ndarray | None, list]]:
@@ -189,6 +209,18 @@ class Preparer:
                     s[1], s[2] = k, res
             trying = retry
         return [tuple(s) for s in state]
+
+    def _image_duplicate(self, entry: Entry, chosen: int, record) -> bool:
+        """Gives a decoded PNG/JPEG entry its key and size; records it and returns True when
+        an image of a finished shard or an earlier file of this run has the same bytes."""
+        path = entry.files[chosen]
+        entry.key, entry.metas[chosen] = self.facts.pop(path)
+        first = self.live_keys.get(entry.key) or self.image_keys.get(entry.key)
+        if first is not None:
+            record(path, "duplicate", key=entry.key, detail=first)
+            return True
+        self.image_keys[entry.key] = self.relative(path)
+        return False
 
     def write_shard(self, number: int, entries: list[Entry], bar) -> list[Record]:
         """Decodes the entries, writes the manifest, then the shard; returns the manifest's records."""
@@ -212,6 +244,8 @@ class Preparer:
                         record(p, "duplicate", key=entry.key, detail=entry.duplicate_of)
                     continue
                 if chosen < 0:
+                    continue
+                if not entry.key and self._image_duplicate(entry, chosen, record):
                     continue
                 canvas, top, left = _letterbox(img, self.size, self.dtype)
                 meta = entry.metas[chosen]

@@ -197,12 +197,13 @@ DisplayLut display_lut(const Header& h, bool has_range, int64_t lo, int64_t hi);
 
 // One crop of a batch: a grey image of uint8, uint16 or float32 samples (bytes_per_sample 1,
 // 2 or 4; `stride` samples per row), the box (inside the image), whether to mirror it, and
-// size*size floats to write.
+// out_h*out_w floats to write (size*size where out_h and out_w are 0).
 struct CropJob {
   const void* src = nullptr;
   ptrdiff_t stride = 0;
   int top = 0, left = 0, height = 0, width = 0;
   bool mirror = false;
+  int out_h = 0, out_w = 0;  // output rows and columns; 0: the call's square `size`
   float* out = nullptr;
 };
 // The AVX2 copy of the crop-resize kernel: GCC on x86-64 only.
@@ -211,7 +212,7 @@ struct CropJob {
 #else
 #define CXR_CROP_AVX2 0
 #endif
-// Each box resized to size x size (antialiased triangle filter), mirrored where asked, and
+// Each box resized to size x size or its job's out_h x out_w (antialiased triangle filter), mirrored where asked, and
 // written as value * gain + offset; jobs are spread over num_threads native threads.
 void crop_resize_many(const std::vector<CropJob>& jobs, int bytes_per_sample, int size, float gain, float offset,
                       int num_threads);
