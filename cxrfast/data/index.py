@@ -112,7 +112,8 @@ def _number(value, kind: type):
     return kind(value)
 
 
-def _smallest_int(values: np.ndarray) -> np.ndarray:
+def smallest_int(values: np.ndarray) -> np.ndarray:
+    """The narrowest of int16/int32/int64 that holds ``values`` (shard numbers fit int16 up to 32767 shards)."""
     for dtype in (np.int16, np.int32):
         info = np.iinfo(dtype)
         if not len(values) or (values.min() >= info.min and values.max() <= info.max):
@@ -124,7 +125,7 @@ def _column(name: str, values) -> Column:
     """One CSV column (strings, or the values prepare wrote) in its stored form."""
     if name in INT_COLUMNS:
         ints = [_number(v, int) for v in values]
-        return _smallest_int(np.array([MISSING_INT if v is None else v for v in ints], np.int64))
+        return smallest_int(np.array([MISSING_INT if v is None else v for v in ints], np.int64))
     if name in FLOAT_COLUMNS:
         return np.array([math.nan if v is None else v for v in (_number(v, float) for v in values)], np.float64)
     if name in CATEGORY_COLUMNS:

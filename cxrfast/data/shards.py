@@ -168,6 +168,11 @@ class PreparedData:
             return None
         return labels if self._rows is None else labels[self._rows]
 
+    def labels_of(self, indices) -> np.ndarray:
+        """float32 (B, K) labels of ``indices``, gathered from the map (no copy of the whole column)."""
+        rows = self._positions(indices)
+        return np.asarray(self.table.labels[rows], np.float32).reshape(len(rows), -1)
+
     @property
     def locations(self) -> np.ndarray:
         """int64 (N, 2): (shard, offset) of every row (for code that wants them as pairs)."""
@@ -300,7 +305,7 @@ class PreparedDataset(Dataset):
         if self.in_chans != 1:
             x = x.expand(-1, self.in_chans, -1, -1).contiguous()
         if self.with_labels:
-            return FetchedBatch((x, torch.from_numpy(self.data.labels[indices])))
+            return FetchedBatch((x, torch.from_numpy(self.data.labels_of(indices))))
         return FetchedBatch(x)
 
     def __getitem__(self, key):
