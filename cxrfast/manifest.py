@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic
+from .data import index as columnar
 from .data.shards import FORMAT_VERSION
 
 INDEX_COLUMNS = ["shard", "offset", "source", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
@@ -144,7 +145,7 @@ def write_settings(out: Path, settings: dict) -> None:
 def remove_outputs(out: Path) -> list[Path]:
     """--overwrite: deletes what prepare writes (shards, manifests, index, meta, errors, duplicates)
     and nothing else; returns what it removed."""
-    removed = []
+    removed = columnar.remove(out)
     if not out.is_dir():
         return removed
     for p in out.iterdir():

@@ -13,7 +13,8 @@ Output folder (readable without cxrfast, with plain numpy and csv/pandas):
   index.csv             one row per image: shard, offset, source (relative to SRC), UIDs, view, original
                         size and spacing, content box (pad_top, pad_left, content_h,
                         content_w), split, label_<name> columns (NaN = ignore)
-  meta.json             size, dtype, label names, shard list, counts, format version
+  index/                the same index column by column, for memory-mapping (see cxrfast.data.index)
+  meta.json             size, dtype, label names, shard list, counts, format version, index/'s columns
   errors.csv            files that could not be read, with the reason
   duplicates.csv        files skipped as duplicates (same SOP Instance UID or same bytes)
   parts/                settings.json (size, dtype, labels; written before the first shard) and one
@@ -48,6 +49,7 @@ from . import manifest as mf
 from .atomic import atomic_open
 from .data import files as image_files
 from .data.files import IMAGE_SUFFIXES
+from .data import index as columnar
 from .data import label_formats
 from .data.label_formats import UNCERTAIN_HELP, VOTES, Uncertainty, vocabulary
 from .data.labels import FORMATS, LabelTable, Protocol, file_keys, filter_views, resolve_splits, split_name
@@ -374,13 +376,19 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
                            f"(see {out_dir / 'errors.csv'})")
     splits, label_rows = _splits_and_labels(rows, root, table, split_fractions)
     header = INDEX_COLUMNS + [f"label_{n}" for n in label_names]
-    mf.write_table(out_dir / "index.csv", header, [r + [s] + lab for r, s, lab in zip(rows, splits, label_rows)])
+    table = [r + [s] + lab for r, s, lab in zip(rows, splits, label_rows)]
+    # index/ first, index.csv, then meta.json naming both: a reader trusts index/ only when
+    # meta.json's row count and CSV size match what is on disk
+    index_spec = columnar.write(out_dir, columnar.from_rows(header, table, label_names))
+    mf.write_table(out_dir / "index.csv", header, table)
+    index_spec["csv_bytes"] = (out_dir / "index.csv").stat().st_size
     shard_count = max(finished + new_numbers, default=-1) + 1
     meta = {"format_version": FORMAT_VERSION, "size": size, "dtype": dtype, "label_names": label_names,
             "shards": [f"shard_{n:05d}.npy" for n in range(shard_count)], "images": len(rows),
             "images_per_shard": prep.per_shard, "files_seen": len(files), "duplicates": duplicates,
             "errors": errors, "decoded_this_run": prep.decoded, "dropped_this_run": stale_images,
-            "split_fractions": list(split_fractions), "source": str(root.resolve()), "notes": notes}
+            "split_fractions": list(split_fractions), "source": str(root.resolve()), "notes": notes,
+            "index": index_spec}
     atomic.write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return meta

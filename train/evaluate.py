@@ -224,8 +224,9 @@ def identities(split, indices: np.ndarray, prepared: bool) -> tuple[list[str], l
     """(source path, patient id or None) of each scored image: the prepared index's columns,
     or the label CSV's patient column with the DICOM header's PatientID where the CSV has none."""
     if prepared:
-        rows, root = [split.rows[i] for i in indices], Path(split.meta.get("source", ""))
-        return [str(root / r["source"]) for r in rows], [r.get("patient_id") or None for r in rows]
+        root = Path(split.meta.get("source", ""))
+        patients = split.column("patient_id", indices) if "patient_id" in split.table.columns else [""] * len(indices)
+        return [str(root / s) for s in split.sources(indices)], [p or None for p in patients]
     files = [split.files[i] for i in indices]
     given = [split.patients[i] for i in indices] if split.patients else [None] * len(files)
     return [str(f) for f in files], [pid or _header_patient(f) for pid, f in zip(given, files)]

@@ -81,10 +81,10 @@ def load_prepared(folder: str, label_fraction: float = 1.0, seed: int = 0):
         raise UsageError(f"--data {folder}: a prepared folder without labels; prepare it with --labels")
     splits = {}
     for split in ("train", "val", "test"):
-        idx = np.array([i for i, r in enumerate(full.rows) if r["split"] == split], dtype=np.int64)
+        idx = full.where("split", split)
         if split == "train" and len(idx) and label_fraction < 1.0:
             idx = idx[fraction_subset(len(idx), label_fraction, seed)]
-        splits[split] = full.subset(idx.tolist())
+        splits[split] = full.subset(idx)
     return full.label_names, splits
 
 

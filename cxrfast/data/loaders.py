@@ -108,7 +108,7 @@ def loader(prepared: str | os.PathLike | PreparedData, batch_size: int = 64, *, 
     """
     data = prepared if isinstance(prepared, PreparedData) else PreparedData(prepared)
     if split is not None:  # a subset, not PreparedData(folder, split): that one fails on an empty split
-        data = data.subset([i for i, r in enumerate(data.rows) if r["split"] == split])
+        data = data.subset(data.where("split", split))
     if not len(data):
         raise ValueError(f"{data.folder}: no images" + (f" in split {split!r}" if split else ""))
     if with_labels and data.labels is None:
