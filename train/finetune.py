@@ -34,9 +34,6 @@ import torch.nn.functional as F
 
 from cxrfast import cli, errorfile
 from cxrfast.data.direct import ImageDataset
-from cxrfast.data import label_formats
-from cxrfast.data.label_formats import UNCERTAIN_HELP, VOTES
-from cxrfast.data.labels import FORMATS
 from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import classifier
 from cxrfast.models.checkpoints import CheckpointError, check_fits, load_file, load_pretrained, saved_config, slim
@@ -44,24 +41,17 @@ from cxrfast.models.vit import param_groups
 
 from . import checkpoints, config, engine, inference, labelled, logs, metrics, runtime
 from .config import opt
+from .dataset_options import DatasetOptions
 
 DEMO_DATA = Path("outputs") / "demo_dicom"
 DEMO_PRETRAIN = Path("outputs") / "pretrain_demo"
 
 
 @dataclass
-class FinetuneConfig(engine.ImageConfig):
+class FinetuneConfig(DatasetOptions, engine.ImageConfig):
     data: Optional[str] = opt(None, "a prepared folder (labels and splits from its index), a folder of images, "
                                     "or a CSV with a 'path' column; none: the demo dataset")
     labels: Optional[str] = opt(None, "label CSV in one of the --label_format layouts; none: the demo labels")
-    label_format: str = opt("auto", label_formats.help_text(), choices=FORMATS)
-    uncertain: str = opt("ones", f"CheXpert/MIMIC {UNCERTAIN_HELP}")
-    label_set: Optional[str] = opt(None, labelled.HELP["label_set"])
-    labels_map: Optional[str] = opt(None, labelled.HELP["labels_map"])
-    split_files: Optional[tuple[str, ...]] = opt(None, labelled.HELP["split_files"])
-    test_labels: Optional[str] = opt(None, labelled.HELP["test_labels"])
-    view: Optional[str] = opt(None, labelled.HELP["view"])
-    rad_vote: str = opt("majority", labelled.HELP["rad_vote"], choices=VOTES)
     label_fraction: float = opt(1.0, "use this reproducible fraction of the training labels (e.g. 0.01, 0.1)",
                                 maximum=1)
     split_fractions: tuple[float, ...] = opt((0.7, 0.1, 0.2), "patient-level train,val,test fractions",
@@ -85,7 +75,6 @@ class FinetuneConfig(engine.ImageConfig):
         if not self.label_fraction > 0:
             raise config.UsageError(f"--label_fraction {self.label_fraction}: must be in (0, 1]")
         cli.check_fractions(self.split_fractions, "--split_fractions")
-        labelled.check_options(self.uncertain, self.label_set, self.labels_map, self.view)
 
 
 DEMO = dict(output_dir="outputs/finetune_demo", model="vit_tiny", img_size=128, epochs=12, warmup_epochs=2,

@@ -45,15 +45,13 @@ import numpy as np
 import torch
 
 from cxrfast import atomic, cli
-from cxrfast.data import label_formats
-from cxrfast.data.label_formats import UNCERTAIN_HELP, VOTES
-from cxrfast.data.labels import FORMATS
 from cxrfast.data.shards import is_prepared
 from cxrfast.models import PRESETS, classifier
 from cxrfast.models.checkpoints import CheckpointError, load_file, load_pretrained, saved_config
 
 from . import bootstrap, checkpoints, config, engine, evaluate, finetune, inference, labelled, runtime
 from .config import opt
+from .dataset_options import DatasetOptions
 
 PROG = "python -m train.label_efficiency"
 ARMS = {"mae_finetune": "MAE fine-tuned", "linear_probe": "MAE linear probe",
@@ -64,18 +62,10 @@ FREE_SETTINGS = ("output_dir", "num_workers", "device", "resamples", "bootstrap_
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(DatasetOptions):
     data: Optional[str] = opt(None, "a prepared folder, a folder of images, or a CSV with a 'path' column; "
                                     "none: the demo dataset")
     labels: Optional[str] = opt(None, "label CSV (not needed for a prepared folder); none: the demo labels")
-    label_format: str = opt("auto", label_formats.help_text(), choices=FORMATS)
-    uncertain: str = opt("ones", f"CheXpert/MIMIC {UNCERTAIN_HELP}")
-    label_set: Optional[str] = opt(None, labelled.HELP["label_set"])
-    labels_map: Optional[str] = opt(None, labelled.HELP["labels_map"])
-    split_files: Optional[tuple[str, ...]] = opt(None, labelled.HELP["split_files"])
-    test_labels: Optional[str] = opt(None, labelled.HELP["test_labels"])
-    view: Optional[str] = opt(None, labelled.HELP["view"])
-    rad_vote: str = opt("majority", labelled.HELP["rad_vote"], choices=VOTES)
     pretrained: Optional[str] = opt(None, "the MAE pretraining checkpoint; none: the demo's newest")
     output_dir: str = opt("outputs/label_efficiency", "where runs/, study.json and the report go")
     fractions: tuple[float, ...] = opt((0.01, 0.1, 1.0), "label fractions of the training split", maximum=1)
@@ -103,6 +93,7 @@ class StudyConfig:
                                        "CPU that other jobs share, where waiting threads spin", minimum=1)
 
     def validate(self) -> None:
+        super().validate()
         for option, values in (("--fractions", self.fractions), ("--seeds", self.seeds), ("--arms", self.arms)):
             if not values:
                 raise config.UsageError(f"{option}: give at least one")
@@ -112,7 +103,6 @@ class StudyConfig:
             if not f > 0:
                 raise config.UsageError(f"--fractions {f}: a label fraction must be in (0, 1]")
         cli.check_fractions(self.split_fractions, "--split_fractions")
-        labelled.check_options(self.uncertain, self.label_set, self.labels_map, self.view)
         if self.model is not None and self.img_size is not None:
             engine.check_patch(self.model, self.img_size)
 

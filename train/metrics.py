@@ -31,6 +31,17 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _by_threshold(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled images' labels (bool) sorted by falling score, and the last position of
+    each distinct score (one curve point per threshold); NaN labels dropped."""
+    check_finite(score)
+    keep = ~np.isnan(y)
+    y, score = y[keep] > 0.5, score[keep]
+    order = np.argsort(-score, kind="mergesort")
+    s = score[order]
+    return y[order], np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+
+
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U); NaN when one class is absent."""
     check_finite(score)
@@ -45,15 +56,10 @@ def auroc(y: np.ndarray, score: np.ndarray) -> float:
 
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     """Area under the precision-recall curve as average precision (step interpolation)."""
-    check_finite(score)
-    keep = ~np.isnan(y)
-    y, score = y[keep] > 0.5, score[keep]
+    y, last = _by_threshold(y, score)
     if y.sum() == 0:
         return float("nan")
-    order = np.argsort(-score, kind="mergesort")
-    y, s = y[order], score[order]
     tp = np.cumsum(y)
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # one point per distinct threshold
     precision = tp[last] / (last + 1)
     recall = tp[last] / y.sum()
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
@@ -61,12 +67,7 @@ def average_precision(y: np.ndarray, score: np.ndarray) -> float:
 
 def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rates, true positive rates), one point per distinct threshold."""
-    check_finite(score)
-    keep = ~np.isnan(y)
-    y, score = y[keep] > 0.5, score[keep]
-    order = np.argsort(-score, kind="mergesort")
-    y, s = y[order], score[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    y, last = _by_threshold(y, score)
     tpr = np.r_[0.0, np.cumsum(y)[last] / max(1, y.sum())]
     fpr = np.r_[0.0, np.cumsum(~y)[last] / max(1, (~y).sum())]
     return fpr, tpr
@@ -104,12 +105,7 @@ def brier(y: np.ndarray, score: np.ndarray) -> float:
 def pr_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision), one point per distinct threshold, high scores first; the step
     curve whose area is ``average_precision``."""
-    check_finite(score)
-    keep = ~np.isnan(y)
-    y, score = y[keep] > 0.5, score[keep]
-    order = np.argsort(-score, kind="mergesort")
-    y, s = y[order], score[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    y, last = _by_threshold(y, score)
     tp = np.cumsum(y)[last]
     return tp / max(1, y.sum()), tp / (last + 1)
 
