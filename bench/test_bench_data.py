@@ -5,7 +5,8 @@
   chest radiographs (RG1, JPEG lossless SV1, 12 copies with distinct SOP Instance UIDs).
 - loading: images/s at 224 (random resized crop, flip, normalise) from prepared 256 shards,
   by the CPU DataLoader path (in-process native threads, as training uses it, and in worker
-  processes) and by the batch path on CPU tensors, against an
+  processes), by the batch path on CPU tensors, and straight from the PNG files by
+  cxrfast's ImageDataset (training without prepare: native resize, no float Pillow), against an
   ImageFolder-style Dataset that opens PNG files with PIL and crops/flips with PIL
   (torchvision's RandomResizedCrop recipe, written out without torchvision).
 
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cxrfast.data import ResumableSampler
+from cxrfast.data.direct import ImageDataset
 from cxrfast.data.gpu_torch import TorchBatchLoader
 from cxrfast.data.shards import PreparedData, PreparedDataset, collate
 from cxrfast.prepare import prepare
@@ -121,7 +123,9 @@ def _epoch(loader) -> int:
 
 @pytest.mark.parametrize("pipeline", ["cxrfast shards, CPU DataLoader (native threads)",
                                       "cxrfast shards, CPU DataLoader in worker processes",
-                                      "cxrfast shards, batch path on CPU tensors", "ImageFolder-style PNG + PIL"])
+                                      "cxrfast shards, batch path on CPU tensors",
+                                      "cxrfast ImageDataset over the PNG files, worker processes",
+                                      "ImageFolder-style PNG + PIL"])
 def test_cpu_loader_images_per_second(benchmark, loading_data, pipeline):
     benchmark.group = f"CPU loading at 224 (crop, flip, normalise), batch 64, {WORKERS} cores"
     png, prepared = loading_data
@@ -136,6 +140,10 @@ def test_cpu_loader_images_per_second(benchmark, loading_data, pipeline):
     elif pipeline.endswith("worker processes"):
         loader = DataLoader(PreparedDataset(prepared, img_size=224), batch_size=64, sampler=sampler,
                             num_workers=WORKERS, collate_fn=collate, drop_last=True, persistent_workers=True)
+    elif pipeline.startswith("cxrfast ImageDataset"):  # training straight from an image folder, no prepare
+        files = sorted(png.glob("*.png"))
+        loader = DataLoader(ImageDataset(files, img_size=224), batch_size=64, sampler=sampler, num_workers=WORKERS,
+                            drop_last=True, persistent_workers=True)
     else:
         files = sorted(png.glob("*.png"))
         loader = DataLoader(PILImageFolder(files), batch_size=64, shuffle=True, num_workers=WORKERS, drop_last=True,
