@@ -39,8 +39,8 @@ SETTINGS = "parts/settings.json"
 _SHARD = r"shard_(?:p\d{4,}_)?\d{5}"
 _OWNED = re.compile(rf"({_SHARD}\.npy|\.{_SHARD}\.npy\.\d+\.tmp|index\.csv|meta\.json|errors\.csv|"
                     r"duplicates\.csv|\.(index|meta|errors|duplicates)\.(csv|json)\.\d+\.tmp)")
-_OWNED_PARTS = re.compile(rf"({_SHARD}\.csv|settings\.json|part_p\d{{4,}}\.json|merge\.lock|"
-                          rf"\.({_SHARD}\.csv|settings\.json|part_p\d{{4,}}\.json)\.\d+\.tmp)")
+_OWNED_PARTS = re.compile(rf"({_SHARD}\.csv|settings\.json|part_p\d{{4,}}\.(json|tree)|merge\.lock|"
+                          rf"\.({_SHARD}\.csv|settings\.json|part_p\d{{4,}}\.(json|tree))\.\d+\.tmp)")
 MERGE_LOCK = "parts/merge.lock"
 
 
@@ -182,8 +182,18 @@ def marker_path(out: Path, part: int) -> Path:
 
 
 def write_marker(out: Path, part: int, marker: dict) -> None:
-    """A part's record of a finished run (written last, atomically): what the merge reads."""
+    """A part's record of a finished run (written last, atomically): what the merge reads; then
+    the digest of the file list it saw, small, for the other parts to check who is done."""
     atomic.write_text(marker_path(out, part), json.dumps(marker, separators=(",", ":")) + "\n")
+    atomic.write_text(marker_path(out, part).with_suffix(".tree"), marker["tree"] + "\n")
+
+
+def marker_tree(out: Path, part: int) -> str | None:
+    """The file-list digest of ``part``'s last finished run, or None (never finished)."""
+    try:
+        return marker_path(out, part).with_suffix(".tree").read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def read_marker(out: Path, part: int) -> dict | None:

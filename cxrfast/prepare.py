@@ -385,7 +385,8 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise PrepareError(f"{out}: exists and is not a folder")
-    settings = {"format_version": FORMAT_VERSION, "size": size, "dtype": dtype, "label_names": label_names}
+    settings = {"format_version": FORMAT_VERSION, "size": size, "dtype": dtype, "label_names": label_names,
+                "parts": None}  # None == absent: folders of earlier runs pass; parted ones need --part
     if part is not None:  # what every part must agree on, beyond what shapes a shard
         settings.update(parts=part[1], source=str(root.resolve()), labels=str(Path(labels).resolve()) if labels else None,
                         label_format=label_format, uncertain=uncertain, protocol=asdict(protocol),
@@ -497,8 +498,8 @@ def _finish_part(prep: Preparer, part: Part, files: list[Path], mine: list[Path]
               "sources": sources, "shards": shards, "facts": {r[2]: f for r, f in zip(rows, facts)},
               "notes": notes, "decoded": prep.decoded, "dropped": stale_images, "images_per_shard": prep.per_shard}
     mf.write_marker(prep.out, part[0], marker)
-    with mf.merge_lock(prep.out):
-        waiting = [k for k in range(part[1]) if not mf.marker_path(prep.out, k).is_file()]
+    with mf.merge_lock(prep.out):  # parts missing, or last run over another tree, are still to come
+        waiting = [k for k in range(part[1]) if mf.marker_tree(prep.out, k) != marker["tree"]]
         if not waiting:
             return {**_merge_locked(prep.out), "part": list(part), "part_decoded": prep.decoded}
     return {"part": list(part), "merged": False, "waiting_for": waiting, "images": len(rows),

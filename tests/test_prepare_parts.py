@@ -247,3 +247,30 @@ def test_merge_errors(tmp_path, reference):
         merge(one)
     with pytest.raises(PrepareError, match="--overwrite with --part"):
         prepare(str(src), str(tmp_path / "x"), size=32, workers=1, part=(0, 2), overwrite=True)
+
+
+def test_one_process_run_into_a_parted_folder_is_refused(reference, tmp_path):
+    src, labels, _ = reference
+    out = tmp_path / "parts"
+    prepare(str(src), str(out), size=32, labels=str(labels), workers=1, shard_gb=TWO_PER_SHARD, part=(0, 2))
+    with pytest.raises(PrepareError, match="parts 2"):
+        prepare(str(src), str(out), size=32, labels=str(labels), workers=1, shard_gb=TWO_PER_SHARD)
+
+
+def test_after_the_tree_changed_the_merge_waits_for_every_part(tmp_path):
+    src, labels = _tree(tmp_path)
+    out = tmp_path / "parts"
+    kw = dict(size=32, labels=str(labels), workers=1, shard_gb=TWO_PER_SHARD)
+    for k in range(4):
+        prepare(str(src), str(out), **kw, part=(k, 4))
+    _dicom(src / "a00_new.dcm", 3000, "P9")
+    meta = prepare(str(src), str(out), **kw, part=(0, 4))
+    assert not meta["merged"] and meta["waiting_for"] == [1, 2, 3]
+    with pytest.raises(PrepareError, match="saw another file list"):
+        merge(out)
+    for k in (3, 1, 2):
+        meta = prepare(str(src), str(out), **kw, part=(k, 4))
+    assert meta["merged"] and meta["images"] == 18
+    one = tmp_path / "one"
+    prepare(str(src), str(one), **kw)
+    _same_result(out, one)
