@@ -118,6 +118,13 @@ def _quantize(img: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.clip(np.rint(img * top), 0, top).astype(dtype)
 
 
+def _show_rate(bar, done: int, started: float) -> None:
+    """files/s since ``started`` beside the bar (this run's files only, not those resumed)."""
+    elapsed = time.perf_counter() - started
+    if elapsed > 0:
+        bar.set_postfix(**{"files/s": f"{done / elapsed:.0f}"})
+
+
 def _reason(exc: BaseException) -> str:
     return str(exc).replace("\n", " ")
 
@@ -132,6 +139,7 @@ class Preparer:
         self.per_shard = max(1, int(shard_gb * 2**30) // (size * size * self.dtype.itemsize))
         self.stamps: dict[str, tuple[int, int]] = {}  # source -> (size, mtime_ns) when found
         self.decoded = 0
+        self.files_done, self.started = 0, time.perf_counter()  # for files/s in the progress bar
         self.live_keys: dict[str, str] = {}  # key -> source of the images of finished shards
         self.image_keys: dict[str, str] = {}  # key -> source of the PNG/JPEG images of this run
         self.facts: dict[Path, tuple[str, dict]] = {}  # PNG/JPEG decoded, not yet recorded: (key, meta)
@@ -151,8 +159,11 @@ class Preparer:
         entries: list[Entry] = []
         with ThreadPoolExecutor(self.workers) as pool, progress(len(files), 0, True, "headers", unit="file") as bar:
             futures = [None if _is_image(p) else pool.submit(_describe, p) for p in files]
-            for p, fut in zip(files, futures):
+            started = time.perf_counter()
+            for done, (p, fut) in enumerate(zip(files, futures), 1):
                 bar.update(1)
+                if done % 256 == 0 or done == len(files):
+                    _show_rate(bar, done, started)
                 if fut is None:
                     entries.append(Entry([p], metas=[{}]))
                     continue
@@ -270,7 +281,9 @@ class Preparer:
                 images.append(canvas)
                 for p in entry.files[chosen + 1:]:
                     record(p, "duplicate", key=entry.key, detail=src)
+            self.files_done += sum(len(e.files) for e in chunk)
             bar.update(sum(len(e.files) for e in chunk))
+            _show_rate(bar, self.files_done, self.started)
         array = np.stack(images) if images else np.zeros((0, self.size, self.size), self.dtype)
         mf.write_part(self.out, number, records, self.part)  # before the shard: a shard counts as done only with both
         with atomic_open(mf.shard_path(self.out, number, self.part)) as f:
@@ -358,14 +371,17 @@ def _tree_digest(sources: list[str]) -> str:
 def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels: str | None = None,
             label_format: str = "auto", uncertain: str = "ones", workers: int | None = None,
             shard_gb: float = 2.0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-            overwrite: bool = False, protocol: Protocol | None = None, part: Part | None = None) -> dict:
+            overwrite: bool = False, protocol: Protocol | None = None, part: Part | None = None,
+            file_list: str | None = None) -> dict:
     """Prepares ``src`` into ``out``; returns the meta dict (``notes``: what the label
     protocol left out, e.g. images of other views, counted).
 
     Every input is checked before anything is written (PrepareError otherwise). A rerun keeps
     finished shards whose source files are unchanged and decodes only the rest; ``overwrite``
     first removes what an earlier run wrote (and nothing else). With ``part`` (i, N) only the
-    i-th slice of the sorted files is prepared; the last part to finish merges (:func:`merge`)."""
+    i-th slice of the sorted files is prepared; the last part to finish merges (:func:`merge`).
+    ``file_list`` (one path a line, or a CSV's ``path`` column; relative to ``src``) replaces
+    walking ``src``."""
     with _as_prepare_error():
         _check_arguments(src, size, dtype, workers, shard_gb, split_fractions, uncertain)
         if part is not None and overwrite:
@@ -377,8 +393,8 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
         if needs_labels and not labels:
             raise PrepareError(f"{', '.join(needs_labels)}: only with --labels (they shape the label columns)")
         table, notes = cli.label_protocol(labels, label_format, uncertain, protocol=protocol) if labels else (None, [])
-        files = cli.image_files(src, option="")
         root = Path(src) if Path(src).is_dir() else Path(src).parent
+        files = cli.image_files(src, option="") if file_list is None else _listed(file_list, root, notes)
         if protocol.view:  # before decoding: other views never reach a shard
             files = _views_kept(files, root, table, protocol.view, notes)
     label_names = list(table.names) if table else []
@@ -390,7 +406,8 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     if part is not None:  # what every part must agree on, beyond what shapes a shard
         settings.update(parts=part[1], source=str(root.resolve()), labels=str(Path(labels).resolve()) if labels else None,
                         label_format=label_format, uncertain=uncertain, protocol=asdict(protocol),
-                        split_fractions=list(split_fractions), shard_gb=shard_gb)
+                        split_fractions=list(split_fractions), shard_gb=shard_gb,
+                        files=str(Path(file_list).resolve()) if file_list else None)
         settings = json.loads(json.dumps(settings))  # tuples as lists: compared with what JSON gives back
     if overwrite:
         mf.remove_outputs(out_dir)
@@ -430,6 +447,21 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     return meta
 
 
+def _listed(file_list: str, root: Path, notes: list[str]) -> list[Path]:
+    """--files: the listed paths (sorted), repeated lines counted in ``notes``; none is a UsageError."""
+    if not Path(file_list).is_file():
+        raise PrepareError(f"--files {file_list}: no such file")
+    try:
+        files, repeated = image_files.read_file_list(file_list, root)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise PrepareError(f"--files {' '.join(str(exc).split())}") from None
+    if not files:
+        raise PrepareError(f"--files {file_list}: lists no file")
+    if repeated:
+        notes.append(f"--files {file_list}: {repeated} repeated lines read once")
+    return files
+
+
 def _default_workers() -> int:
     """All cores, shared among torchrun's processes on this node (LOCAL_WORLD_SIZE)."""
     try:
@@ -456,6 +488,7 @@ def _decode_all(prep: Preparer, files: list[Path], total: int,
     chunks = [entries[i:i + prep.per_shard] for i in range(0, len(entries), prep.per_shard)]
     new_numbers = _numbers(finished, len(chunks))
     chunks += [[] for _ in range(len(new_numbers) - len(chunks))]
+    prep.files_done, prep.started = 0, time.perf_counter()
     with progress(len(files), len(files) - len(pending), True, "decode", unit="file") as bar:
         for n, chunk in zip(new_numbers, chunks):
             for r in prep.write_shard(n, chunk, bar):
@@ -696,6 +729,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GiB (default 2)")
     parser.add_argument("--split-fractions", type=_fractions, default=(0.7, 0.1, 0.2),
                         help="patient-level train,val,test fractions (default 0.7,0.1,0.2)")
+    parser.add_argument("--files", help="the files to prepare, instead of walking SRC: a text file with one path "
+                        "a line or a CSV with a 'path' column, relative paths under SRC "
+                        "(e.g. from `find SRC -type f -printf '%%P\\n'`)")
     parser.add_argument("--part", help="prepare only part i of N (0 <= i < N) of the sorted files, e.g. "
                         "$SLURM_ARRAY_TASK_ID/8; under torchrun RANK/WORLD_SIZE are used. The last part to finish "
                         "merges the index (or: python -m cxrfast.prepare merge OUT)")
@@ -709,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
                        label_format=args.label_format, uncertain=args.uncertain, workers=args.workers,
                        shard_gb=args.shard_gb, split_fractions=args.split_fractions, overwrite=args.overwrite,
                        protocol=Protocol(args.label_set, args.labels_map, args.split_files, args.test_labels,
-                                         args.view, args.rad_vote), part=part)
+                                         args.view, args.rad_vote), part=part, file_list=args.files)
     except (PrepareError, cli.UsageError) as exc:
         cli.fail(str(exc))
     _print_summary(meta, args.out)

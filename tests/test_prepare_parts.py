@@ -274,3 +274,64 @@ def test_after_the_tree_changed_the_merge_waits_for_every_part(tmp_path):
     one = tmp_path / "one"
     prepare(str(src), str(one), **kw)
     _same_result(out, one)
+
+
+def _write_list(path: Path, names: list[str]) -> Path:
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "note"])
+            w.writerows([n, "x"] for n in names)
+    else:
+        path.write_text("".join(n + "\n" for n in names))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv"])
+def test_file_list_instead_of_walking_gives_the_walking_result(reference, tmp_path, kind):
+    src, labels, one = reference
+    names = sorted(p.relative_to(src).as_posix() for p in cli.image_files(str(src), option=""))
+    listed = names[::-1] + [names[3]]  # any order; a repeated line is read once
+    listed[0] = str(src / listed[0])  # absolute paths too
+    listing = _write_list(tmp_path / f"list.{kind}", listed)
+    out = tmp_path / "listed"
+    meta = prepare(str(src), str(out), size=32, labels=str(labels), workers=1, shard_gb=TWO_PER_SHARD,
+                   file_list=str(listing))
+    assert any("1 repeated lines read once" in n for n in meta["notes"])
+    _same_result(out, one)
+
+
+def test_file_list_with_parts_and_a_missing_file(reference, tmp_path):
+    src, labels, _ = reference
+    names = ["a02.dcm", "a03.dcm", "gone.dcm", "b/c01.dcm", "a01_img.png"]
+    listing = _write_list(tmp_path / "list.txt", names)
+    out = tmp_path / "parts"
+    for k in range(2):
+        meta = prepare(str(src), str(out), size=32, labels=str(labels), workers=1, part=(k, 2),
+                       file_list=str(listing))
+    assert meta["merged"] and meta["images"] == 4 and meta["errors"] == 1
+    assert [r["source"] for r in _table(out / "errors.csv")] == ["gone.dcm"]  # counted, not fatal
+    assert sorted(r["source"] for r in _index(out)) == sorted(n for n in names if n != "gone.dcm")
+
+
+@pytest.mark.parametrize("name, content, message", [("list.txt", None, "no such file"), ("list.txt", "\n\n", "lists no file"),
+                                                    ("list.csv", "name,other\na.dcm,1\n", "no 'path' column")])
+def test_bad_file_list_is_an_error_line(reference, tmp_path, capsys, name, content, message):
+    src, _, _ = reference
+    listing = tmp_path / name
+    if content is not None:
+        listing.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        prepare_module.main([str(src), str(tmp_path / "out"), "--files", str(listing)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --files ") and message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_lines_report_files_per_second(reference, tmp_path, capsys):
+    src, _, _ = reference
+    prepare(str(src), str(tmp_path / "out"), size=32, workers=1)
+    err = capsys.readouterr().err
+    decode = [line for line in err.splitlines() if line.startswith("decode:")]
+    headers = [line for line in err.splitlines() if line.startswith("headers:")]
+    assert decode and "files/s=" in decode[-1] and headers and "files/s=" in headers[-1], err
