@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import numbers
@@ -54,7 +55,6 @@ from .progress import progress
 
 from . import atomic, cli, dicom
 from . import manifest as mf
-from .atomic import atomic_open
 from .data import files as image_files
 from .data.files import IMAGE_SUFFIXES
 from .data import index as columnar
@@ -102,15 +102,6 @@ def _decode_image(path: Path, size: int, dtype: np.dtype) -> tuple[np.ndarray, s
     decoded = image_files.decode(data, size)
     img = _quantize(image_files.decoded_image(decoded, size), dtype)
     return img, key, {"rows": decoded.original[0], "columns": decoded.original[1]}
-
-
-def _letterbox(img: np.ndarray, size: int, dtype: np.dtype) -> tuple[np.ndarray, int, int]:
-    """Centres an image (longer side == size) on a size x size canvas of zeros."""
-    h, w = img.shape
-    canvas = np.zeros((size, size), dtype)
-    top, left = (size - h) // 2, (size - w) // 2
-    canvas[top:top + h, left:left + w] = img
-    return canvas, top, left
 
 
 def _quantize(img: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -245,9 +236,18 @@ class Preparer:
         return False
 
     def write_shard(self, number: int, entries: list[Entry], bar) -> list[Record]:
-        """Decodes the entries, writes the manifest, then the shard; returns the manifest's records."""
+        """Decodes the entries straight into the shard file, writes the manifest, then puts the
+        shard in place; returns the manifest's records."""
+        with atomic.atomic_path(mf.shard_path(self.out, number, self.part)) as tmp:
+            shard = ShardFile(tmp, len(entries), self.size, self.dtype)
+            records = self._fill(number, entries, shard, bar)
+            shard.close()
+            mf.write_part(self.out, number, records, self.part)  # before the shard: done only with both
+        return records
+
+    def _fill(self, number: int, entries: list[Entry], shard: "ShardFile", bar) -> list[Record]:
+        """Decodes the entries chunk by chunk, each image into its slot of ``shard``."""
         records: list[Record] = []
-        images: list[np.ndarray] = []
 
         def record(path: Path, status: str, **kw) -> None:
             src = self.relative(path)
@@ -269,26 +269,61 @@ class Preparer:
                     continue
                 if not entry.key and self._image_duplicate(entry, chosen, record):
                     continue
-                canvas, top, left = _letterbox(img, self.size, self.dtype)
+                offset = shard.count
+                top, left = shard.append(img)
                 meta = entry.metas[chosen]
                 spacing = meta.get("pixel_spacing") or (None, None)
                 src = self.relative(entry.files[chosen])
-                row = [number, len(images), src, meta.get("sop_instance_uid"), meta.get("study_instance_uid"),
+                row = [number, offset, src, meta.get("sop_instance_uid"), meta.get("study_instance_uid"),
                        meta.get("series_instance_uid"), meta.get("patient_id"), meta.get("view_position"),
                        meta.get("rows"), meta.get("columns"), spacing[0], spacing[1],
                        top, left, img.shape[0], img.shape[1]]
                 record(entry.files[chosen], "image", key=entry.key, row=["" if v is None else v for v in row])
-                images.append(canvas)
                 for p in entry.files[chosen + 1:]:
                     record(p, "duplicate", key=entry.key, detail=src)
             self.files_done += sum(len(e.files) for e in chunk)
             bar.update(sum(len(e.files) for e in chunk))
             _show_rate(bar, self.files_done, self.started)
-        array = np.stack(images) if images else np.zeros((0, self.size, self.size), self.dtype)
-        mf.write_part(self.out, number, records, self.part)  # before the shard: a shard counts as done only with both
-        with atomic_open(mf.shard_path(self.out, number, self.part)) as f:
-            np.save(f, array)
         return records
+
+
+class ShardFile:
+    """A shard written in place through ``numpy.lib.format.open_memmap``: each image goes into
+    its slot of the file as it is decoded, so a shard is never held in memory (a list of
+    canvases and their ``np.stack`` copy doubled it). Sized for every entry; ``close`` shrinks
+    it to the images written (the .npy header of any first-axis length has the same size)."""
+
+    def __init__(self, path: Path, capacity: int, size: int, dtype: np.dtype):
+        self.path, self.count, self.size, self.dtype = path, 0, size, np.dtype(dtype)
+        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(max(capacity, 1), size, size))
+
+    def append(self, img: np.ndarray) -> tuple[int, int]:
+        """Centres ``img`` (longer side == size) in the next slot, zeros around; returns (top, left)."""
+        slot = self.array[self.count]
+        h, w = img.shape
+        top, left = (self.size - h) // 2, (self.size - w) // 2
+        slot[...] = 0
+        slot[top:top + h, left:left + w] = img
+        self.count += 1
+        return top, left
+
+    def close(self) -> None:
+        """Header for ``count`` images, file cut after them (the caller fsyncs and renames)."""
+        self.array.flush()
+        offset = self.array.offset
+        del self.array  # unmaps: nothing else holds a view
+        header = io.BytesIO()
+        shape = (self.count, self.size, self.size)
+        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                     "fortran_order": False, "shape": shape})
+        if len(header.getvalue()) != offset:  # a numpy without room for the first axis to grow: copy
+            data = np.array(np.load(self.path, mmap_mode="r")[:self.count])
+            with open(self.path, "wb") as f:
+                np.save(f, data)
+            return
+        with open(self.path, "r+b") as f:
+            f.write(header.getvalue())
+            f.truncate(offset + self.count * self.size * self.size * self.dtype.itemsize)
 
 
 def _numbers(finished: list[int], count: int) -> list[int]:

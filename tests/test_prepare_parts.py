@@ -3,6 +3,7 @@ four processes at once into one folder give the index, images, labels and splits
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -335,3 +336,39 @@ def test_progress_lines_report_files_per_second(reference, tmp_path, capsys):
     decode = [line for line in err.splitlines() if line.startswith("decode:")]
     headers = [line for line in err.splitlines() if line.startswith("headers:")]
     assert decode and "files/s=" in decode[-1] and headers and "files/s=" in headers[-1], err
+
+
+def test_shards_written_in_place_are_the_npy_files_np_save_writes(reference):
+    """Through open_memmap, sized for every entry then cut to the images written (errors and
+    duplicates take no slot): byte for byte what np.save writes for the same array."""
+    _, _, one = reference
+    meta = json.loads((one / "meta.json").read_text())
+    counts = []
+    for name in meta["shards"]:
+        array = np.load(one / name)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        assert (one / name).read_bytes() == buffer.getvalue(), name
+        counts.append(len(array))
+    assert sum(counts) == meta["images"] and min(counts) < 2 == max(counts)  # a shard with an unreadable entry
+    assert not list(one.glob(".*.tmp"))
+
+
+def test_a_shard_is_never_held_in_memory(tmp_path):
+    """Peak Python/numpy allocations while preparing one 150-image shard stay under half of it
+    (the list of canvases plus np.stack took twice the shard)."""
+    import tracemalloc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(150):
+        _dicom(src / f"f{k:03d}.dcm", 300 + k, "P")
+    shard_bytes = 150 * 128 * 128 * 2
+    tracemalloc.start()
+    try:
+        meta = prepare(str(src), str(tmp_path / "out"), size=128, dtype="uint16", workers=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert meta["images"] == 150 and len(meta["shards"]) == 1
+    assert peak < shard_bytes / 2, (peak, shard_bytes)
