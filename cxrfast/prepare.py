@@ -728,9 +728,11 @@ def _print_summary(meta: dict, out: str) -> None:
         return
     rate = meta["files_seen"] / meta["seconds"] if meta["seconds"] else 0
     dropped = f"; {meta['dropped_this_run']} removed or changed since the last run" if meta["dropped_this_run"] else ""
-    merged = f" (merged from {meta['parts']} parts)" if meta.get("parts") else ""
-    print(f"prepared {meta['images']} images into {len(meta['shards'])} shards under {out}{merged} "
-          f"({meta['seconds']:.1f} s, {rate:.0f} files/s); {meta['duplicates']} duplicates, "
+    timing = f"{meta['seconds']:.1f} s, {rate:.0f} files/s"
+    if meta.get("parts"):  # this process's time only: files/s would count the other parts' files
+        timing = f"merged from {meta['parts']} parts, {meta['seconds']:.1f} s"
+    print(f"prepared {meta['images']} images into {len(meta['shards'])} shards under {out} "
+          f"({timing}); {meta['duplicates']} duplicates, "
           f"{meta['errors']} unreadable (see errors.csv){dropped}")
 
 
