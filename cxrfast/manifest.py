@@ -9,12 +9,20 @@ stays valid while its file is unchanged (and, for a duplicate, while its image i
 other file is decoded into new shards. The settings that shape the shards are written to
 ``parts/settings.json`` before the first shard, so a rerun with other settings is caught even
 after a crash.
+
+Prepared in parts (``--part i/N``, or torchrun's RANK/WORLD_SIZE), part i names its shards
+``shard_pIIII_NNNNN`` (manifests likewise under ``parts/``), so parts never share a file, and
+writes ``parts/part_pIIII.json`` when it is done: the sources of its slice in order, its shards
+and each image's label facts. The merge reads only those, never the source tree.
 """
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +36,12 @@ INDEX_COLUMNS = ["shard", "offset", "source", "sop_instance_uid", "study_instanc
 ROW_COLUMNS = INDEX_COLUMNS[:-1]  # what a shard knows of an image; the split is decided for the whole index
 MANIFEST_COLUMNS = ["status", "error", "detail", "key", "file_size", "file_mtime_ns"] + ROW_COLUMNS
 SETTINGS = "parts/settings.json"
-_OWNED = re.compile(r"(shard_\d{5}\.npy|\.shard_\d{5}\.npy\.\d+\.tmp|index\.csv|meta\.json|errors\.csv|"
+_SHARD = r"shard_(?:p\d{4,}_)?\d{5}"
+_OWNED = re.compile(rf"({_SHARD}\.npy|\.{_SHARD}\.npy\.\d+\.tmp|index\.csv|meta\.json|errors\.csv|"
                     r"duplicates\.csv|\.(index|meta|errors|duplicates)\.(csv|json)\.\d+\.tmp)")
-_OWNED_PARTS = re.compile(r"(shard_\d{5}\.csv|settings\.json|\.(shard_\d{5}\.csv|settings\.json)\.\d+\.tmp)")
+_OWNED_PARTS = re.compile(rf"({_SHARD}\.csv|settings\.json|part_p\d{{4,}}\.(json|tree)|merge\.lock|"
+                          rf"\.({_SHARD}\.csv|settings\.json|part_p\d{{4,}}\.(json|tree))\.\d+\.tmp)")
+MERGE_LOCK = "parts/merge.lock"
 
 
 class PrepareError(ValueError):
@@ -69,32 +80,39 @@ def stamp(path: Path) -> tuple[int, int]:
     return (st.st_size, st.st_mtime_ns)
 
 
-def part_path(out: Path, number: int) -> Path:
-    return out / "parts" / f"shard_{number:05d}.csv"
+def shard_name(number: int, part: int | None = None) -> str:
+    """``shard_00012`` of a one-process run, ``shard_p0003_00012`` of part 3."""
+    return f"shard_{number:05d}" if part is None else f"shard_p{part:04d}_{number:05d}"
 
 
-def shard_path(out: Path, number: int) -> Path:
-    return out / f"shard_{number:05d}.npy"
+def part_path(out: Path, number: int, part: int | None = None) -> Path:
+    return out / "parts" / f"{shard_name(number, part)}.csv"
 
 
-def write_part(out: Path, number: int, records: list[Record]) -> None:
-    with atomic.atomic_open(part_path(out, number), "w", newline="") as f:
+def shard_path(out: Path, number: int, part: int | None = None) -> Path:
+    return out / f"{shard_name(number, part)}.npy"
+
+
+def write_part(out: Path, number: int, records: list[Record], part: int | None = None) -> None:
+    with atomic.atomic_open(part_path(out, number, part), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(MANIFEST_COLUMNS)
         w.writerows(r.to_csv() for r in records)
 
 
-def finished_shards(out: Path) -> list[int]:
+def finished_shards(out: Path, part: int | None = None) -> list[int]:
     """Numbers of shards whose array and manifest are both complete (the manifest is written first)."""
-    numbers = [int(p.stem[6:]) for p in (out / "parts").glob("shard_[0-9][0-9][0-9][0-9][0-9].csv")]
-    return sorted(n for n in numbers if shard_path(out, n).is_file())
+    prefix = len(shard_name(0, part)) - 5
+    pattern = shard_name(0, part)[:prefix] + "[0-9]" * 5 + ".csv"
+    numbers = [int(p.stem[prefix:]) for p in (out / "parts").glob(pattern)]
+    return sorted(n for n in numbers if shard_path(out, n, part).is_file())
 
 
-def read_records(out: Path, numbers: list[int]) -> dict[str, Record]:
+def read_records(out: Path, numbers: list[int], part: int | None = None) -> dict[str, Record]:
     """The latest record of every source over the given shards (a later shard supersedes)."""
     records: dict[str, Record] = {}
     for n in numbers:
-        path = part_path(out, n)
+        path = part_path(out, n, part)
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames != MANIFEST_COLUMNS:
@@ -140,6 +158,65 @@ def check_settings(out: Path, settings: dict) -> None:
 
 def write_settings(out: Path, settings: dict) -> None:
     atomic.write_text(out / SETTINGS, json.dumps(settings, indent=2) + "\n")
+
+
+def claim_settings(out: Path, settings: dict) -> None:
+    """Writes settings.json unless it exists, race-free between parts started together (the
+    first to link its copy wins), then refuses settings that differ from the winner's."""
+    check_settings(out, settings)
+    path = out / SETTINGS
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        try:
+            os.link(tmp, path)  # atomic, and fails when another part was first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    check_settings(out, settings)
+
+
+def marker_path(out: Path, part: int) -> Path:
+    return out / "parts" / f"part_p{part:04d}.json"
+
+
+def write_marker(out: Path, part: int, marker: dict) -> None:
+    """A part's record of a finished run (written last, atomically): what the merge reads; then
+    the digest of the file list it saw, small, for the other parts to check who is done."""
+    atomic.write_text(marker_path(out, part), json.dumps(marker, separators=(",", ":")) + "\n")
+    atomic.write_text(marker_path(out, part).with_suffix(".tree"), marker["tree"] + "\n")
+
+
+def marker_tree(out: Path, part: int) -> str | None:
+    """The file-list digest of ``part``'s last finished run, or None (never finished)."""
+    try:
+        return marker_path(out, part).with_suffix(".tree").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def read_marker(out: Path, part: int) -> dict | None:
+    """The marker of ``part``, or None while that part has not finished."""
+    path = marker_path(out, part)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise PrepareError(f"{path}: unreadable ({exc}); rerun that part") from None
+
+
+@contextmanager
+def merge_lock(out: Path):
+    """One merge at a time in ``out`` (an flock: released when its process dies, so a crash
+    never leaves a stale lock)."""
+    fd = os.open(out / MERGE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def remove_outputs(out: Path) -> list[Path]:

@@ -84,6 +84,27 @@ def find_images(source: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
+def read_file_list(listing: str | os.PathLike, root: str | os.PathLike) -> tuple[list[Path], int]:
+    """The files named by ``listing`` instead of a walk (on network storage, walking 10 M files
+    takes hours): one path a line, or a ``.csv`` with a ``path`` column; relative paths resolve
+    against ``root``. Sorted as :func:`find_images` sorts, a repeated path kept once; returns
+    (files, how many repeated lines were dropped). Paths are not checked here: a missing
+    file is an unreadable file of the run, counted in errors.csv."""
+    listing, root = Path(listing), Path(root)
+    if listing.suffix.lower() == ".csv":
+        with open(listing, newline="") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or []):
+                raise ValueError(f"{listing}: no 'path' column (columns: {reader.fieldnames})")
+            names = [r["path"] or "" for r in reader]
+    else:
+        with open(listing, encoding="utf-8") as f:
+            names = [line.rstrip("\r\n") for line in f]
+    paths = [p if p.is_absolute() else root / p for p in (Path(n.strip()) for n in names if n.strip())]
+    unique = sorted(set(paths))
+    return unique, len(paths) - len(unique)
+
+
 @dataclass
 class Decoded:
     """A decoded PNG/JPEG: ``pixels`` (H, W) uint8 or uint16, possibly at a reduced scale
