@@ -20,6 +20,7 @@ from cxrfast.manifest import PrepareError
 from cxrfast.prepare import env_part, merge, parse_part, part_slice, prepare
 from cxrfast import cli
 from dicom_factory import make_dicom
+from prepared_tables import index_rows, table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_PER_SHARD = 2 * 32 * 32 / 2**30  # shard_gb that puts two 32x32 uint8 images in a shard
@@ -57,20 +58,10 @@ def _tree(tmp_path: Path) -> tuple[Path, Path]:
     return src, labels
 
 
-def _index(out: Path) -> list[dict]:
-    with open(out / "index.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _table(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _same_result(a: Path, b: Path) -> None:
     """Same images (pixels), in the same order, with the same index columns, labels and splits;
     the same errors and duplicates."""
-    rows_a, rows_b = _index(a), _index(b)
+    rows_a, rows_b = index_rows(a), index_rows(b)
     assert [r["source"] for r in rows_a] == [r["source"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):
         assert {k: v for k, v in ra.items() if k not in ("shard", "offset")} == \
@@ -82,7 +73,7 @@ def _same_result(a: Path, b: Path) -> None:
     np.testing.assert_array_equal(da.labels, db.labels)
     assert list(da.column("split")) == list(db.column("split"))
     for log in ("errors.csv", "duplicates.csv"):
-        assert _table(a / log) == _table(b / log), log
+        assert table_rows(a / log) == table_rows(b / log), log
 
 
 def _command(src: Path, out: Path, labels: Path, *extra: str) -> list[str]:
@@ -131,9 +122,9 @@ def test_four_processes_at_once_equal_a_one_process_run(reference, tmp_path):
     outputs = _run_parts(src, out, labels)
     assert sum("merged from 4 parts" in o for o in outputs) >= 1  # the last to finish merged
     _same_result(out, one)
-    dups = {r["source"]: r["duplicate_of"] for r in _table(out / "duplicates.csv")}
+    dups = {r["source"]: r["duplicate_of"] for r in table_rows(out / "duplicates.csv")}
     assert dups == {"zz_copy.dcm": "a01.dcm", "zz_copy.png": "a00_img.png"}  # kept: first in sorted order
-    errors = {r["source"] for r in _table(out / "errors.csv")}
+    errors = {r["source"] for r in table_rows(out / "errors.csv")}
     assert errors == {"a00_trunc.dcm", "a05.dcm"}
     meta = json.loads((out / "meta.json").read_text())
     assert meta["parts"] == 4 and all(name.startswith("shard_p000") for name in meta["shards"])
@@ -160,7 +151,7 @@ def test_the_copy_kept_across_parts_is_the_first_that_decodes(reference, tmp_pat
     for k in range(4):
         prepare(str(src), str(out), size=32, labels=str(labels), workers=1, shard_gb=TWO_PER_SHARD, part=(k, 4))
     _same_result(out, one)
-    assert "b/c04.dcm" in [r["source"] for r in _index(out)]
+    assert "b/c04.dcm" in [r["source"] for r in index_rows(out)]
 
 
 def test_rerun_of_a_part_decodes_nothing_and_changes_nothing(reference, tmp_path):
@@ -311,8 +302,8 @@ def test_file_list_with_parts_and_a_missing_file(reference, tmp_path):
         meta = prepare(str(src), str(out), size=32, labels=str(labels), workers=1, part=(k, 2),
                        file_list=str(listing))
     assert meta["merged"] and meta["images"] == 4 and meta["errors"] == 1
-    assert [r["source"] for r in _table(out / "errors.csv")] == ["gone.dcm"]  # counted, not fatal
-    assert sorted(r["source"] for r in _index(out)) == sorted(n for n in names if n != "gone.dcm")
+    assert [r["source"] for r in table_rows(out / "errors.csv")] == ["gone.dcm"]  # counted, not fatal
+    assert sorted(r["source"] for r in index_rows(out)) == sorted(n for n in names if n != "gone.dcm")
 
 
 @pytest.mark.parametrize("name, content, message", [("list.txt", None, "no such file"), ("list.txt", "\n\n", "lists no file"),

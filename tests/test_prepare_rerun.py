@@ -2,7 +2,6 @@
 files, errors.csv per shard (issue 9)."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import cxrfast.prepare as prepare_module
 from cxrfast import dicom
 from cxrfast.prepare import prepare
 from dicom_factory import make_dicom
+from prepared_tables import index_rows, table_rows
 
 TWO_PER_SHARD = 2 * 32 * 32 / 2**30  # shard_gb that puts two 32x32 uint8 images in a shard
 
@@ -29,19 +29,9 @@ def _tree(src: Path, names: list[str]) -> None:
         _dicom(src / name, 300 + 350 * k)
 
 
-def _index(out: Path) -> list[dict]:
-    with open(out / "index.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _table(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _images(out: Path) -> dict[str, np.ndarray]:
     """source -> its image, through the index alone."""
-    return {r["source"]: np.load(out / f"shard_{int(r['shard']):05d}.npy")[int(r["offset"])] for r in _index(out)}
+    return {r["source"]: np.load(out / f"shard_{int(r['shard']):05d}.npy")[int(r["offset"])] for r in index_rows(out)}
 
 
 @pytest.fixture
@@ -88,7 +78,7 @@ def test_rerun_over_a_changed_tree_indexes_every_file_once(tmp_path, decoded, ch
     meta = prepare(str(src), str(out), size=32, workers=1, shard_gb=TWO_PER_SHARD)
 
     current = sorted(p.name for p in src.iterdir())
-    sources = [r["source"] for r in _index(out)]
+    sources = [r["source"] for r in index_rows(out)]
     assert sorted(sources) == current  # every current file exactly once, removed ones gone
     assert meta["images"] == len(current) and meta["dropped_this_run"] == len(removed)
     assert sorted(decoded) == sorted(added)  # only new files were decoded
@@ -117,7 +107,7 @@ def test_changed_file_is_read_again(tmp_path, decoded):
     decoded.clear()
     prepare(str(src), str(out), size=32, workers=1, shard_gb=TWO_PER_SHARD)
     assert decoded == ["b.dcm"]
-    rows = _index(out)
+    rows = index_rows(out)
     assert sorted(r["source"] for r in rows) == ["a.dcm", "b.dcm", "c.dcm"]
     assert not np.array_equal(_images(out)["b.dcm"], old)
 
@@ -191,7 +181,7 @@ def test_overwrite_removes_only_what_prepare_wrote(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "parts" / "mine.txt").exists()
     assert (out / "sub" / "index.csv").read_text() == "keep"
     assert sorted(p.name for p in (out / "parts").glob("shard_*.csv")) == ["shard_00000.csv"]
-    assert [r["source"] for r in _table(out / "errors.csv")] == ["img9_broken.dcm"]
+    assert [r["source"] for r in table_rows(out / "errors.csv")] == ["img9_broken.dcm"]
 
 
 def test_dedup_keeps_the_copy_that_decodes(tmp_path):
@@ -203,10 +193,10 @@ def test_dedup_keeps_the_copy_that_decodes(tmp_path):
     assert dicom.read_header(src / "a_truncated.dcm")["sop_instance_uid"] == \
         dicom.read_header(src / "b_good.dcm")["sop_instance_uid"]
     meta = prepare(str(src), str(out), size=32, workers=1)
-    assert sorted(r["source"] for r in _index(out)) == ["b_good.dcm", "d_other.dcm"]
-    errors = _table(out / "errors.csv")
+    assert sorted(r["source"] for r in index_rows(out)) == ["b_good.dcm", "d_other.dcm"]
+    errors = table_rows(out / "errors.csv")
     assert [r["source"] for r in errors] == ["a_truncated.dcm"] and errors[0]["error"] == "TruncatedError"
-    duplicates = _table(out / "duplicates.csv")
+    duplicates = table_rows(out / "duplicates.csv")
     assert [(r["source"], r["duplicate_of"]) for r in duplicates] == [("c_copy.dcm", "b_good.dcm")]
     assert meta["duplicates"] == 1 and meta["errors"] == 1 and meta["images"] == 2
     assert _images(out)["b_good.dcm"].max() > 0
@@ -217,11 +207,11 @@ def test_removing_the_kept_copy_brings_back_its_duplicate(tmp_path):
     _tree(src, ["a.dcm", "z.dcm"])
     (src / "b_copy.dcm").write_bytes((src / "a.dcm").read_bytes())
     prepare(str(src), str(out), size=32, workers=1)
-    assert sorted(r["source"] for r in _index(out)) == ["a.dcm", "z.dcm"]
+    assert sorted(r["source"] for r in index_rows(out)) == ["a.dcm", "z.dcm"]
     (src / "a.dcm").unlink()
     prepare(str(src), str(out), size=32, workers=1)
-    assert sorted(r["source"] for r in _index(out)) == ["b_copy.dcm", "z.dcm"]
-    assert _table(out / "duplicates.csv") == []
+    assert sorted(r["source"] for r in index_rows(out)) == ["b_copy.dcm", "z.dcm"]
+    assert table_rows(out / "duplicates.csv") == []
 
 
 def test_errors_are_written_once_per_file_across_reruns(tmp_path):
@@ -232,7 +222,7 @@ def test_errors_are_written_once_per_file_across_reruns(tmp_path):
     (src / "c_truncated.dcm").write_bytes((src / "c_truncated.dcm").read_bytes()[:-500])  # fails in decode
     for _ in range(3):
         prepare(str(src), str(out), size=32, workers=1, shard_gb=TWO_PER_SHARD)
-    rows = _table(out / "errors.csv")
+    rows = table_rows(out / "errors.csv")
     assert sorted(r["source"] for r in rows) == ["a_broken.dcm", "c_truncated.dcm"]
     assert len(rows) == 2  # one row per file, however many reruns
 
@@ -245,7 +235,7 @@ def test_killed_run_keeps_the_errors_of_finished_shards(tmp_path, monkeypatch):
         _stop_after(m, 1)
         with pytest.raises(KeyboardInterrupt):
             prepare(str(src), str(out), size=32, workers=1, shard_gb=TWO_PER_SHARD)
-    assert [r["source"] for r in _table(out / "errors.csv")] == ["b_broken.dcm"]
+    assert [r["source"] for r in table_rows(out / "errors.csv")] == ["b_broken.dcm"]
 
 
 def test_no_readable_image_is_an_error_without_an_index(tmp_path):
@@ -256,7 +246,7 @@ def test_no_readable_image_is_an_error_without_an_index(tmp_path):
     with pytest.raises(prepare_module.PrepareError, match="no readable images"):
         prepare(str(src), str(out), size=32, workers=1)
     assert not (out / "index.csv").exists() and not (out / "meta.json").exists()
-    assert len(_table(out / "errors.csv")) == 2
+    assert len(table_rows(out / "errors.csv")) == 2
 
 
 def test_reader_refuses_other_format_versions_and_mixed_shards(tmp_path):
