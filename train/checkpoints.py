@@ -26,6 +26,21 @@ __all__ = ["CheckpointError", "UnsafeCheckpointError", "save_atomic", "list_chec
            "latest", "resolve", "load", "load_resume", "rng_to_saved", "rng_from_saved"]
 
 
+DEMO_FINETUNED = Path("outputs") / "finetune_demo" / "best.pth"  # what `python -m train.finetune` writes
+
+
+def given_or_demo(checkpoint: str | None) -> Path:
+    """``--checkpoint``, or the demo fine-tuning result when none is given; a missing file is a
+    UsageError naming it (and, for the demo, the commands that make it)."""
+    from .config import UsageError
+
+    path = Path(checkpoint) if checkpoint else DEMO_FINETUNED
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {path}: no such file" + ("; run `python -m train.pretrain` and "
+                         "`python -m train.finetune` first" if checkpoint is None else ""))
+    return path
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     with atomic_open(path) as f:
         torch.save(obj, f)

@@ -45,10 +45,9 @@ from cxrfast.data.shards import PreparedDataset, is_prepared
 from cxrfast.models import PRESETS, classifier
 from cxrfast.models.checkpoints import CheckpointError, load_file, load_pretrained, unwrap
 
-from . import config, engine, inference, labelled, logs, metrics, pictures, report, runtime
+from . import checkpoints, config, engine, inference, labelled, logs, metrics, pictures, report, runtime
 from .config import opt
 
-DEMO_CHECKPOINT = Path("outputs") / "finetune_demo" / "best.pth"
 
 
 @dataclass
@@ -93,10 +92,7 @@ class EvaluateConfig:
 def main(argv: list[str] | None = None) -> dict:
     with config.user_errors():
         cfg, _ = config.parse(EvaluateConfig, argv, "python -m train.evaluate", __doc__)
-        path = Path(cfg.checkpoint) if cfg.checkpoint else DEMO_CHECKPOINT
-        if not path.is_file():
-            raise config.UsageError(f"--checkpoint {path}: no such file" + ("; run `python -m train.pretrain` and "
-                                    "`python -m train.finetune` first" if cfg.checkpoint is None else ""))
+        path = checkpoints.given_or_demo(cfg.checkpoint)
         rt = runtime.setup(cfg.device)
         try:
             return evaluate(cfg, path, rt)

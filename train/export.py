@@ -39,10 +39,9 @@ from torch import nn
 from cxrfast import atomic, ops
 from cxrfast.models.checkpoints import encoder_state_dict
 
-from . import config, inference, logs
+from . import checkpoints, config, inference, logs
 from .config import opt
 
-DEMO_CHECKPOINT = Path("outputs") / "finetune_demo" / "best.pth"
 FORMATS = ("timm", "safetensors", "onnx")
 SUFFIX = {"timm": ".pth", "safetensors": ".safetensors", "onnx": ".onnx"}
 ONNX_TOLERANCE = 1e-3  # max abs difference allowed, relative to 1 + the largest torch output
@@ -78,10 +77,7 @@ def sidecar_path(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     with config.user_errors():
         cfg, _ = config.parse(ExportConfig, argv, "python -m train.export", __doc__)
-        path = Path(cfg.checkpoint) if cfg.checkpoint else DEMO_CHECKPOINT
-        if not path.is_file():
-            raise config.UsageError(f"--checkpoint {path}: no such file" + ("; run `python -m train.pretrain` and "
-                                    "`python -m train.finetune` first" if cfg.checkpoint is None else ""))
+        path = checkpoints.given_or_demo(cfg.checkpoint)
         out = Path(cfg.out) if cfg.out else default_out(cfg.format)
         if cfg.format == "onnx":
             require_onnx()

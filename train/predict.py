@@ -35,10 +35,9 @@ import numpy as np
 from cxrfast import atomic, cli
 from cxrfast.data.direct import ImageDataset
 
-from . import config, inference, logs, runtime
+from . import checkpoints, config, inference, logs, runtime
 from .config import opt
 
-DEMO_CHECKPOINT = Path("outputs") / "finetune_demo" / "best.pth"
 DEMO_DATA = Path("outputs") / "demo_dicom"
 EMBEDDING_SUFFIXES = (".npy", ".parquet")
 
@@ -89,10 +88,7 @@ def index_path(embeddings: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     with config.user_errors():
         cfg, _ = config.parse(PredictConfig, argv, "python -m train.predict", __doc__)
-        path = Path(cfg.checkpoint) if cfg.checkpoint else DEMO_CHECKPOINT
-        if not path.is_file():
-            raise config.UsageError(f"--checkpoint {path}: no such file" + ("; run `python -m train.pretrain` and "
-                                    "`python -m train.finetune` first" if cfg.checkpoint is None else ""))
+        path = checkpoints.given_or_demo(cfg.checkpoint)
         data = cfg.data if cfg.data is not None else str(DEMO_DATA)
         rt = runtime.setup(cfg.device)
         try:
