@@ -208,10 +208,11 @@ def attention_launches(b: int, h: int, n: int, d: int, dtype: torch.dtype, varle
                 sdv_b=grads[0], sdv_h=grads[1], sdv_n=grads[2])
     fwd_launch = Launch("attn_fwd" + suffix, ka._attn_fwd, fwd, mode, cfg["fwd"], shape, dt)
     if "bwd_fused" in cfg:
-        fused = dict(dkdv, O=p, **o_strides, DQ=p, sdq_b=grads[0], sdq_h=grads[1], sdq_n=grads[2])
+        # dense: the ViT's qkv bias gradient summed in the kernel (cxrfast.ops.qkv_attention)
+        fused = dict(dkdv, O=p, **o_strides, DQ=p, sdq_b=grads[0], sdq_h=grads[1], sdq_n=grads[2], DB=f32)
         del fused["DELTA"]
-        return [fwd_launch, Launch("attn_bwd_fused" + suffix, ka._attn_bwd_fused, fused, mode, cfg["bwd_fused"],
-                                   shape, dt)]
+        return [fwd_launch, Launch("attn_bwd_fused" + suffix, ka._attn_bwd_fused, fused, dict(mode, HAS_DB=not varlen),
+                                   cfg["bwd_fused"], shape, dt)]
     return [fwd_launch,
             Launch("attn_bwd_delta" + suffix, ka._attn_bwd_delta, delta, dict(VARLEN=varlen), cfg["bwd_delta"],
                    shape, dt),

@@ -97,15 +97,17 @@ def _exact_fp32_on_gpu(dtype: torch.dtype) -> bool:
     return _backend == "auto" and dtype == torch.float32
 
 
-def _use_kernel_op(kernel: bool, n: int, d: int, t: torch.Tensor) -> bool:
+def _use_kernel_op(kernel: bool, n: int, d: int, t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether the attention custom op runs (else SDPA): always with its reference; with the
     kernel unless it is over this GPU's shared memory, or fp32 on a GPU under auto (the
-    kernel's IEEE fp32 tiles spill kilobytes there: gpu_static)."""
+    kernel's IEEE fp32 tiles spill kilobytes there: gpu_static). ``dtype``: q, k, v's dtype
+    when ``t`` is not one of them (the projection's input, before autocast's cast)."""
     from kernels import attention as ka
 
     if not kernel:
         return True
-    return not _exact_fp32_on_gpu(t.dtype) and ka.fits(n, d, t.dtype, device=t.device)
+    dtype = dtype or t.dtype
+    return not _exact_fp32_on_gpu(dtype) and ka.fits(n, d, dtype, device=t.device)
 
 
 def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None) -> torch.Tensor:
@@ -123,6 +125,20 @@ def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = No
     q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, num_heads, d)).unbind(2))
     o = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return o.transpose(1, 2).reshape(b, n, num_heads * d)
+
+
+def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, *,
+                  scale: float | None = None) -> torch.Tensor:
+    """The qkv Linear (``weight``, ``bias``) and attention on its packed output: x (B, N, dim) ->
+    (B, N, dim). On the custom op the bias gradient comes from the attention backward kernel's
+    own token sums (no reduction pass over dqkv); elsewhere it is plain Linear + attention."""
+    n, d = x.shape[1], weight.shape[0] // (3 * num_heads)
+    kernel = _kernel_flag(x)
+    if kernel is not None and _use_kernel_op(kernel, n, d, x, matmul_dtype(x) or x.dtype):
+        from kernels import attention as ka
+
+        return ka.qkv_attention(x, weight, bias, num_heads, scale=scale, kernel=kernel)
+    return attention_qkv(F.linear(x, weight, bias), num_heads, scale=scale)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,

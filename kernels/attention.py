@@ -31,6 +31,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -415,15 +416,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU,
 
 
 @triton.jit
-def _attn_bwd_fused(Q, K, V, O, DO, DQ, DK, DV, LSE, KPM, CU,  # LSE: fp32 (B*H*N or H*T)
+def _attn_bwd_fused(Q, K, V, O, DO, DQ, DK, DV, LSE, KPM, CU, DB,  # LSE: fp32 (B*H*N or H*T)
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sd_b, sd_h, sd_n,
                     stride_kpm, sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
                     H, N, D, T, scale,
-                    VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+                    VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, HAS_DB: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The whole backward of one (sequence, head) in one pass: its keys and values stay in
     registers while the program walks the query blocks, so q, k, v, O, dO and lse are read once
-    and dq, dk, dv written once (delta = rowsum(dO * O) inline, fp32; no delta buffer)."""
+    and dq, dk, dv written once (delta = rowsum(dO * O) inline, fp32; no delta buffer).
+    HAS_DB: also the sequence's share of the qkv bias gradient, the fp32 token sums of dq, dk,
+    dv, into DB (B, 3, H, D) - so no reduction pass reads dqkv again."""
     b = tl.program_id(0) // H
     h = tl.program_id(0) % H
     start, n = _seq(CU, b, N, VARLEN)
@@ -434,6 +437,7 @@ def _attn_bwd_fused(Q, K, V, O, DO, DQ, DK, DV, LSE, KPM, CU,  # LSE: fp32 (B*H*
                                               sv_b, sv_h, sv_n, stride_kpm, H, N, T, VARLEN, HAS_KPM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dq_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start_m in range(0, n, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qmask = (offs_m < n)[:, None] & dmask[None, :]
@@ -450,9 +454,16 @@ def _attn_bwd_fused(Q, K, V, O, DO, DQ, DK, DV, LSE, KPM, CU,  # LSE: fp32 (B*H*
         dq = tl.dot(ds, k, input_precision=PREC) * scale
         tl.store(DQ + b * sdq_b + h * sdq_h + (start + offs_m)[:, None] * sdq_n + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=qmask)
+        if HAS_DB:
+            dq_sum += tl.sum(tl.where(qmask, dq, 0.0), axis=0)
         dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
-    _store_kv_grads(DK, DV, dk * scale, dv, b, h, start, offs_n, offs_d, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
-                    kmask)
+    dk = dk * scale
+    _store_kv_grads(DK, DV, dk, dv, b, h, start, offs_n, offs_d, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, kmask)
+    if HAS_DB:
+        row = DB + (b * 3 * H + h) * D + offs_d  # DB[b, 0, h, :]; k and v thirds H * D further on
+        tl.store(row, dq_sum, mask=dmask)
+        tl.store(row + H * D, tl.sum(tl.where(kmask, dk, 0.0), axis=0), mask=dmask)
+        tl.store(row + 2 * H * D, tl.sum(tl.where(kmask, dv, 0.0), axis=0), mask=dmask)
 
 
 def _precision(t: torch.Tensor):
@@ -504,10 +515,12 @@ def _launch_forward(q, k, v, o, lse, cu_seqlens, max_seqlen, key_padding_mask, s
                     PREC=_precision(q), **cfg.kwargs())
 
 
-def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_padding_mask, scale) -> None:
+def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_padding_mask, scale, db=None) -> bool:
     """Runs the one-pass backward where ``launch_configs`` gives 'bwd_fused' for this GPU, else
     the delta kernel (rowsum(dO * O), fp32, laid out like lse), then the dQ and the dK/dV
-    kernels that read it (same stream, in order); dq, dk, dv may be strided views of one buffer."""
+    kernels that read it (same stream, in order); dq, dk, dv may be strided views of one buffer.
+    ``db`` (B, 3, H, D) fp32, dense only: the one-pass kernel writes each sequence's token sums
+    of dq, dk, dv there. Returns whether it did (False: the three launches, db untouched)."""
     varlen, has_kpm = cu is not None, key_padding_mask is not None
     batch, h, n, d, t_total = _dims(q, cu, max_seqlen)
     kpm = key_padding_mask.to(torch.int8).contiguous() if has_kpm else q
@@ -520,10 +533,10 @@ def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_paddin
     # 0.9-1.9 KB on sm_90 (bench/gpu_static.py); under the interpreter (CPU) fp32 runs it.
     if "bwd_fused" in cfg and not (q.is_cuda and q.dtype == torch.float32):
         _attn_bwd_fused[(batch * h,)](
-            q, k, v, o, do, dq, dk, dv, lse, kpm, cu_arg, *strides[:9], *_strides(o, varlen), *strides[9:],
-            *_strides(dq, varlen), *_strides(dk, varlen), *_strides(dv, varlen), h, n, d, t_total, scale,
-            **common, **cfg["bwd_fused"].kwargs())
-        return
+            q, k, v, o, do, dq, dk, dv, lse, kpm, cu_arg, db if db is not None else lse, *strides[:9],
+            *_strides(o, varlen), *strides[9:], *_strides(dq, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
+            h, n, d, t_total, scale, **common, HAS_DB=db is not None, **cfg["bwd_fused"].kwargs())
+        return db is not None
     delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     delta_cfg, dq_cfg, dkdv_cfg = cfg["bwd_delta"], cfg["bwd_dq"], cfg["bwd_dkdv"]
     _attn_bwd_delta[(triton.cdiv(n, delta_cfg.blocks["BLOCK_M"]), batch * h)](
@@ -535,6 +548,7 @@ def _launch_backward(do, q, k, v, o, lse, dq, dk, dv, cu, max_seqlen, key_paddin
     _attn_bwd_dkdv[(triton.cdiv(n, dkdv_cfg.blocks["BLOCK_N"]), batch * h)](
         q, k, v, do, dk, dv, lse, delta, kpm, cu_arg, *strides, *_strides(dk, varlen), *_strides(dv, varlen),
         h, n, d, t_total, scale, **common, **dkdv_cfg.kwargs())
+    return False
 
 
 def _forward(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, scale):
@@ -727,8 +741,11 @@ def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads)).transpose(1, 2)
 
 
-def _attn_qkv_impl(qkv: torch.Tensor, num_heads: int, scale: float, kernel: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o (B, N, H*D) contiguous, lse (B, H, N)) of softmax attention on packed qkv."""
+def _attn_qkv_impl(qkv: torch.Tensor, num_heads: int, scale: float, kernel: bool,
+                   bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o (B, N, H*D) contiguous, lse (B, H, N)) of softmax attention on packed qkv. ``bias``
+    is not applied: it is the bias already inside qkv, an input only so that the backward
+    returns its gradient (see :func:`attention_qkv`)."""
     (qkv,) = _unit_last(qkv)
     b, n, three_hd = qkv.shape
     q, k, v = _qkv_views(qkv, num_heads)
@@ -743,29 +760,39 @@ def _attn_qkv_impl(qkv: torch.Tensor, num_heads: int, scale: float, kernel: bool
 
 
 def _attn_qkv_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
-                       scale: float, kernel: bool) -> torch.Tensor:
-    """dqkv (B, N, 3*H*D) contiguous, in qkv's dtype; do and o are (B, N, H*D)."""
+                       scale: float, kernel: bool, with_bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dqkv (B, N, 3*H*D) contiguous in qkv's dtype, dbias): do and o are (B, N, H*D); dbias is
+    the fp32 token sum of dqkv, (3*H*D,), under ``with_bias`` (else empty): from the one-pass
+    kernel's per-sequence sums where it runs, else a reduction over dqkv."""
     qkv, do, o = _unit_last(qkv, do, o)
     q, k, v = _qkv_views(qkv, num_heads)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _qkv_views(dqkv, num_heads)
     doh, oh = _heads(do, num_heads), _heads(o, num_heads)
+    summed = False
     if kernel:
-        _launch_backward(doh, q, k, v, oh, lse, dq, dk, dv, None, q.shape[2], None, scale)
+        b, n, three_hd = qkv.shape
+        sums = torch.empty(b, 3, num_heads, three_hd // (3 * num_heads), dtype=torch.float32,
+                           device=qkv.device) if with_bias else None
+        summed = _launch_backward(doh, q, k, v, oh, lse, dq, dk, dv, None, q.shape[2], None, scale, sums)
     else:
         for g, r in zip((dq, dk, dv), _backward_ref(doh, q, k, v, oh, lse, None, None, scale)):
             g.copy_(r)
-    return dqkv
+    if not with_bias:
+        return dqkv, dqkv.new_empty(0, dtype=torch.float32)
+    if summed:
+        return dqkv, sums.sum(0).flatten()
+    return dqkv, dqkv.flatten(0, 1).sum(0, dtype=torch.float32)
 
 
-def _attn_qkv_fake(qkv, num_heads, scale, kernel):
+def _attn_qkv_fake(qkv, num_heads, scale, kernel, bias=None):
     b, n, three_hd = qkv.shape
     lse_dtype = torch.float32 if kernel else torch.promote_types(qkv.dtype, torch.float32)
     return qkv.new_empty(b, n, three_hd // 3), qkv.new_empty(b, num_heads, n, dtype=lse_dtype)
 
 
-def _attn_qkv_bwd_fake(do, qkv, o, lse, num_heads, scale, kernel):
-    return qkv.new_empty(qkv.shape)
+def _attn_qkv_bwd_fake(do, qkv, o, lse, num_heads, scale, kernel, with_bias=False):
+    return qkv.new_empty(qkv.shape), qkv.new_empty(qkv.shape[-1] if with_bias else 0, dtype=torch.float32)
 
 
 def _bwd_traffic(do, qkv_bytes, o, lse, grads_bytes, n, d):
@@ -780,8 +807,17 @@ def _bwd_traffic(do, qkv_bytes, o, lse, grads_bytes, n, d):
 
 
 def _attn_qkv_bwd_traffic(args, out):
+    """The launches' traffic (above) plus the bias gradient's: the one-pass kernel's per-sequence
+    sums written and read back by their small reduction, else a reduction reading dqkv."""
     do, qkv, o, lse, num_heads = args[:5]
-    return _bwd_traffic(do, nbytes(qkv), o, lse, nbytes(*out), qkv.shape[1], qkv.shape[-1] // (3 * num_heads))
+    with_bias = len(args) > 7 and args[7]
+    n, d = qkv.shape[1], qkv.shape[-1] // (3 * num_heads)
+    read, written = _bwd_traffic(do, nbytes(qkv), o, lse, nbytes(*out), n, d)
+    if with_bias:
+        sums = qkv.shape[0] * qkv.shape[-1] * 4
+        read += sums if uses_fused_backward(n, d, do.dtype) else nbytes(out[0])
+        written += sums if uses_fused_backward(n, d, do.dtype) else 0
+    return read, written
 
 
 attention_qkv_backward_op = define("attention_qkv_backward", _attn_qkv_bwd_impl, _attn_qkv_bwd_fake,
@@ -789,37 +825,57 @@ attention_qkv_backward_op = define("attention_qkv_backward", _attn_qkv_bwd_impl,
 
 
 def _attn_qkv_setup(ctx, inputs, output):
-    qkv, num_heads, scale, kernel = inputs
+    qkv, num_heads, scale, kernel = inputs[:4]
+    bias = inputs[4] if len(inputs) > 4 else None
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse: the backward ignores it
     ctx.save_for_backward(qkv, o, lse)
     ctx.args = (num_heads, scale, kernel)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _attn_qkv_grad(ctx, do, _dlse):
     qkv, o, lse = ctx.saved_tensors
-    return attention_qkv_backward_op(do, qkv, o, lse, *ctx.args), None, None, None
+    with_bias = ctx.bias_dtype is not None
+    dqkv, dbias = attention_qkv_backward_op(do, qkv, o, lse, *ctx.args, with_bias)
+    return dqkv, None, None, None, dbias.to(ctx.bias_dtype) if with_bias else None
 
 
 attention_qkv_op = define("attention_qkv", _attn_qkv_impl, _attn_qkv_fake, _attn_qkv_grad, _attn_qkv_setup)
 
 
 def attention_qkv(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None,
-                  kernel: bool = True) -> torch.Tensor:
+                  kernel: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention on the packed projection, as the op ``cxrfast::attention_qkv``.
 
     qkv: (B, N, 3*H*D), the qkv Linear's output (q, k, v thirds, heads inside each; any
     strides with a unit last one); returns o (B, N, H*D), contiguous, the layout the output
     projection reads. Its backward takes dO (B, N, H*D) and returns one (B, N, 3*H*D)
     gradient. Same limits as :func:`attention`; ``kernel=False`` runs the torch reference.
+
+    ``bias``: the Linear's bias when qkv was computed with that bias *detached*
+    (:func:`qkv_attention` does it): it is not added again, but its gradient, the token sum of
+    dqkv, comes back through this op - from the one-pass backward kernel's own sums, so no
+    reduction pass reads the whole dqkv a second time.
     """
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv must be (B, N, 3*H*D) with H = {num_heads}, got {tuple(qkv.shape)}")
+    if bias is not None and bias.shape != (qkv.shape[-1],):
+        raise ValueError(f"bias must be ({qkv.shape[-1]},) like qkv's last dim, got {tuple(bias.shape)}")
     d = qkv.shape[-1] // (3 * num_heads)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    o, _ = attention_qkv_op(qkv, int(num_heads), scale, kernel)
+    o, _ = attention_qkv_op(qkv, int(num_heads), scale, kernel, bias)
     return o
+
+
+def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, *,
+                  scale: float | None = None, kernel: bool = True) -> torch.Tensor:
+    """The qkv projection and attention: ``attention_qkv(F.linear(x, weight, bias), ...)`` with
+    the bias added in the projection's GEMM but differentiated through the attention op (see
+    :func:`attention_qkv`): same values and gradients, one reduction over dqkv fewer."""
+    qkv = F.linear(x, weight, None if bias is None else bias.detach())
+    return attention_qkv(qkv, num_heads, scale=scale, kernel=kernel, bias=bias)
 
 
 def attention_qkv_ref(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None) -> torch.Tensor:

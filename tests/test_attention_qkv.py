@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cxrfast import ops
 from cxrfast.models.vit import Attention, Block
-from kernels.attention import attention_qkv, attention_qkv_backward_op, attention_qkv_op, attention_qkv_ref
+from kernels.attention import (attention_qkv, attention_qkv_backward_op, attention_qkv_op, attention_qkv_ref,
+                               qkv_attention)
 from test_kernels import DEV, poison  # noqa: F401  (poison: every kernel buffer starts as NaN)
 
 KERNEL = [pytest.param(True, id="kernel"), pytest.param(False, id="reference")]
@@ -178,6 +179,56 @@ def test_opcheck_attention_qkv(kernel):
     o, lse = attention_qkv_op(qkv.detach(), 2, 0.2, kernel)
     do = torch.randn_like(o)
     torch.library.opcheck(attention_qkv_backward_op, (do, qkv.detach(), o, lse, 2, 0.2, kernel))
+
+
+@pytest.mark.parametrize("kernel", KERNEL)
+@pytest.mark.parametrize("n,h,d", [(1, 2, 32), (37, 3, 32), (50, 2, 64), (197, 1, 32), (23, 2, 80)])
+def test_qkv_attention_bias_gradient_against_float64(kernel, n, h, d, backward_path):
+    """The bias gradient through the attention op (the one-pass kernel's token sums, or the
+    reduction where the three launches run) equals float64 Linear + attention autograd."""
+    torch.manual_seed(n * 7 + d)
+    dim = h * d
+    x, w, bias = torch.randn(2, n, dim), torch.randn(3 * dim, dim) / dim ** 0.5, torch.randn(3 * dim)
+    leaves = [t.to(DEV).requires_grad_() for t in (x, w, bias)]
+    refs = [t.double().requires_grad_() for t in (x, w, bias)]
+    out = qkv_attention(*leaves, h, kernel=kernel)
+    ref = attention_qkv_ref(torch.nn.functional.linear(*refs), h)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=1e-4)
+    go = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, leaves, go.to(DEV))
+    expected = torch.autograd.grad(ref, refs, go.double())
+    for name, g, e in zip(("x", "weight", "bias"), grads, expected):
+        assert not torch.isnan(g).any(), name
+        torch.testing.assert_close(g.double().cpu(), e, atol=5e-5 * max(1.0, e.abs().max().item()), rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_qkv_attention_uses_the_kernels_sums_where_the_one_pass_backward_runs(monkeypatch):
+    """On the one-pass path the backward fills the per-sequence sums (no reduction over dqkv)."""
+    from kernels import attention as ka
+
+    filled = []
+    launch = ka._launch_backward
+    monkeypatch.setattr(ka, "_launch_backward", lambda *a, **k: filled.append(launch(*a, **k)) or filled[-1])
+    x, w, bias = (torch.randn(2, 50, 128, device=DEV), torch.randn(384, 128, device=DEV),
+                  torch.randn(384, device=DEV, requires_grad=True))
+    qkv_attention(x, w, bias, 2, kernel=True).sum().backward()
+    assert filled == [ka.uses_fused_backward(50, 64, torch.float32)] and filled[0]
+    assert bias.grad.shape == (384,) and bias.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kernel", KERNEL)
+def test_opcheck_attention_qkv_with_bias(kernel):
+    qkv = _packed(2, 19, 2, 32, strided=False).cpu().requires_grad_()
+    bias = torch.randn(192, requires_grad=True)
+    torch.library.opcheck(attention_qkv_op, (qkv, 2, 0.2, kernel, bias))
+    o, lse = attention_qkv_op(qkv.detach(), 2, 0.2, kernel, bias.detach())
+    torch.library.opcheck(attention_qkv_backward_op, (torch.randn_like(o), qkv.detach(), o, lse, 2, 0.2, kernel, True))
+
+
+def test_attention_qkv_rejects_a_bias_of_the_wrong_size():
+    with pytest.raises(ValueError, match="bias must be \\(96,\\)"):
+        attention_qkv(torch.randn(1, 4, 96), 2, bias=torch.randn(95))
 
 
 def test_attention_qkv_rejects_a_width_that_is_not_three_heads():

@@ -98,7 +98,7 @@ class Attention(nn.Module):
         bias for the caller to add (Block fuses it into the LayerNorm after the residual add)."""
         # (B, N, 3*dim) in, (B, N, dim) out: the op reads q, k, v and writes o through strides,
         # so neither the forward nor the backward copies, selects or zero-fills around it
-        o = ops.attention_qkv(self.qkv(x), self.num_heads)
+        o = ops.qkv_attention(x, self.qkv.weight, self.qkv.bias, self.num_heads)
         return self.proj(o) if proj_bias else F.linear(o, self.proj.weight)
 
 
