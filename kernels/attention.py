@@ -95,7 +95,7 @@ def _fused_backward_config(block_n: int, block_d: int, cap: tuple[int, int]) -> 
     """The one-pass backward's launch where bench/gpu_static.py shows it compiles without
     spills at >= 25% theoretical occupancy; None elsewhere (the three launches). It holds K, V
     and fp32 dK, dV for all the keys: 16 query rows a step, on many warps. sm_90 bf16: N = 50,
-    D = 64: 128 registers, 25% (8 warps); N = 197, D = 32: 95, 25% (16 warps); wgmma keeps the
+    D = 64: 128 registers, 25% (8 warps); N = 197, D = 32: 106 with the bias sums, 25% (16 warps); wgmma keeps the
     K/V operands in shared memory. On sm_80/86/89 (mma.sync holds them in registers) the same
     tiles need 255 registers and spill 40-2328 B, so those targets keep the three launches, as
     do N = 257 (512-key tiles spill 52 B), N = 197 with D = 64 (16 B of stack) and D = 80 (112 KiB
