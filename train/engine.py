@@ -341,7 +341,7 @@ class Loop:
         self.out = Path(cfg.output_dir)
         self.sampler = ResumableSampler(len(job.dataset), rank=rt.rank, world_size=rt.world_size, seed=cfg.seed)
         self.per_step = cfg.batch_size * cfg.accum_iter
-        self.steps_per_epoch = len(self.sampler.indices()) // self.per_step
+        self.steps_per_epoch = self.sampler.per_rank // self.per_step
         self.optimizer, self.base_lr = make_optimizer(cfg, rt, job)
         self.pos, resume_path = restore(resumed, self.model, self.optimizer, job, rt)
         self.good = resume_path  # the newest checkpoint known to hold finite parameters, on every rank

@@ -32,66 +32,66 @@ class _Source:
 
     def __init__(self, data: PreparedData, batch_size: int, num_labels: int):
         self.data, self.batch_size, self.num_labels = data, batch_size, num_labels
-        self.keys: list[tuple[int, int]] = []
+        self.indices = np.empty(0, np.int64)
         self.pos = 0
 
-    def reset(self, keys: list[tuple[int, int]]) -> None:
-        self.keys, self.pos = keys, 0
+    def reset(self, indices: np.ndarray) -> None:
+        """The epoch's remaining sample indices (ResumableSampler.remaining), in order."""
+        self.indices, self.pos = indices, 0
 
     def __call__(self):
-        if self.pos + self.batch_size > len(self.keys):
+        if self.pos + self.batch_size > len(self.indices):
             raise StopIteration
-        chunk = self.keys[self.pos:self.pos + self.batch_size]
+        chunk = self.indices[self.pos:self.pos + self.batch_size].tolist()
         self.pos += self.batch_size
-        images = [self.data.image(i) for i, _ in chunk]  # views into the memmap: no copy on our side
+        images = [self.data.image(i) for i in chunk]  # views into the memmap: no copy on our side
         labels = [self.data.labels[i] if self.data.labels is not None else np.zeros(self.num_labels, np.float32)
-                  for i, _ in chunk]
+                  for i in chunk]
         return [img[:, :, None] for img in images], labels
 
 
 class _ParallelSource:
     """Per-sample source for DALI's parallel external_source (worker processes).
 
-    Picklable: it carries the folder path, the (shard, offset) of each sample and the sampler
-    parameters, never the memmaps (each worker opens its own). The sample order of an epoch
+    Picklable: it carries the folder path, the view's rows (None for a whole folder) and the
+    sampler parameters, never the memmaps or index columns (each worker maps its own: at 10 M
+    rows a copy per worker would be hundreds of MB). The sample order of an epoch
     is recomputed in the worker from the sampler's seed and the epoch number, so no state has
     to reach the workers once they run: epoch = first epoch + DALI's epoch index.
     """
 
     def __init__(self, data: PreparedData, sampler: ResumableSampler, num_labels: int):
-        self.folder = str(data.folder)
-        self.shard_names = list(data.meta["shards"])
-        self.locations = data.locations
-        self.labels = data.labels
+        self.folder, self.rows = str(data.folder), data.table_rows
+        self.has_labels = data.labels is not None
         self.num_labels = num_labels
         self.sampler_args = dict(size=sampler.size, rank=sampler.rank, world_size=sampler.world_size,
                                  seed=sampler.seed, shuffle=sampler.shuffle)
         self.first_epoch, self.start = sampler.epoch, sampler.start
-        self._shards = None
-        self._order: dict[int, list[tuple[int, int]]] = {}
+        self._data: PreparedData | None = None
+        self._order: dict[int, np.ndarray] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_shards"], state["_order"] = None, {}
+        state["_data"], state["_order"] = None, {}
         return state
 
-    def _keys(self, epoch_idx: int) -> list[tuple[int, int]]:
+    def _indices(self, epoch_idx: int) -> np.ndarray:
         if epoch_idx not in self._order:
             s = ResumableSampler(**self.sampler_args)
             s.set_epoch(self.first_epoch + epoch_idx, self.start if epoch_idx == 0 else 0)
-            self._order = {epoch_idx: list(s)}
+            self._order = {epoch_idx: s.remaining()}
         return self._order[epoch_idx]
 
     def __call__(self, info):
-        keys = self._keys(info.epoch_idx)
-        if info.idx_in_epoch >= len(keys):
+        indices = self._indices(info.epoch_idx)
+        if info.idx_in_epoch >= len(indices):
             raise StopIteration
-        if self._shards is None:
-            self._shards = [np.load(f"{self.folder}/{name}", mmap_mode="r") for name in self.shard_names]
-        index = keys[info.idx_in_epoch][0]
-        shard, offset = self.locations[index]
-        image = self._shards[shard][offset][:, :, None]
-        label = self.labels[index] if self.labels is not None else np.zeros(self.num_labels, np.float32)
+        if self._data is None:
+            self._data = PreparedData.reopen(self.folder, self.rows)
+        index = int(indices[info.idx_in_epoch])
+        image = self._data.image(index)[:, :, None]
+        label = (self._data.labels_of([index])[0] if self.has_labels
+                 else np.zeros(self.num_labels, np.float32))
         return image, label
 
 
@@ -155,7 +155,7 @@ class DALILoader:
                                                      last_batch_policy=LastBatchPolicy.DROP)
             it = self._iterator
         else:  # the batch source is told each epoch's order before the pipeline is restarted
-            self.source.reset(list(self.sampler))
+            self.source.reset(self.sampler.remaining())
             self.pipe.reset()
             it = DALIGenericIterator([self.pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP,
                                      auto_reset=False, prepare_first_batch=False)

@@ -36,12 +36,12 @@ class TorchBatchLoader:
         return len(self.sampler) // self.batch_size
 
     def _host_batches(self) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
-        keys = list(self.sampler)
+        mine, epoch = self.sampler.remaining(), self.sampler.epoch
         pin = self.device.type == "cuda"
         size = self.data.meta["size"]
         dtype = torch.from_numpy(np.empty(0, self.data.dtype)).dtype
-        for start in range(0, len(keys) - self.batch_size + 1, self.batch_size):
-            chunk = keys[start:start + self.batch_size]
+        for start in range(0, len(mine) - self.batch_size + 1, self.batch_size):
+            chunk = [(i, epoch) for i in mine[start:start + self.batch_size].tolist()]
             # gathered straight into pinned memory (torch's caching host allocator: cheap after
             # the first batches, and a block is not reused while a copy from it is in flight)
             host = torch.empty((len(chunk), size, size), dtype=dtype, pin_memory=pin)

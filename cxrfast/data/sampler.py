@@ -65,6 +65,11 @@ class ResumableSampler(Sampler):
             self._cached = (self.epoch, shard_order(self.order(), self.rank, self.world_size))
         return self._cached[1]
 
+    def remaining(self) -> np.ndarray:
+        """This epoch's indices still to come on this rank (from the resume point), int64: what
+        batch loaders slice, instead of a list of (index, epoch) pairs per sample."""
+        return self.indices()[self.start:]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         mine, epoch = self.indices(), self.epoch
         for begin in range(self.start, len(mine), YIELD_CHUNK):

@@ -113,6 +113,18 @@ class PreparedData:
     def __len__(self) -> int:
         return len(self._shard)
 
+    @property
+    def table_rows(self) -> np.ndarray | None:
+        """This view's positions in the index (None: the whole index, in order): with the folder,
+        all a worker process needs to open the same view itself (``PreparedData.reopen``)."""
+        return self._rows
+
+    @classmethod
+    def reopen(cls, folder: str | os.PathLike, table_rows: np.ndarray | None) -> "PreparedData":
+        """The view a ``(folder, table_rows)`` pair names, opened afresh (memory maps, not copies)."""
+        data = cls(folder)
+        return data if table_rows is None else data.subset(table_rows)
+
     def _positions(self, indices=None) -> np.ndarray | None:
         """Table positions of this view's ``indices`` (all its rows when None; None: the whole table)."""
         if indices is None:
