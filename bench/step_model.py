@@ -403,16 +403,24 @@ class Estimate:
     img_per_s: float
     mfu: float
     ms_by_kind: dict
+    device_ms: float = 0.0
+    host_ms: float = 0.0
 
 
-def roofline(step: Step, card: Card, gemm_eff: float = 0.70, mem_eff: float = 0.80) -> Estimate:
+def roofline(step: Step, card: Card, gemm_eff: float = 0.70, mem_eff: float = 0.80,
+             host_us: float = 0.0) -> Estimate:
+    """Each op at the slower of its compute and memory time, summed (eager: one after another);
+    the step is the larger of that and the host's time to issue the ops (``host_us`` each:
+    eager dispatch + launch, which runs ahead of the GPU only while the GPU is the slower)."""
     ms = defaultdict(float)
     for r in step.records:
         t = max(r.flops / (card.peak_flops * gemm_eff), r.bytes / (card.bandwidth * mem_eff))
         ms[r.kind] += t * 1e3
-    total = sum(ms.values())
+    device = sum(ms.values())
+    host = len(step.records) * host_us / 1e3
+    total = max(device, host)
     return Estimate(card.name, total, step.batch / (total / 1e3),
-                    step.flops / (total / 1e3 * card.peak_flops), dict(ms))
+                    step.flops / (total / 1e3 * card.peak_flops), dict(ms), device, host)
 
 
 def top_ops(step: Step, n: int = 15) -> list[tuple[str, int, float]]:
@@ -438,17 +446,26 @@ def format_report(step: Step, est: Estimate, gemm_eff: float, mem_eff: float, to
               f"{(step.gemm_bytes + step.non_gemm_bytes) / 1e9:.2f} | {est.step_ms:.2f} |", "",
               f"non-GEMM traffic {step.non_gemm_bytes / 1e9:.1f} GB; host syncs in the step: {step.syncs}",
               f"{est.card} at GEMM {gemm_eff:.0%} of peak, memory {mem_eff:.0%} of bandwidth: step "
-              f"{est.step_ms:.1f} ms, {est.img_per_s:,.0f} img/s, MFU {est.mfu:.1%}", "",
+              f"{est.step_ms:.1f} ms, {est.img_per_s:,.0f} img/s, MFU {est.mfu:.1%}",
+              _host_line(step, est), "",
               "largest non-GEMM movers:", "", "| phase, op, first inputs | calls | GB |", "|---|---:|---:|"]
     lines += [f"| {k} | {c} | {g:.2f} |" for k, c, g in top_ops(step, top)]
     return "\n".join(lines)
+
+
+def _host_line(step: Step, est: Estimate) -> str:
+    if not est.host_ms:
+        return "host time to issue the ops not counted (--host_us 0)"
+    bound = "HOST-BOUND: the step waits for Python/dispatch" if est.host_ms > est.device_ms else "device-bound"
+    return (f"host: {len(step.records)} ops x {est.host_ms * 1e3 / len(step.records):.0f} us = {est.host_ms:.1f} ms "
+            f"to issue, device {est.device_ms:.1f} ms: {bound}")
 
 
 def summary(step: Step, est: Estimate) -> dict:
     return dict(model=step.model, img_size=step.img_size, batch=step.batch, dtype=step.dtype,
                 backend=step.backend, tflop=step.flops / 1e12, non_gemm_gb=step.non_gemm_bytes / 1e9,
                 gemm_gb=step.gemm_bytes / 1e9, ops=len(step.records), syncs=step.syncs, card=est.card,
-                step_ms=est.step_ms, img_per_s=est.img_per_s, mfu=est.mfu,
+                step_ms=est.step_ms, device_ms=est.device_ms, host_ms=est.host_ms, img_per_s=est.img_per_s, mfu=est.mfu,
                 by_kind={k: dict(v, ms=est.ms_by_kind.get(k, 0.0)) for k, v in step.by_kind().items()})
 
 
@@ -464,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card", default="h100", choices=sorted(CARDS))
     parser.add_argument("--gemm_eff", type=float, default=0.70, help="fraction of peak FLOP/s GEMMs reach")
     parser.add_argument("--mem_eff", type=float, default=0.80, help="fraction of bandwidth memory-bound ops reach")
+    parser.add_argument("--host_us", type=float, default=10.0,
+                        help="host time to issue one op in eager mode (torch dispatch + kernel launch), us: "
+                             "the step is host-bound when ops x host_us exceeds the device time "
+                             "(0: not counted; bench/predict_vs_measured.py shows the real one on a GPU)")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     parser.add_argument("--top", type=int, default=12, help="rows of the largest-movers table")
     parser.add_argument("--json", help="also write the summary here")
@@ -471,11 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     from cxrfast.models.vit import PRESETS
     if args.model not in PRESETS:
         parser.exit(2, f"error: --model {args.model!r}: choose from {', '.join(sorted(PRESETS))}\n")
+    if not 0 <= args.host_us < 1e6:
+        parser.exit(2, f"error: --host_us {args.host_us}: must be >= 0 (microseconds)\n")
     for name in ("gemm_eff", "mem_eff"):
         if not 0 < getattr(args, name) <= 1:
             parser.exit(2, f"error: --{name} {getattr(args, name)}: must be in (0, 1]\n")
     step = record_step(args.model, args.img_size, args.batch, args.dtype, args.ops, mask_ratio=args.mask_ratio)
-    est = roofline(step, CARDS[args.card], args.gemm_eff, args.mem_eff)
+    est = roofline(step, CARDS[args.card], args.gemm_eff, args.mem_eff, args.host_us)
     print(format_report(step, est, args.gemm_eff, args.mem_eff, args.top))
     if args.json:
         Path(args.json).write_text(json.dumps(summary(step, est), indent=1))

@@ -107,6 +107,17 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
     assert est.img_per_s == pytest.approx(500.0)
     assert est.mfu == pytest.approx(7e9 / (0.020 * 1e12))
     assert step.non_gemm_bytes == 8e6 and step.gemm_bytes == 0
+    assert est.host_ms == 0 and est.device_ms == pytest.approx(20.0)
+
+
+def test_roofline_is_host_bound_when_issuing_the_ops_takes_longer():
+    card = sm.Card("test", peak_flops=1e12, bandwidth=1e9)
+    recs = [sm.OpRecord("aten::add", "elementwise", "forward", 0, int(4e6), int(4e6), "")] * 3  # 30 ms device
+    step = sm.Step("m", 224, 10, "bf16", "triton", recs, 0)
+    assert sm.roofline(step, card, host_us=5000).step_ms == pytest.approx(30.0)  # 15 ms host: device-bound
+    est = sm.roofline(step, card, host_us=20000)
+    assert est.host_ms == pytest.approx(60.0) and est.step_ms == pytest.approx(60.0)
+    assert est.device_ms == pytest.approx(30.0) and "HOST-BOUND" in sm._host_line(step, est)
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path):
