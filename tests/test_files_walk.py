@@ -68,13 +68,37 @@ def test_walk_equals_the_serial_os_walk(tree, threads):
     assert not any(n.startswith("linked_folder") or n.endswith("notes") or n in {".DS_Store", "broken"} for n in names)
 
 
-def test_walk_default_threads_is_parallel_and_equal(tree, monkeypatch):
-    calls = []
+MOUNTS = """overlay / overlay rw,relatime 0 0
+proc /proc proc rw 0 0
+server:/export /data nfs4 rw,vers=4.2 0 0
+/dev/nvme0n1p1 /data/scratch ext4 rw 0 0
+//nas/x\\040y /mnt/x\\040y cifs rw 0 0
+sshfs#me@host: /mnt/remote fuse.sshfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize("folder, kind, threads", [
+    ("/data/mimic/p10", "nfs4", files.WALK_THREADS), ("/data", "nfs4", files.WALK_THREADS),
+    ("/data/scratch/a", "ext4", 1), ("/datab", "overlay", 1), ("/mnt/x y/dicom", "cifs", files.WALK_THREADS),
+    ("/mnt/remote/z", "fuse.sshfs", files.WALK_THREADS), ("/home/me", "overlay", 1)])
+def test_walk_threads_by_the_mount_holding_the_folder(folder, kind, threads):
+    assert files.filesystem(folder, MOUNTS) == kind
+    assert files.walk_threads(folder, MOUNTS) == threads
+    assert files.walk_threads(folder, "") == 1  # no mount table: one thread, as before
+
+
+@pytest.mark.parametrize("network", [False, True])
+def test_default_threads_follow_the_filesystem(tree, monkeypatch, network):
+    listed = []
     real = files._scan_folder
-    monkeypatch.setattr(files, "_scan_folder", lambda f: calls.append(f) or real(f))
+    monkeypatch.setattr(files, "_scan_folder", lambda f: listed.append(f) or real(f))
+    used = []
+    real_walk = files.walk_images
+    monkeypatch.setattr(files, "walk_images", lambda folder, threads: used.append(threads) or real_walk(folder, threads))
+    monkeypatch.setattr(files, "filesystem", lambda folder, mounts=None: "nfs" if network else "ext4")
     assert files.find_images(tree) == walk_reference(tree)
-    assert files.WALK_THREADS > 1
-    assert len(calls) == 1 + 3 + 12 + 24 + 2 + 1  # every real folder listed once, the symlinked one never
+    assert used == [files.WALK_THREADS if network else 1] and files.WALK_THREADS > 1
+    assert len(listed) == 1 + 3 + 12 + 24 + 2 + 1  # every real folder listed once, the symlinked one never
 
 
 def _failing_scandir(monkeypatch, unreadable: set[str], broken: set[str]) -> None:
@@ -147,3 +171,9 @@ def test_walk_of_a_relative_folder_keeps_relative_paths(tree, monkeypatch):
     got = files.find_images(Path("archive"), threads=3)
     assert got == walk_reference(Path("archive"))
     assert not got[0].is_absolute()
+
+
+@pytest.mark.parametrize("name", ["a.dcm", "a.tar.gz", ".hidden", ".hidden.dcm", "a.", "a..", "..", "noext",
+                                  "A.JPEG", "x.y.", ".a.b", "a b.png", "é.Dicom"])
+def test_suffix_is_the_suffix_of_pathlib(name):
+    assert files._suffix(name) == Path(name).suffix
