@@ -66,6 +66,12 @@ from .data.shards import FORMAT_VERSION
 from .manifest import INDEX_COLUMNS, PrepareError, Record
 
 DECODE_CHUNK = 64  # files per read_many call: enough to keep every native thread busy
+WORK_BYTES_PER_PIXEL = 4  # memory of one decode beyond the file's bytes, per pixel of one frame (measured below)
+MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# WORK_BYTES_PER_PIXEL: peak resident memory one decode to 256 adds (ru_maxrss of a fresh process), RG1 at
+# 1955x1841 (3.4 Mpixel) 16-bit: JPEG lossless SV1 15.4 MB (file 4.4 MB), 16-bit PNG 13.5 MB (file 5.3 MB),
+# uncompressed 8.9 MB (file 7.2 MB); 8-bit JPEG decodes at a reduced DCT scale (5.9 MB at 3900x3600).
+# So the file plus 4 bytes a pixel bounds each of them.
 
 
 @dataclass
@@ -104,6 +110,66 @@ def _decode_image(path: Path, size: int, dtype: np.dtype) -> tuple[np.ndarray, s
     return img, key, {"rows": decoded.original[0], "columns": decoded.original[1]}
 
 
+def decode_cost(file_bytes: int, pixels: int) -> int:
+    """Estimated peak bytes of one decode: the file, read whole, plus ``WORK_BYTES_PER_PIXEL``
+    for each pixel (x samples) of the frame decoded."""
+    return file_bytes + WORK_BYTES_PER_PIXEL * pixels
+
+
+def _dicom_pixels(meta: dict) -> int:
+    """Pixels x samples of frame 0, the one prepare decodes, from the header."""
+    return int(meta.get("rows") or 0) * int(meta.get("columns") or 0) * int(meta.get("samples_per_pixel") or 1)
+
+
+def _image_pixels(path: Path) -> int:
+    """Pixels of a PNG/JPEG from its header (Pillow reads no further); 0 when unreadable (the
+    decode then reports the error)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # any failure is the decode's to report, with its reason
+        return 0
+
+
+def parse_memory(text: str) -> int:
+    """``--max-memory``: bytes from "4GB", "512M", "1.5GiB", "800000000" (K, M, G, T are powers
+    of 1024, with or without B / iB); not positive or not a size is a UsageError naming it."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in MEMORY_UNITS else ""
+    try:
+        number = float(value[:len(value) - len(unit)])
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number * MEMORY_UNITS[unit] >= 1):
+        raise cli.UsageError(f"--max-memory {text}: needs a positive size like 4GB, 512MB or 1.5G")
+    return int(number * MEMORY_UNITS[unit])
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB"
+
+
+def default_memory(environ=os.environ) -> int | None:
+    """Half the memory of this machine (or of its cgroup, where smaller), shared among
+    torchrun's processes on the node (LOCAL_WORLD_SIZE); None where it cannot be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    try:
+        local = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, total // 2 // local)
+
+
 def _quantize(img: np.ndarray, dtype: np.dtype) -> np.ndarray:
     top = 255.0 if dtype == np.uint8 else 65535.0
     return np.clip(np.rint(img * top), 0, top).astype(dtype)
@@ -124,8 +190,11 @@ class Preparer:
     """Decodes entries into shards and records each shard's manifest."""
 
     def __init__(self, out: Path, root: Path, size: int, dtype: str, workers: int, shard_gb: float,
-                 part: int | None = None):
+                 part: int | None = None, max_memory: int | None = None):
         self.out, self.root, self.size, self.workers, self.part = out, root.resolve(), size, workers, part
+        self.max_memory = max_memory  # bytes of decodes in flight at once; None: no bound
+        self.costs: dict[Path, int] = {}  # estimated bytes of one decode (decode_cost); absent: unknown, 0
+        self.over_budget: set[Path] = set()  # files estimated over max_memory alone: decoded one at a time
         self.dtype = np.dtype(dtype)
         self.per_shard = max(1, int(shard_gb * 2**30) // (size * size * self.dtype.itemsize))
         self.stamps: dict[str, tuple[int, int]] = {}  # source -> (size, mtime_ns) when found
@@ -148,8 +217,10 @@ class Preparer:
         self.live_keys = live_keys
         by_key: dict[str, Entry] = {}
         entries: list[Entry] = []
+        sized = self._needs_image_sizes()
         with ThreadPoolExecutor(self.workers) as pool, progress(len(files), 0, True, "headers", unit="file") as bar:
             futures = [None if _is_image(p) else pool.submit(_describe, p) for p in files]
+            pixels = {p: pool.submit(_image_pixels, p) for p in files if sized and _is_image(p)}
             started = time.perf_counter()
             for done, (p, fut) in enumerate(zip(files, futures), 1):
                 bar.update(1)
@@ -157,12 +228,15 @@ class Preparer:
                     _show_rate(bar, done, started)
                 if fut is None:
                     entries.append(Entry([p], metas=[{}]))
+                    if p in pixels:
+                        self.costs[p] = decode_cost(self._file_bytes(p), pixels[p].result())
                     continue
                 try:
                     key, meta = fut.result()
                 except Exception as exc:  # DicomError, OSError, PIL errors: logged, not fatal
                     entries.append(Entry([p], error=exc))
                     continue
+                self.costs[p] = decode_cost(self._file_bytes(p), _dicom_pixels(meta))
                 if key not in by_key:
                     by_key[key] = Entry([], key, duplicate_of=live_keys.get(key))
                     entries.append(by_key[key])
@@ -170,17 +244,41 @@ class Preparer:
                 by_key[key].metas.append(meta)
         return entries
 
+    def _needs_image_sizes(self) -> bool:
+        """PNG/JPEG headers are read ahead only when the budget could bind: when ``workers``
+        decodes of the largest image allowed (files.MAX_PIXELS) would exceed it."""
+        most = decode_cost(0, image_files.MAX_PIXELS)
+        return self.max_memory is not None and self.workers * most > self.max_memory
+
+    def _file_bytes(self, path: Path) -> int:
+        return self.stamps.get(self.relative(path), (0, 0))[0]
+
+    def batches(self, indices: list[int], paths: list[Path]) -> list[tuple[int, list[int]]]:
+        """``indices`` of ``paths`` grouped by how many may decode at once: (threads, indices),
+        threads = how many decodes of the group's costliest file fit in max_memory (1 at least:
+        a file over the budget alone still runs, alone, and is counted in ``over_budget``)."""
+        groups: dict[int, list[int]] = {}
+        for i in indices:
+            cost = self.costs.get(paths[i], 0)
+            threads = self.workers
+            if self.max_memory is not None and cost:
+                threads = max(1, min(self.workers, self.max_memory // cost))
+                if cost > self.max_memory:
+                    self.over_budget.add(paths[i])
+            groups.setdefault(threads, []).append(i)
+        return sorted(groups.items(), reverse=True)
+
     def decode(self, paths: list[Path]) -> list[np.ndarray | BaseException]:
         """Decodes files: DICOM in native threads, PNG/JPEG in a thread pool (decoders and the
         native resize release the GIL); the key and size of each PNG/JPEG go to ``facts``."""
         self.decoded += len(paths)
         out: list[np.ndarray | BaseException] = [ValueError("not decoded")] * len(paths)
         dcm = [i for i, p in enumerate(paths) if not _is_image(p)]
-        if dcm:
+        for threads, group in self.batches(dcm, paths):
             kind = "uint8" if self.dtype == np.uint8 else "uint16"
-            results = dicom.read_many([paths[i] for i in dcm], num_threads=self.workers, on_error="skip",
+            results = dicom.read_many([paths[i] for i in group], num_threads=threads, on_error="skip",
                                       size=self.size, dtype=kind, frame=0)
-            for i, res in zip(dcm, results):
+            for i, res in zip(group, results):
                 if isinstance(res, BaseException):
                     out[i] = res
                 elif res.pixels.ndim != 2:
@@ -188,14 +286,15 @@ class Preparer:
                 else:
                     out[i] = res.pixels
         others = [i for i, p in enumerate(paths) if _is_image(p)]
-        if others:
-            def one(i):
-                try:
-                    return _decode_image(paths[i], self.size, self.dtype)
-                except Exception as exc:  # OSError, PIL and imagecodecs errors: this file's
-                    return exc
-            with ThreadPoolExecutor(self.workers) as pool:
-                for i, res in zip(others, pool.map(one, others)):
+
+        def one(i):
+            try:
+                return _decode_image(paths[i], self.size, self.dtype)
+            except Exception as exc:  # OSError, PIL and imagecodecs errors: this file's
+                return exc
+        for threads, group in self.batches(others, paths):
+            with ThreadPoolExecutor(threads) as pool:
+                for i, res in zip(group, pool.map(one, group)):
                     if isinstance(res, BaseException):
                         out[i] = res
                     else:
@@ -407,7 +506,7 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
             label_format: str = "auto", uncertain: str = "ones", workers: int | None = None,
             shard_gb: float = 2.0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
             overwrite: bool = False, protocol: Protocol | None = None, part: Part | None = None,
-            file_list: str | None = None) -> dict:
+            file_list: str | None = None, max_memory: int | None | str = "default") -> dict:
     """Prepares ``src`` into ``out``; returns the meta dict (``notes``: what the label
     protocol left out, e.g. images of other views, counted).
 
@@ -416,9 +515,15 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
     first removes what an earlier run wrote (and nothing else). With ``part`` (i, N) only the
     i-th slice of the sorted files is prepared; the last part to finish merges (:func:`merge`).
     ``file_list`` (one path a line, or a CSV's ``path`` column; relative to ``src``) replaces
-    walking ``src``."""
+    walking ``src``. ``max_memory``: bytes the decodes in flight may take together (estimated
+    from each header, ``decode_cost``); "default" is :func:`default_memory`, None no bound."""
     with _as_prepare_error():
         _check_arguments(src, size, dtype, workers, shard_gb, split_fractions, uncertain)
+        if max_memory == "default":
+            max_memory = default_memory()
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral)
+                                       or max_memory < 1):
+            raise PrepareError(f"--max-memory must be a positive number of bytes, got {max_memory!r}")
         if part is not None and overwrite:
             raise PrepareError("--overwrite with --part: parts would delete each other's shards; "
                                "remove OUT once before starting the parts")
@@ -450,7 +555,7 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
         mf.check_settings(out_dir, settings)
 
     workers = workers or _default_workers()
-    prep = Preparer(out_dir, root, size, dtype, workers, shard_gb, part[0] if part else None)
+    prep = Preparer(out_dir, root, size, dtype, workers, shard_gb, part[0] if part else None, max_memory)
     t0 = time.perf_counter()
     (out_dir / "parts").mkdir(parents=True, exist_ok=True)
     if part is None:
@@ -459,6 +564,9 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
         mf.claim_settings(out_dir, settings)  # the first part writes them, the others must match
     mine = files if part is None else part_slice(files, part)
     records, stale_images, shards = _decode_all(prep, mine, len(files), write_logs=part is None)
+    if prep.over_budget:
+        notes.append(f"--max-memory {_mib(max_memory)}: {len(prep.over_budget)} files estimated over it alone "
+                     f"(up to {_mib(max(prep.costs[p] for p in prep.over_budget))}) were decoded one at a time")
     if part is not None:
         meta = _finish_part(prep, part, files, mine, records, shards, table, notes, stale_images)
         meta["seconds"] = round(time.perf_counter() - t0, 3)
@@ -772,17 +880,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", help="prepare only part i of N (0 <= i < N) of the sorted files, e.g. "
                         "$SLURM_ARRAY_TASK_ID/8; under torchrun RANK/WORLD_SIZE are used. The last part to finish "
                         "merges the index (or: python -m cxrfast.prepare merge OUT)")
+    parser.add_argument("--max-memory", "--max_memory", dest="max_memory",
+                        help="bound the memory of the decodes in flight, e.g. 4GB (K/M/G = powers of 1024); "
+                             "each file's cost is estimated from its header (file size + 4 bytes a pixel) and "
+                             "fewer files decode at once where needed; default: half of RAM, shared among "
+                             "torchrun's processes on a node")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild OUT: first remove what an earlier prepare wrote there (shards, parts/, "
                              "index.csv, meta.json, errors.csv, duplicates.csv), nothing else")
     args = parser.parse_args(argv)
     try:
         part = parse_part(args.part) if args.part is not None else env_part()
+        max_memory = parse_memory(args.max_memory) if args.max_memory is not None else "default"
         meta = prepare(args.src, args.out, size=args.size, dtype=args.dtype, labels=args.labels,
                        label_format=args.label_format, uncertain=args.uncertain, workers=args.workers,
                        shard_gb=args.shard_gb, split_fractions=args.split_fractions, overwrite=args.overwrite,
                        protocol=Protocol(args.label_set, args.labels_map, args.split_files, args.test_labels,
-                                         args.view, args.rad_vote), part=part, file_list=args.files)
+                                         args.view, args.rad_vote), part=part, file_list=args.files,
+                       max_memory=max_memory)
     except (PrepareError, cli.UsageError) as exc:
         cli.fail(str(exc))
     _print_summary(meta, args.out)

@@ -30,7 +30,9 @@ import csv
 import io
 import math
 import os
+import re
 import struct
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,9 @@ JPEG_SCALES = (8, 4, 2)  # libjpeg's DCT-domain reductions, largest first
 JPEG_MARGIN = 2  # a scaled JPEG decode keeps at least this many times the target's longer side
 JPEG_TOLERANCE = 4  # max abs difference (8-bit levels) of scaled vs full decode, both resized
 JPEG_MEAN_TOLERANCE = 0.3  # mean abs difference, 8-bit levels
+WALK_THREADS = 8  # folders listed at once on network storage (see walk_threads)
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
+                       "9p", "afs", "panfs", "wekafs", "orangefs", "davfs"}
 MAX_PIXELS = 1 << 28  # a PNG/JPEG header announcing more is refused before any decode
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DEPTHS = (12, 16)  # the depths guessed for a 16-bit PNG without sBIT
@@ -62,9 +67,11 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def find_images(source: str | os.PathLike) -> list[Path]:
+def find_images(source: str | os.PathLike, threads: int | None = None) -> list[Path]:
     """Image files under a folder (DICOM, PNG, JPEG), or the ``path`` column of a CSV
-    (relative paths resolve against the CSV's folder), sorted for reproducibility."""
+    (relative paths resolve against the CSV's folder), sorted for reproducibility.
+    A folder is walked by ``threads`` threads (default :func:`walk_threads`: a pool on network
+    storage, one thread on a local disk; see :func:`walk_images`)."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
         with open(source, newline="") as f:
@@ -75,13 +82,108 @@ def find_images(source: str | os.PathLike) -> list[Path]:
             return [p if p.is_absolute() else source.parent / p for p in (Path(r[column]) for r in reader)]
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: not a folder or a .csv file")
+    return sorted(walk_images(source, walk_threads(source) if threads is None else threads))
+
+
+def walk_threads(folder: str | os.PathLike, mounts: str | None = None) -> int:
+    """Threads for walking ``folder``: ``WALK_THREADS`` on a network filesystem (see
+    ``NETWORK_FILESYSTEMS``; FUSE ones too), 1 elsewhere. On a local disk a listing takes
+    microseconds and the per-entry Python work holds the GIL, so threads only contend for it
+    (bench/test_bench_prepare.py: slower than one thread). ``mounts``: /proc/mounts' text."""
+    kind = filesystem(folder, mounts)
+    return WALK_THREADS if kind in NETWORK_FILESYSTEMS or kind.startswith("fuse.") else 1
+
+
+def filesystem(folder: str | os.PathLike, mounts: str | None = None) -> str:
+    """The filesystem type (``nfs4``, ``ext4``, ...) of the mount holding ``folder``, from
+    /proc/mounts (or ``mounts``, its text); "" where it cannot be read (not Linux)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    target = os.path.realpath(folder)
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # "\040" is a space
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):  # the deepest mount point wins; a later equal one covers it
+            best, kind = point, fields[2]
+    return kind
+
+
+def walk_images(folder: str | os.PathLike, threads: int = 1) -> list[Path]:
+    """The image files under ``folder``, in no particular order: what ``os.walk`` finds (an
+    unreadable folder skipped whole, symlinked folders not entered, files of any name, hidden
+    too, kept when ``_is_image_entry`` says so). With ``threads`` > 1 the folders are listed
+    by a pool of that many threads, breadth-first: on network storage every listing and every
+    DICOM preamble read waits on the server, and ``os.scandir`` and ``open`` release the GIL
+    while they wait, so the waits overlap. On a local disk the gain is small (bench/)."""
+    top = os.fspath(folder)
+    if threads <= 1:
+        found, todo = [], [top]
+        while todo:
+            images, subfolders = _scan_folder(todo.pop())
+            found += images
+            todo += subfolders
+        return found
     found = []
-    for root, _, names in os.walk(source):
-        for name in names:
-            p = Path(root) / name
-            if p.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(p):
-                found.append(p)
-    return sorted(found)
+    with ThreadPoolExecutor(threads) as pool:
+        pending = {pool.submit(_scan_folder, top)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                images, subfolders = fut.result()
+                found += images
+                pending.update(pool.submit(_scan_folder, s) for s in subfolders)
+    return found
+
+
+def _scan_folder(folder: str) -> tuple[list[Path], list[str]]:
+    """(image files, subfolders to enter) of one folder, as ``os.walk`` sees it: a folder that
+    cannot be listed yields nothing (os.walk's default, no onerror); an entry whose type cannot
+    be read is a file; a symlink to a folder is not entered (followlinks=False)."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError:
+        return [], []
+    images, subfolders = [], []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            if _is_image_entry(entry.name, entry.path):
+                images.append(Path(entry.path))  # only kept files become Paths: parsing one costs more than the test
+        elif not entry.is_symlink():
+            subfolders.append(entry.path)
+    return images, subfolders
+
+
+_KNOWN_SUFFIXES = IMAGE_SUFFIXES | {".dcm", ".dicom"}
+
+
+def _suffix(name: str) -> str:
+    """``Path(name).suffix`` of a file name, without building a Path (the walk's hot loop)."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
+def _is_image_entry(name: str, path: str) -> bool:
+    """``_is_dicom`` or a PNG/JPEG extension, on the strings of a folder entry: DICOM, PNG and
+    JPEG by extension, any other file by the DICOM preamble (PS3.10 7.1: b"DICM" at 128)."""
+    if _suffix(name).lower() in _KNOWN_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def read_file_list(listing: str | os.PathLike, root: str | os.PathLike) -> tuple[list[Path], int]:
