@@ -13,6 +13,7 @@
 //   that runs out of bits raises Truncated.
 // Limits: one component (others go to a codec library), precision 2-16, any restart interval.
 #include <cstring>
+#include <memory>
 
 #include "cxrdicom.h"
 
@@ -64,7 +65,9 @@ void build_table(HuffTable& t, const uint8_t* counts, const uint8_t* symbols, in
         uint32_t idx = uint32_t(code << fill) | uint32_t(f);
         if (s == 0) {
           t.fast[idx] = uint32_t(l);
-        } else if (s < 16 && l + s <= kLookup) {
+        } else if (s == 16) {  // 32768, no extra bits
+          t.fast[idx] = 32768u << 16 | uint32_t(l);
+        } else if (l + s <= kLookup) {
           uint32_t v = (uint32_t(f) >> (fill - s)) & ((1u << s) - 1);
           t.fast[idx] = uint32_t(uint16_t(extend(v, s))) << 16 | uint32_t(l + s);
         } else {
@@ -83,57 +86,76 @@ inline uint64_t load_be64(const uint8_t* p) {
   return __builtin_bswap64(v);
 }
 
+// MSB-first bit reader over unstuffed data. The row loops copy it into a local (so that
+// buf, cnt and p live in registers, not memory) and copy it back at the end of the row.
 struct BitReader {
   const uint8_t* start;
   const uint8_t* p;
   uint64_t buf = 0;
-  int cnt = 0;
+  int cnt = 0;  // valid bits at the top of buf; the byte at p is next, at bit cnt
   explicit BitReader(const uint8_t* s) : start(s), p(s) {}
   inline void refill() {
     buf |= load_be64(p) >> cnt;
     p += (63 - cnt) >> 3;
     cnt |= 56;
   }
-  inline void consume(int n) {
-    buf <<= n;
-    cnt -= n;
-  }
   size_t consumed_bits() const { return size_t(p - start) * 8 - size_t(cnt); }
 };
 
-// Decodes one difference (mod 2^16). The caller has refilled.
-__attribute__((noinline)) uint32_t decode_slow(BitReader& br, const HuffTable& t, uint32_t e) {
-  int s;
+// A sample the table does not finish: (difference mod 2^16) | (bits used << 16), from
+// the top of buf (which holds at least 31 valid bits). Takes buf by value so that the
+// caller's bit state stays in registers.
+__attribute__((noinline)) uint32_t decode_slow(uint64_t buf, const HuffTable& t, uint32_t e) {
+  int s, l;
   if (e & 0x8000u) {
-    br.consume(int(e & 0xFF));
+    l = int(e & 0xFF);
     s = int(e >> 8) & 0x1F;
   } else {
-    int l = kLookup + 1;
-    int32_t code = int32_t(br.buf >> (64 - l));
+    l = kLookup + 1;
+    int32_t code = int32_t(buf >> (64 - l));
     while (l <= 16 && code > t.maxcode[l]) {
       ++l;
-      code = int32_t(br.buf >> (64 - l));
+      code = int32_t(buf >> (64 - l));
     }
     if (l > 16) throw Error(ErrorKind::Corrupt, "invalid Huffman code in JPEG lossless scan");
-    br.consume(l);
     s = t.vals[t.valoffset[l] + code];
   }
-  if (s == 0) return 0;
-  if (s == 16) return 32768;
-  uint32_t v = uint32_t(br.buf >> (64 - s));
-  br.consume(s);
-  return uint32_t(extend(v, s)) & 0xFFFF;
+  if (s == 0) return uint32_t(l) << 16;
+  if (s == 16) return uint32_t(l) << 16 | 32768u;
+  uint32_t v = uint32_t((buf << l) >> (64 - s));
+  return uint32_t(l + s) << 16 | (uint32_t(extend(v, s)) & 0xFFFF);
 }
 
-inline uint32_t decode_diff(BitReader& br, const HuffTable& t) {
-  br.refill();
-  uint32_t e = t.fast[br.buf >> (64 - kLookup)];
-  if (__builtin_expect((e & 0xFF00u) == 0, 1)) {
-    br.consume(int(e & 0xFF));
-    return e >> 16;
+// The hot path: decodes one difference per next() call. The table entry for the next
+// sample is looked up from buf right after the shift, before the refill (the refill only
+// adds bits below the at least 25 still valid), so the chain from one sample to the next
+// is table load -> shift -> table load.
+struct Decoder {
+  BitReader br;
+  const uint32_t* fast;
+  const HuffTable* t;
+  uint32_t e;
+  Decoder(const BitReader& b, const HuffTable& table) : br(b), fast(table.fast), t(&table) {
+    br.refill();
+    e = fast[br.buf >> (64 - kLookup)];
   }
-  return decode_slow(br, t, e);
-}
+  inline uint32_t next() {
+    uint32_t d, n;
+    if (__builtin_expect((e & 0xFF00u) == 0, 1)) {
+      d = e >> 16;
+      n = e & 0xFF;
+    } else {
+      uint32_t r = decode_slow(br.buf, *t, e);
+      d = r & 0xFFFF;
+      n = r >> 16;
+    }
+    br.buf <<= n;
+    br.cnt -= int(n);
+    e = fast[br.buf >> (64 - kLookup)];
+    br.refill();
+    return d;
+  }
+};
 
 template <int P>
 inline int predict(int ra, int rb, int rc) {
@@ -147,33 +169,33 @@ inline int predict(int ra, int rb, int rc) {
   return 0;
 }
 
-// A row after the first of its restart interval: column 0 predicts from above.
+// A whole row after the first of its restart interval: column 0 predicts from above,
+// the rest with predictor P (no branch on P in the loop).
 template <int P>
-void normal_row(BitReader& br, const HuffTable& t, uint16_t* cur, const uint16_t* prev, int c0, int c1) {
-  int c = c0;
-  if (c == 0 && c1 > 0) {
-    cur[0] = uint16_t(prev[0] + decode_diff(br, t));
-    c = 1;
+void normal_row(BitReader& br, const HuffTable& t, uint16_t* cur, const uint16_t* prev, int n) {
+  Decoder dec(br, t);
+  int ra = (prev[0] + int(dec.next())) & 0xFFFF;
+  cur[0] = uint16_t(ra);
+  for (int c = 1; c < n; ++c) {
+    ra = (predict<P>(ra, prev[c], prev[c - 1]) + int(dec.next())) & 0xFFFF;
+    cur[c] = uint16_t(ra);
   }
-  int ra = c > 0 ? cur[c - 1] : 0;
-  for (; c < c1; ++c) {
-    int v = (predict<P>(ra, prev[c], prev[c - 1]) + int(decode_diff(br, t))) & 0xFFFF;
-    cur[c] = uint16_t(v);
-    ra = v;
-  }
+  br = dec.br;
 }
 
 // The first row of a restart interval (from column c0): the first sample predicts the
 // constant 2^(P-Pt-1), the rest predict from the left.
 void first_row(BitReader& br, const HuffTable& t, uint16_t* cur, int c0, int c1, int initial) {
+  Decoder dec(br, t);
   int ra = initial;
   for (int c = c0; c < c1; ++c) {
-    ra = (ra + int(decode_diff(br, t))) & 0xFFFF;
+    ra = (ra + int(dec.next())) & 0xFFFF;
     cur[c] = uint16_t(ra);
   }
+  br = dec.br;
 }
 
-using RowFn = void (*)(BitReader&, const HuffTable&, uint16_t*, const uint16_t*, int, int);
+using RowFn = void (*)(BitReader&, const HuffTable&, uint16_t*, const uint16_t*, int);
 const RowFn kRows[8] = {nullptr, normal_row<1>, normal_row<2>, normal_row<3>, normal_row<4>,
                         normal_row<5>, normal_row<6>, normal_row<7>};
 
@@ -308,10 +330,12 @@ JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t*
   if (total > out_capacity) throw Error(ErrorKind::Invalid, "JPEG frame larger than the output buffer");
 
   const size_t pad = size_t(W) * 4 + 64;
-  std::vector<uint8_t> data(st->scan_size + pad);
+  // Not zero-initialised (a pass over megabytes): unstuff writes the data, then the tail is cleared.
+  const size_t data_size = st->scan_size + pad;
+  std::unique_ptr<uint8_t[]> data(new uint8_t[data_size]);
   std::vector<Segment> segs;
-  unstuff(st->scan, st->scan_size, data.data(), segs);
-  std::memset(data.data() + segs.back().start + segs.back().length, 0, data.size() - (segs.back().start + segs.back().length));
+  const size_t used = unstuff(st->scan, st->scan_size, data.get(), segs);
+  std::memset(data.get() + used, 0, data_size - used);
 
   const size_t ri = info.restart_interval > 0 ? size_t(info.restart_interval) : total;
   const size_t nseg = (total + ri - 1) / ri;
@@ -322,7 +346,7 @@ JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t*
   for (size_t s = 0; s < nseg; ++s) {
     const Segment& seg = segs[s];
     if (s > 0 && seg.rst != int((s - 1) & 7)) throw Error(ErrorKind::Corrupt, "JPEG restart markers out of order");
-    BitReader br(data.data() + seg.start);
+    BitReader br(data.get() + seg.start);
     const size_t seg_bits = seg.length * 8;
     auto check = [&]() {
       if (br.consumed_bits() > seg_bits) throw Error(ErrorKind::Truncated, "JPEG lossless scan ends early");
@@ -339,7 +363,7 @@ JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t*
       check();
       row = i / size_t(W);
       int n = int(std::min<size_t>(size_t(W), end - i));
-      row_fn(br, table, out + row * W, out + (row - 1) * W, 0, n);
+      row_fn(br, table, out + row * W, out + (row - 1) * W, n);
       i += size_t(n);
     }
     check();
