@@ -146,3 +146,56 @@ def test_bogus_tables_raise():
 def test_garbage_after_eoi_is_ignored():
     a, stream = _stream()
     np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(stream + b"\x00\x12garbage\xff"), a)
+
+
+# --- pylibjpeg-libjpeg as a second, independent oracle on fresh random images -------------
+# It decodes Pt = 0 and restart intervals of whole rows the way T.81 and libjpeg-turbo do;
+# with Pt > 0 or an interval that ends mid-row it returns other values, so those cases are
+# checked against the original samples only (test_restart_intervals_and_point_transform).
+
+ORACLE_SHAPES = [(1, 1), (1, 53), (29, 1), (13, 37), (6, 211)]
+
+
+def _walk(shape, bits: int, rng) -> np.ndarray:
+    """A random walk with noise of random amplitude per row: every difference category
+    from 0 to `bits` occurs, small ones most often, as in a radiograph."""
+    top = 1 << bits
+    steps = rng.integers(-1, 2, size=shape) * rng.integers(0, top, size=(shape[0], 1)) // 8
+    noise = rng.integers(0, max(1, top >> rng.integers(0, bits + 1)), size=shape)
+    return ((np.cumsum(steps, axis=1) + noise + top // 2) % top).astype(np.uint16)
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+@pytest.mark.parametrize("predictor", range(1, 8))
+def test_random_images_match_pylibjpeg_libjpeg(bits, predictor):
+    libjpeg = pytest.importorskip("libjpeg")
+    rng = np.random.default_rng()
+    for shape in ORACLE_SHAPES:
+        a = _walk(shape, bits, rng)
+        for restart in {0, shape[1], 3 * shape[1]}:
+            stream = encode(a, predictor=predictor, precision=bits, restart=restart)
+            ours = _dicom.jpeg_lossless_decode(stream)
+            np.testing.assert_array_equal(ours, a, err_msg=f"{shape} restart={restart}")
+            np.testing.assert_array_equal(ours, libjpeg.decode(stream), err_msg=f"{shape} restart={restart}")
+
+
+def _long_code_stream(rng, n: int = 3000) -> tuple[np.ndarray, bytes]:
+    """A 1 x n 16-bit image whose difference categories fall off geometrically, so the
+    Huffman table has codes longer than the 12-bit lookup (the decoder's slow path)."""
+    cats = np.minimum(rng.geometric(0.45, size=n) - 1, 16)
+    mag = np.where(cats == 0, 0, (1 << np.maximum(cats - 1, 0)) + rng.integers(0, 1 << 15, size=n) % np.maximum(1, 1 << np.maximum(cats - 1, 0)))
+    d = np.where(rng.random(n) < 0.5, mag, -mag)
+    d[cats == 16] = 32768
+    a = ((np.cumsum(d) + (1 << 15)) % 65536).astype(np.uint16)[None, :]
+    return a, encode(a, predictor=1, precision=16)
+
+
+def test_codes_longer_than_the_lookup():
+    libjpeg = pytest.importorskip("libjpeg")
+    rng = np.random.default_rng()
+    a, stream = _long_code_stream(rng)
+    i = stream.index(b"\xff\xc4")
+    counts = stream[i + 5:i + 21]
+    assert max(l + 1 for l in range(16) if counts[l]) > 12  # the slow path is exercised
+    np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(stream), a)
+    np.testing.assert_array_equal(libjpeg.decode(stream), a)
