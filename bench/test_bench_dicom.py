@@ -75,6 +75,33 @@ def test_jpeg_lossless_codestream_rg1(benchmark, rg1, decoder):
         benchmark.extra_info["MP/s"] = round(rg1["array"].size / benchmark.stats.stats.median / 1e6)
 
 
+@pytest.fixture(scope="session")
+def sv1_4k():
+    """A generated 4096x4096 15-bit SV1 codestream (smooth field + noise, like a DX image)."""
+    import imagecodecs
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:4096, 0:4096]
+    a = (8000 + 6000 * np.sin(x / 700.0) * np.cos(y / 900.0) + rng.normal(0, 40, (4096, 4096)))
+    a = np.clip(a, 0, 32767).astype(np.uint16)
+    return {"array": a, "stream": imagecodecs.jpeg8_encode(a, lossless=True, predictor=1, bitspersample=15)}
+
+
+@pytest.mark.parametrize("image", ["RG1", "4k"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_jpeg_lossless_one_image_threads(benchmark, rg1, sv1_4k, image, threads):
+    """One image, no restart markers: the speculative two-thread split against one thread."""
+    data = {"array": rg1["array"], "stream": rg1["sv1_stream"]} if image == "RG1" else sv1_4k
+    benchmark.group = f"JPEG lossless SV1 codestream, one image ({image}), no restart markers"
+    benchmark.name = f"cxrfast threads=1 [{image}]" if threads == 1 else f"threads=2 [{image}]"
+    out, split = benchmark(_dicom.jpeg_lossless_decode, data["stream"], threads=threads, with_split=True)
+    np.testing.assert_array_equal(out, data["array"])
+    assert split == (2 if threads == 2 else 0)  # 2: the second thread's differences were used
+    benchmark.extra_info["cpus"] = os.cpu_count()
+    if benchmark.stats:
+        benchmark.extra_info["MP/s"] = round(data["array"].size / benchmark.stats.stats.median / 1e6)
+
+
 @pytest.mark.parametrize("reader", ["cxrfast", "copy of the pixel bytes", *READERS])
 def test_uncompressed_rg1(benchmark, rg1, reader):
     benchmark.group = "Explicit VR LE, RG1, file -> stored values"

@@ -452,16 +452,21 @@ PYBIND11_MODULE(_dicom, m) {
 
   m.def(
       "jpeg_lossless_decode",
-      [](py::bytes stream) {
+      [](py::bytes stream, int threads, int64_t split_bit, bool with_split) -> py::object {
         // Decodes a bare SOF3 codestream (for tests and benchmarks against other codecs).
+        // threads=2: a second thread on one large image; split_bit: where the speculative
+        // second decoder starts (tests only; it also lifts the size threshold); with_split:
+        // return (image, JpegLosslessInfo::split) to show which path ran.
         std::string_view sv = stream;
         auto* data = reinterpret_cast<const uint8_t*>(sv.data());
         JpegLosslessInfo info = nogil([&] { return jpeg_lossless_info(data, sv.size()); });
         py::array_t<uint16_t> out({info.height, info.width});
         uint16_t* dst = out.mutable_data();
         size_t cap = size_t(info.height) * info.width;
-        nogil([&] { return jpeg_lossless_decode(data, sv.size(), dst, cap); });
-        return out;
+        info = nogil([&] { return jpeg_lossless_decode(data, sv.size(), dst, cap, threads, split_bit); });
+        if (with_split) return py::make_tuple(out, info.split);
+        return std::move(out);
       },
-      py::arg("stream"));
+      py::arg("stream"), py::arg("threads") = 1, py::arg("split_bit") = -1,
+      py::arg("with_split") = false);
 }

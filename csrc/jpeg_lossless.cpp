@@ -13,13 +13,19 @@
 //   that runs out of bits raises Truncated.
 // Limits: one component (others go to a codec library), precision 2-16, any restart interval.
 #include <cstring>
+#include <atomic>
+#include <memory>
+#include <thread>
 
 #include "cxrdicom.h"
+#include "thread_pool.h"
 
 namespace cxr {
 namespace {
 
 constexpr int kLookup = 12;
+// Below this many samples a second thread costs more than it saves.
+constexpr size_t kParallelMinSamples = size_t(1) << 20;
 
 struct HuffTable {
   bool defined = false;
@@ -64,7 +70,9 @@ void build_table(HuffTable& t, const uint8_t* counts, const uint8_t* symbols, in
         uint32_t idx = uint32_t(code << fill) | uint32_t(f);
         if (s == 0) {
           t.fast[idx] = uint32_t(l);
-        } else if (s < 16 && l + s <= kLookup) {
+        } else if (s == 16) {  // 32768, no extra bits
+          t.fast[idx] = 32768u << 16 | uint32_t(l);
+        } else if (l + s <= kLookup) {
           uint32_t v = (uint32_t(f) >> (fill - s)) & ((1u << s) - 1);
           t.fast[idx] = uint32_t(uint16_t(extend(v, s))) << 16 | uint32_t(l + s);
         } else {
@@ -83,57 +91,76 @@ inline uint64_t load_be64(const uint8_t* p) {
   return __builtin_bswap64(v);
 }
 
+// MSB-first bit reader over unstuffed data. The row loops copy it into a local (so that
+// buf, cnt and p live in registers, not memory) and copy it back at the end of the row.
 struct BitReader {
   const uint8_t* start;
   const uint8_t* p;
   uint64_t buf = 0;
-  int cnt = 0;
+  int cnt = 0;  // valid bits at the top of buf; the byte at p is next, at bit cnt
   explicit BitReader(const uint8_t* s) : start(s), p(s) {}
   inline void refill() {
     buf |= load_be64(p) >> cnt;
     p += (63 - cnt) >> 3;
     cnt |= 56;
   }
-  inline void consume(int n) {
-    buf <<= n;
-    cnt -= n;
-  }
   size_t consumed_bits() const { return size_t(p - start) * 8 - size_t(cnt); }
 };
 
-// Decodes one difference (mod 2^16). The caller has refilled.
-__attribute__((noinline)) uint32_t decode_slow(BitReader& br, const HuffTable& t, uint32_t e) {
-  int s;
+// A sample the table does not finish: (difference mod 2^16) | (bits used << 16), from
+// the top of buf (which holds at least 31 valid bits). Takes buf by value so that the
+// caller's bit state stays in registers.
+__attribute__((noinline)) uint32_t decode_slow(uint64_t buf, const HuffTable& t, uint32_t e) {
+  int s, l;
   if (e & 0x8000u) {
-    br.consume(int(e & 0xFF));
+    l = int(e & 0xFF);
     s = int(e >> 8) & 0x1F;
   } else {
-    int l = kLookup + 1;
-    int32_t code = int32_t(br.buf >> (64 - l));
+    l = kLookup + 1;
+    int32_t code = int32_t(buf >> (64 - l));
     while (l <= 16 && code > t.maxcode[l]) {
       ++l;
-      code = int32_t(br.buf >> (64 - l));
+      code = int32_t(buf >> (64 - l));
     }
     if (l > 16) throw Error(ErrorKind::Corrupt, "invalid Huffman code in JPEG lossless scan");
-    br.consume(l);
     s = t.vals[t.valoffset[l] + code];
   }
-  if (s == 0) return 0;
-  if (s == 16) return 32768;
-  uint32_t v = uint32_t(br.buf >> (64 - s));
-  br.consume(s);
-  return uint32_t(extend(v, s)) & 0xFFFF;
+  if (s == 0) return uint32_t(l) << 16;
+  if (s == 16) return uint32_t(l) << 16 | 32768u;
+  uint32_t v = uint32_t((buf << l) >> (64 - s));
+  return uint32_t(l + s) << 16 | (uint32_t(extend(v, s)) & 0xFFFF);
 }
 
-inline uint32_t decode_diff(BitReader& br, const HuffTable& t) {
-  br.refill();
-  uint32_t e = t.fast[br.buf >> (64 - kLookup)];
-  if (__builtin_expect((e & 0xFF00u) == 0, 1)) {
-    br.consume(int(e & 0xFF));
-    return e >> 16;
+// The hot path: decodes one difference per next() call. The table entry for the next
+// sample is looked up from buf right after the shift, before the refill (the refill only
+// adds bits below the at least 25 still valid), so the chain from one sample to the next
+// is table load -> shift -> table load.
+struct Decoder {
+  BitReader br;
+  const uint32_t* fast;
+  const HuffTable* t;
+  uint32_t e;
+  Decoder(const BitReader& b, const HuffTable& table) : br(b), fast(table.fast), t(&table) {
+    br.refill();
+    e = fast[br.buf >> (64 - kLookup)];
   }
-  return decode_slow(br, t, e);
-}
+  inline uint32_t next() {
+    uint32_t d, n;
+    if (__builtin_expect((e & 0xFF00u) == 0, 1)) {
+      d = e >> 16;
+      n = e & 0xFF;
+    } else {
+      uint32_t r = decode_slow(br.buf, *t, e);
+      d = r & 0xFFFF;
+      n = r >> 16;
+    }
+    br.buf <<= n;
+    br.cnt -= int(n);
+    e = fast[br.buf >> (64 - kLookup)];
+    br.refill();
+    return d;
+  }
+};
 
 template <int P>
 inline int predict(int ra, int rb, int rc) {
@@ -147,33 +174,33 @@ inline int predict(int ra, int rb, int rc) {
   return 0;
 }
 
-// A row after the first of its restart interval: column 0 predicts from above.
+// A whole row after the first of its restart interval: column 0 predicts from above,
+// the rest with predictor P (no branch on P in the loop).
 template <int P>
-void normal_row(BitReader& br, const HuffTable& t, uint16_t* cur, const uint16_t* prev, int c0, int c1) {
-  int c = c0;
-  if (c == 0 && c1 > 0) {
-    cur[0] = uint16_t(prev[0] + decode_diff(br, t));
-    c = 1;
+void normal_row(BitReader& br, const HuffTable& t, uint16_t* cur, const uint16_t* prev, int n) {
+  Decoder dec(br, t);
+  int ra = (prev[0] + int(dec.next())) & 0xFFFF;
+  cur[0] = uint16_t(ra);
+  for (int c = 1; c < n; ++c) {
+    ra = (predict<P>(ra, prev[c], prev[c - 1]) + int(dec.next())) & 0xFFFF;
+    cur[c] = uint16_t(ra);
   }
-  int ra = c > 0 ? cur[c - 1] : 0;
-  for (; c < c1; ++c) {
-    int v = (predict<P>(ra, prev[c], prev[c - 1]) + int(decode_diff(br, t))) & 0xFFFF;
-    cur[c] = uint16_t(v);
-    ra = v;
-  }
+  br = dec.br;
 }
 
 // The first row of a restart interval (from column c0): the first sample predicts the
 // constant 2^(P-Pt-1), the rest predict from the left.
 void first_row(BitReader& br, const HuffTable& t, uint16_t* cur, int c0, int c1, int initial) {
+  Decoder dec(br, t);
   int ra = initial;
   for (int c = c0; c < c1; ++c) {
-    ra = (ra + int(decode_diff(br, t))) & 0xFFFF;
+    ra = (ra + int(dec.next())) & 0xFFFF;
     cur[c] = uint16_t(ra);
   }
+  br = dec.br;
 }
 
-using RowFn = void (*)(BitReader&, const HuffTable&, uint16_t*, const uint16_t*, int, int);
+using RowFn = void (*)(BitReader&, const HuffTable&, uint16_t*, const uint16_t*, int);
 const RowFn kRows[8] = {nullptr, normal_row<1>, normal_row<2>, normal_row<3>, normal_row<4>,
                         normal_row<5>, normal_row<6>, normal_row<7>};
 
@@ -297,10 +324,292 @@ JpegLosslessInfo jpeg_lossless_info(const uint8_t* src, size_t size) {
   return st.info;
 }
 
-JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t* out, size_t out_capacity) {
+namespace {
+
+// Everything one decode needs after the markers are parsed and the data unstuffed.
+struct Job {
+  const JpegLosslessInfo* info;
+  const HuffTable* table;
+  const uint8_t* data;  // unstuffed, padded by 4*W + 64 zero bytes
+  const std::vector<Segment>* segs;
+  uint16_t* out;
+  int W, initial;
+  size_t total, ri;
+  RowFn row_fn;
+};
+
+// Decodes restart interval s (or the whole scan when there is none) into job.out.
+void decode_interval(const Job& job, size_t s) {
+  const Segment& seg = (*job.segs)[s];
+  if (s > 0 && seg.rst != int((s - 1) & 7)) throw Error(ErrorKind::Corrupt, "JPEG restart markers out of order");
+  const int W = job.W;
+  BitReader br(job.data + seg.start);
+  const size_t seg_bits = seg.length * 8;
+  auto check = [&]() {
+    if (br.consumed_bits() > seg_bits) throw Error(ErrorKind::Truncated, "JPEG lossless scan ends early");
+  };
+  size_t i = s * job.ri;
+  const size_t end = std::min(job.total, i + job.ri);
+  // The rest of the row where the interval starts predicts from the left.
+  size_t row = i / size_t(W);
+  int c0 = int(i % size_t(W));
+  int c1 = int(std::min<size_t>(size_t(W), c0 + (end - i)));
+  first_row(br, *job.table, job.out + row * W, c0, c1, job.initial);
+  i += size_t(c1 - c0);
+  while (i < end) {
+    check();
+    row = i / size_t(W);
+    int n = int(std::min<size_t>(size_t(W), end - i));
+    job.row_fn(br, *job.table, job.out + row * W, job.out + (row - 1) * W, n);
+    i += size_t(n);
+  }
+  check();
+}
+
+// Runs f(0) on a new thread and f(1) here; returns false (nothing run) when no thread
+// could be started. Exceptions of either are rethrown here after the join.
+template <class F>
+bool run_two(F&& f) {
+  std::exception_ptr err[2];
+  auto other = [&] {
+    try {
+      f(0);
+    } catch (...) {
+      err[0] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  if (start_threads(pool, 1, other) || pool.empty()) return false;
+  try {
+    f(1);
+  } catch (...) {
+    err[1] = std::current_exception();
+  }
+  pool[0].join();
+  if (err[1]) std::rethrow_exception(err[1]);  // f(1) takes the earlier part: its error first,
+  if (err[0]) std::rethrow_exception(err[0]);  // as in a serial decode
+  return true;
+}
+
+// Restart intervals of whole rows are independent: two threads take one half each.
+bool decode_intervals_two_threads(const Job& job, size_t nseg) {
+  const size_t half = nseg / 2;
+  return run_two([&](int t) {
+    for (size_t s = t ? 0 : half; s < (t ? half : nseg); ++s) decode_interval(job, s);
+  });
+}
+
+// ---- Speculative split of one entropy-coded segment (no restart markers) -----------------
+//
+// Thread B starts decoding differences at a bit position in the middle of the scan, as if a
+// symbol started there, and records where its first kPositions symbols start. Thread A
+// decodes (and reconstructs) from the start; past the middle it decodes one sample at a
+// time and compares its symbol start positions with B's. A symbol's decoding depends only
+// on its start position, so from the first position both share (the meet), B's
+// differences are the true ones: A stops there and the rest is reconstructed from B's
+// differences. No meet, a failure of B, or B short of symbols: A simply decodes the rest
+// itself, so the output and the errors are always those of the serial decode.
+
+constexpr size_t kPositions = 4096;
+
+struct Speculation {
+  size_t start_bit = 0;
+  std::unique_ptr<uint16_t[]> diff;     // B's differences, from its start (not zero-filled)
+  size_t cap = 0;                       // room in diff
+  std::vector<uint64_t> pos;            // absolute start bit of B's first symbols
+  size_t valid = 0;                     // B's symbols that end within the segment
+  std::atomic<int> positions_ready{0};  // pos is complete (or B gave up)
+};
+
+// Thread B: differences from spec.start_bit until the segment ends or `total` symbols.
+void speculate(const Job& job, Speculation& spec) {
+  const Segment& seg = (*job.segs)[0];
+  const uint64_t seg_bits = seg.length * 8;
+  BitReader br(job.data + seg.start + spec.start_bit / 8);
+  br.refill();
+  br.buf <<= spec.start_bit % 8;
+  br.cnt -= int(spec.start_bit % 8);
+  const uint64_t base = spec.start_bit - (spec.start_bit % 8);  // bits before br.start
+  uint16_t* d = spec.diff.get();
+  const size_t cap = spec.cap;
+  size_t n = 0;
+  bool ended = false;
+  // Errors end B's count and nothing else: before the meet B may decode garbage, and at the
+  // end of the scan it decodes the padding bits after the last sample.
+  try {  // the first symbols one at a time, recording where each starts
+    Decoder dec(br, *job.table);
+    while (n < kPositions && n < cap) {
+      spec.pos.push_back(base + dec.br.consumed_bits());
+      d[n] = uint16_t(dec.next());
+      br = dec.br;
+      if (base + br.consumed_bits() > seg_bits) {
+        ended = true;  // this symbol does not end within the segment: not counted
+        break;
+      }
+      ++n;
+    }
+  } catch (const Error&) {
+    ended = true;
+  }
+  spec.positions_ready.store(1, std::memory_order_release);
+  // Then in chunks of W symbols (the padding covers one chunk past the end).
+  const size_t chunk = size_t(job.W);
+  while (!ended && n < cap && base + br.consumed_bits() <= seg_bits) {
+    const BitReader saved = br;
+    const size_t m = std::min(chunk, cap - n);
+    try {
+      Decoder dec(br, *job.table);
+      for (size_t k = 0; k < m; ++k) d[n + k] = uint16_t(dec.next());
+      if (base + dec.br.consumed_bits() <= seg_bits) {
+        br = dec.br;
+        n += m;
+        continue;
+      }
+    } catch (const Error&) {
+    }
+    try {  // the chunk that crossed the end or failed: count its good symbols exactly
+      Decoder one(saved, *job.table);
+      while (base + one.br.consumed_bits() <= seg_bits) {
+        one.next();
+        if (base + one.br.consumed_bits() <= seg_bits) ++n;
+      }
+    } catch (const Error&) {
+    }
+    break;
+  }
+  spec.valid = n;  // symbols from B's start that end within the segment
+  spec.positions_ready.store(1, std::memory_order_release);
+}
+
+int predict_any(int p, int ra, int rb, int rc) {
+  switch (p) {
+    case 1: return predict<1>(ra, rb, rc);
+    case 2: return predict<2>(ra, rb, rc);
+    case 3: return predict<3>(ra, rb, rc);
+    case 4: return predict<4>(ra, rb, rc);
+    case 5: return predict<5>(ra, rb, rc);
+    case 6: return predict<6>(ra, rb, rc);
+    default: return predict<7>(ra, rb, rc);
+  }
+}
+
+// The prediction for sample k of a scan without restart intervals.
+inline int prediction_at(const Job& job, size_t k) {
+  const size_t W = size_t(job.W);
+  if (k == 0) return job.initial;
+  const uint16_t* o = job.out;
+  if (k < W) return o[k - 1];
+  if (k % W == 0) return o[k - W];
+  return predict_any(job.info->predictor, o[k - 1], o[k - W], o[k - W - 1]);
+}
+
+// Reconstructs samples [k, total) from their differences d[0..].
+template <int P>
+void reconstruct(const Job& job, size_t k, const uint16_t* d) {
+  const size_t W = size_t(job.W);
+  uint16_t* o = job.out;
+  for (; k < job.total && (k % W != 0 || k < W); ++k, ++d) o[k] = uint16_t(prediction_at(job, k) + *d);
+  for (; k < job.total; k += W, d += W) {
+    uint16_t* cur = o + k;
+    const uint16_t* prev = cur - W;
+    int ra = (prev[0] + d[0]) & 0xFFFF;
+    cur[0] = uint16_t(ra);
+    for (size_t c = 1; c < W; ++c) {
+      ra = (predict<P>(ra, prev[c], prev[c - 1]) + d[c]) & 0xFFFF;
+      cur[c] = uint16_t(ra);
+    }
+  }
+}
+
+using ReconFn = void (*)(const Job&, size_t, const uint16_t*);
+const ReconFn kRecon[8] = {nullptr, reconstruct<1>, reconstruct<2>, reconstruct<3>, reconstruct<4>,
+                           reconstruct<5>, reconstruct<6>, reconstruct<7>};
+
+// Thread A's serial decode from sample k (row-aligned or not) to the end.
+void finish_serial(const Job& job, BitReader& br, size_t k) {
+  const Segment& seg = (*job.segs)[0];
+  const size_t W = size_t(job.W), seg_bits = seg.length * 8;
+  {
+    Decoder dec(br, *job.table);
+    for (; k < job.total && (k % W != 0 || k < W); ++k) job.out[k] = uint16_t(prediction_at(job, k) + dec.next());
+    br = dec.br;
+  }
+  for (; k < job.total; k += W) {
+    if (br.consumed_bits() > seg_bits) throw Error(ErrorKind::Truncated, "JPEG lossless scan ends early");
+    job.row_fn(br, *job.table, job.out + k, job.out + k - W, int(W));
+  }
+  if (br.consumed_bits() > seg_bits) throw Error(ErrorKind::Truncated, "JPEG lossless scan ends early");
+}
+
+// Thread A: rows up to the middle, then sample by sample until it meets B's positions;
+// the rest comes from B's differences, or from A's own decode when they do not meet.
+bool decode_leading(const Job& job, Speculation& spec, std::thread& other) {
+  const Segment& seg = (*job.segs)[0];
+  const size_t W = size_t(job.W), seg_bits = seg.length * 8;
+  BitReader br(job.data + seg.start);
+  size_t k = 0;
+  // Whole rows while the next one cannot reach B's start (a row uses at most 31*W bits).
+  if (job.total > W) {
+    first_row(br, *job.table, job.out, 0, int(W), job.initial);
+    k = W;
+    while (k + W < job.total && br.consumed_bits() + 32 * W < spec.start_bit) {
+      job.row_fn(br, *job.table, job.out + k, job.out + k - W, int(W));
+      k += W;
+    }
+  }
+  while (!spec.positions_ready.load(std::memory_order_acquire)) std::this_thread::yield();
+  const std::vector<uint64_t>& pos = spec.pos;
+  size_t j = 0;
+  bool met = false;
+  {
+    Decoder dec(br, *job.table);
+    while (k < job.total && !pos.empty()) {
+      const uint64_t at = dec.br.consumed_bits();
+      if (at > pos.back() || at > seg_bits) break;
+      while (j < pos.size() && pos[j] < at) ++j;
+      if (j < pos.size() && pos[j] == at) {
+        met = true;
+        break;
+      }
+      job.out[k] = uint16_t(prediction_at(job, k) + dec.next());
+      ++k;
+    }
+    br = dec.br;
+  }
+  other.join();  // B is done: spec.diff and spec.valid are final
+  if (met && spec.valid >= j && spec.valid - j >= job.total - k) {
+    kRecon[job.info->predictor](job, k, spec.diff.get() + j);
+    return true;
+  }
+  finish_serial(job, br, k);
+  return false;
+}
+
+// Two threads on one segment: JpegLosslessInfo::split (0: the second thread could not be started).
+int decode_speculative(const Job& job, uint64_t split_bit) {
+  Speculation spec;
+  spec.start_bit = split_bit;
+  spec.pos.reserve(kPositions);
+  spec.diff.reset(new uint16_t[job.total]);
+  spec.cap = job.total;
+  auto b = [&] { speculate(job, spec); };
+  std::vector<std::thread> pool;
+  if (start_threads(pool, 1, b) || pool.empty()) return 0;
+  try {
+    return decode_leading(job, spec, pool[0]) ? 2 : 3;
+  } catch (...) {
+    if (pool[0].joinable()) pool[0].join();
+    throw;
+  }
+}
+
+}  // namespace
+
+JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t* out, size_t out_capacity,
+                                      int threads, int64_t split_bit) {
   auto st = std::make_unique<Stream>();
   parse_markers(src, size, *st, false);
-  const JpegLosslessInfo& info = st->info;
+  JpegLosslessInfo& info = st->info;
   const HuffTable& table = st->tables[st->table_id];
   if (!table.defined) throw Error(ErrorKind::Corrupt, "JPEG scan uses an undefined Huffman table");
   const int W = info.width, H = info.height;
@@ -308,42 +617,28 @@ JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t*
   if (total > out_capacity) throw Error(ErrorKind::Invalid, "JPEG frame larger than the output buffer");
 
   const size_t pad = size_t(W) * 4 + 64;
-  std::vector<uint8_t> data(st->scan_size + pad);
+  // Not zero-initialised (a pass over megabytes): unstuff writes the data, then the tail is cleared.
+  const size_t data_size = st->scan_size + pad;
+  std::unique_ptr<uint8_t[]> data(new uint8_t[data_size]);
   std::vector<Segment> segs;
-  unstuff(st->scan, st->scan_size, data.data(), segs);
-  std::memset(data.data() + segs.back().start + segs.back().length, 0, data.size() - (segs.back().start + segs.back().length));
+  const size_t used = unstuff(st->scan, st->scan_size, data.get(), segs);
+  std::memset(data.get() + used, 0, data_size - used);
 
   const size_t ri = info.restart_interval > 0 ? size_t(info.restart_interval) : total;
   const size_t nseg = (total + ri - 1) / ri;
   if (segs.size() < nseg) throw Error(ErrorKind::Truncated, "JPEG scan ends after " + std::to_string(segs.size()) + " of " + std::to_string(nseg) + " restart intervals");
-  const int initial = 1 << (info.precision - info.point_transform - 1);
-  RowFn row_fn = kRows[info.predictor];
+  Job job{&info, &table, data.get(), &segs, out, W, 1 << (info.precision - info.point_transform - 1), total, ri,
+          kRows[info.predictor]};
 
-  for (size_t s = 0; s < nseg; ++s) {
-    const Segment& seg = segs[s];
-    if (s > 0 && seg.rst != int((s - 1) & 7)) throw Error(ErrorKind::Corrupt, "JPEG restart markers out of order");
-    BitReader br(data.data() + seg.start);
-    const size_t seg_bits = seg.length * 8;
-    auto check = [&]() {
-      if (br.consumed_bits() > seg_bits) throw Error(ErrorKind::Truncated, "JPEG lossless scan ends early");
-    };
-    size_t i = s * ri;
-    const size_t end = std::min(total, i + ri);
-    // The rest of the row where the interval starts predicts from the left.
-    size_t row = i / size_t(W);
-    int c0 = int(i % size_t(W));
-    int c1 = int(std::min<size_t>(size_t(W), c0 + (end - i)));
-    first_row(br, table, out + row * W, c0, c1, initial);
-    i += size_t(c1 - c0);
-    while (i < end) {
-      check();
-      row = i / size_t(W);
-      int n = int(std::min<size_t>(size_t(W), end - i));
-      row_fn(br, table, out + row * W, out + (row - 1) * W, 0, n);
-      i += size_t(n);
-    }
-    check();
+  if (threads >= 2 && nseg >= 2 && ri % size_t(W) == 0 && (split_bit >= 0 || total >= kParallelMinSamples)) {
+    info.split = decode_intervals_two_threads(job, nseg) ? 1 : 0;
+  } else if (threads >= 2 && nseg == 1 && (split_bit >= 0 || total >= kParallelMinSamples)) {
+    const uint64_t bits = segs[0].length * 8;
+    const uint64_t at = split_bit >= 0 ? uint64_t(split_bit) : bits / 2 / 8 * 8;
+    if (at < bits) info.split = decode_speculative(job, at);
   }
+  if (info.split == 0)
+    for (size_t s = 0; s < nseg; ++s) decode_interval(job, s);
   if (info.point_transform > 0) {
     for (size_t k = 0; k < total; ++k) out[k] = uint16_t(out[k] << info.point_transform);
   }

@@ -146,3 +146,164 @@ def test_bogus_tables_raise():
 def test_garbage_after_eoi_is_ignored():
     a, stream = _stream()
     np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(stream + b"\x00\x12garbage\xff"), a)
+
+
+# --- pylibjpeg-libjpeg as a second, independent oracle on fresh random images -------------
+# It decodes Pt = 0 and restart intervals of whole rows the way T.81 and libjpeg-turbo do;
+# with Pt > 0 or an interval that ends mid-row it returns other values, so those cases are
+# checked against the original samples only (test_restart_intervals_and_point_transform).
+
+ORACLE_SHAPES = [(1, 1), (1, 53), (29, 1), (13, 37), (6, 211)]
+
+
+def _walk(shape, bits: int, rng) -> np.ndarray:
+    """A random walk with noise of random amplitude per row: every difference category
+    from 0 to `bits` occurs, small ones most often, as in a radiograph."""
+    top = 1 << bits
+    steps = rng.integers(-1, 2, size=shape) * rng.integers(0, top, size=(shape[0], 1)) // 8
+    noise = rng.integers(0, max(1, top >> rng.integers(0, bits + 1)), size=shape)
+    return ((np.cumsum(steps, axis=1) + noise + top // 2) % top).astype(np.uint16)
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+@pytest.mark.parametrize("predictor", range(1, 8))
+def test_random_images_match_pylibjpeg_libjpeg(bits, predictor):
+    libjpeg = pytest.importorskip("libjpeg")
+    rng = np.random.default_rng()
+    for shape in ORACLE_SHAPES:
+        a = _walk(shape, bits, rng)
+        for restart in {0, shape[1], 3 * shape[1]}:
+            stream = encode(a, predictor=predictor, precision=bits, restart=restart)
+            ours = _dicom.jpeg_lossless_decode(stream)
+            np.testing.assert_array_equal(ours, a, err_msg=f"{shape} restart={restart}")
+            np.testing.assert_array_equal(ours, libjpeg.decode(stream), err_msg=f"{shape} restart={restart}")
+
+
+def _long_code_stream(rng, n: int = 3000) -> tuple[np.ndarray, bytes]:
+    """A 1 x n 16-bit image whose difference categories fall off geometrically, so the
+    Huffman table has codes longer than the 12-bit lookup (the decoder's slow path)."""
+    cats = np.minimum(rng.geometric(0.45, size=n) - 1, 16)
+    mag = np.where(cats == 0, 0, (1 << np.maximum(cats - 1, 0)) + rng.integers(0, 1 << 15, size=n) % np.maximum(1, 1 << np.maximum(cats - 1, 0)))
+    d = np.where(rng.random(n) < 0.5, mag, -mag)
+    d[cats == 16] = 32768
+    a = ((np.cumsum(d) + (1 << 15)) % 65536).astype(np.uint16)[None, :]
+    return a, encode(a, predictor=1, precision=16)
+
+
+def test_codes_longer_than_the_lookup():
+    libjpeg = pytest.importorskip("libjpeg")
+    rng = np.random.default_rng()
+    a, stream = _long_code_stream(rng)
+    i = stream.index(b"\xff\xc4")
+    counts = stream[i + 5:i + 21]
+    assert max(l + 1 for l in range(16) if counts[l]) > 12  # the slow path is exercised
+    np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(stream), a)
+    np.testing.assert_array_equal(libjpeg.decode(stream), a)
+
+
+# --- Two threads on one image (speculative split, or restart intervals) -------------------
+# split_bit forces the two-thread path on small images and picks where the second decoder
+# starts; with_split says which path ran (1 restart split, 2 met, 3 no meet: serial).
+
+def _scan_bits(stream: bytes) -> int:
+    """Bits of entropy-coded data (no restart markers): after the SOS segment, before EOI."""
+    data = stream[stream.index(b"\xff\xda") + 10:-2]
+    return (len(data) - data.count(b"\xff\x00")) * 8
+
+
+@pytest.mark.parametrize("predictor", range(1, 8))
+def test_two_threads_bit_identical_at_any_split(predictor):
+    rng = np.random.default_rng()
+    met = 0
+    for _ in range(12):
+        bits = int(rng.integers(2, 17))
+        shape = (int(rng.integers(1, 30)), int(rng.integers(1, 90)))
+        a = _walk(shape, bits, rng)
+        stream = encode(a, predictor=predictor, precision=bits)
+        one = _dicom.jpeg_lossless_decode(stream)
+        np.testing.assert_array_equal(one, a)
+        for split in rng.integers(0, max(1, _scan_bits(stream)), size=8):
+            two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=int(split), with_split=True)
+            assert how in (2, 3)
+            met += how == 2
+            np.testing.assert_array_equal(two, one, err_msg=f"{shape} bits={bits} split={split}")
+    assert met > 0  # the differences of the second thread were used, not only the fallback
+
+
+def _unit_steps(shape, rng) -> np.ndarray:
+    """16-bit samples that differ from their predictor-1 prediction by exactly +-1 (never
+    wrapping): every symbol is 2 bits (a 1-bit code and 1 extra bit)."""
+    h, w = shape
+    d = rng.choice([-1, 1], size=shape)
+    a = np.zeros(shape, np.int64)
+    a[0] = (1 << 15) + np.cumsum(d[0])
+    a[1:, 0] = a[0, 0] + np.cumsum(d[1:, 0])
+    a[1:, 1:] = a[1:, :1] + np.cumsum(d[1:, 1:], axis=1)
+    return a.astype(np.uint16)
+
+
+def test_two_threads_fall_back_when_the_split_never_meets():
+    """With 2-bit symbols a decoder started at an odd bit never meets one started at bit 0:
+    the decode must fall back to serial and give the same image."""
+    rng = np.random.default_rng()
+    for shape in [(1, 400), (7, 61)]:
+        a = _unit_steps(shape, rng)
+        stream = encode(a, predictor=1, precision=16)
+        for split in (1, 3, 101, _scan_bits(stream) // 2 + 1):
+            two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=split, with_split=True)
+            assert how == 3
+            np.testing.assert_array_equal(two, a)
+        two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=_scan_bits(stream) // 2 // 2 * 2,
+                                               with_split=True)
+        assert how == 2
+        np.testing.assert_array_equal(two, a)
+
+
+def test_two_threads_on_a_large_imagecodecs_stream():
+    """Above the size threshold threads=2 splits by itself (no split_bit)."""
+    rng = np.random.default_rng()
+    a = _walk((1100, 1000), 12, rng)
+    stream = imagecodecs.jpeg8_encode(a, lossless=True, predictor=7, bitspersample=12)
+    two, how = _dicom.jpeg_lossless_decode(stream, threads=2, with_split=True)
+    assert how == 2
+    np.testing.assert_array_equal(two, a)
+    assert _dicom.jpeg_lossless_decode(stream, with_split=True)[1] == 0
+
+
+@pytest.mark.parametrize("predictor", [1, 4, 7])
+def test_two_threads_split_restart_intervals(predictor):
+    rng = np.random.default_rng()
+    a = _walk((17, 23), 12, rng)
+    for restart in (23, 46, 5 * 23):
+        stream = encode(a, predictor=predictor, precision=12, restart=restart)
+        two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=0, with_split=True)
+        assert how == 1
+        np.testing.assert_array_equal(two, a)
+    stream = encode(a, predictor=predictor, precision=12, restart=13)  # not whole rows: serial
+    two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=0, with_split=True)
+    assert how == 0
+    np.testing.assert_array_equal(two, a)
+
+
+@pytest.mark.parametrize("restart", [0, 50])
+def test_two_threads_raise_what_one_thread_raises(restart):
+    """Truncated and bit-flipped streams: the same error kind (or the same image)."""
+    a = np.random.default_rng(7).integers(0, 1 << 12, size=(40, 50)).astype(np.uint16)
+    stream = encode(a, predictor=4, precision=12, restart=restart)
+    rng = np.random.default_rng()
+    cases = [stream[:n] for n in range(40, len(stream), 37)]
+    for _ in range(60):
+        s = bytearray(stream)
+        i = int(rng.integers(40, len(s)))
+        s[i] ^= 1 << int(rng.integers(0, 8))
+        cases.append(bytes(s))
+    for s in cases:
+        split = int(rng.integers(0, _scan_bits(stream)))
+        try:
+            one = _dicom.jpeg_lossless_decode(s)
+        except _dicom.NativeError as exc:
+            with pytest.raises(_dicom.NativeError) as two:
+                _dicom.jpeg_lossless_decode(s, threads=2, split_bit=split)
+            assert two.value.args == exc.args
+        else:
+            np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(s, threads=2, split_bit=split), one)

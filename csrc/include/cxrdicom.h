@@ -133,10 +133,17 @@ void rle_decode_frame(const uint8_t* src, size_t size, const Header& h, uint8_t*
 struct JpegLosslessInfo {
   int width = 0, height = 0, components = 0, precision = 0, predictor = 0, point_transform = 0;
   int restart_interval = 0;
+  // How the decode used a second thread: 0 not at all, 1 restart intervals split between
+  // two threads, 2 speculative split that met, 3 speculative split that did not (serial).
+  int split = 0;
 };
 // Decodes a single-component SOF3 stream into out[height*width] (uint16, value << Pt).
+// threads >= 2 lets one large image use a second thread: restart intervals of whole rows
+// are split between them, a scan without restart markers is split speculatively at its
+// middle (or at split_bit >= 0, which also lifts the size threshold: for tests). The output
+// and errors are those of the one-thread decode.
 JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t* out,
-                                      size_t out_capacity);
+                                      size_t out_capacity, int threads = 1, int64_t split_bit = -1);
 JpegLosslessInfo jpeg_lossless_info(const uint8_t* src, size_t size);
 
 enum class OutputMode { Stored, Modality, Display };
