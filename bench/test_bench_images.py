@@ -105,6 +105,45 @@ def test_prepare_nih_png(benchmark, nih_pngs, tmp_path, tool):
     _run(benchmark, nih_pngs, ".png", tool, tmp_path)
 
 
+def _one_png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_radiographs((1024, 1024), 1, 1)[0]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _png_decoders() -> dict:
+    """One NIH-size PNG to uint8 samples, each candidate decoder (PNG_DECODERS' choice and the
+    split path of cxrfast.data.files among them)."""
+    from cxrfast.data import files
+
+    imagecodecs = pytest.importorskip("imagecodecs")
+
+    def pillow(data):
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im)
+
+    def split(data):
+        return files._png_split(files.png_layout(data), "bench")
+
+    return {"Pillow": pillow, "imagecodecs png_decode (libpng)": imagecodecs.png_decode,
+            "imagecodecs spng_decode": imagecodecs.spng_decode, "cxrfast split (libdeflate + png_unfilter)": split}
+
+
+@pytest.mark.parametrize("decoder", ["Pillow", "imagecodecs png_decode (libpng)", "imagecodecs spng_decode",
+                                     "cxrfast split (libdeflate + png_unfilter)"])
+def test_png_decoder(benchmark, decoder):
+    """The PNG decoders side by side (one thread): decompression is most of a PNG's time."""
+    from cxrfast.data import files
+
+    if decoder.startswith("cxrfast") and not files._SPLIT:
+        pytest.skip("native module built without png_unfilter")
+    benchmark.group = "decode one NIH-size PNG (1024x1024 8-bit) to uint8"
+    data = _one_png()
+    fn = _png_decoders()[decoder]
+    out = benchmark.pedantic(fn, args=(data,), rounds=20, iterations=1, warmup_rounds=2)
+    assert out.shape == (1024, 1024) and out.dtype == np.uint8
+
+
 def test_prepare_matches_the_anchor(mimic_jpegs, nih_pngs, tmp_path):
     """Both tools make the same pictures: within the JPEG tolerance, and a level for PNG
     (the anchor resizes in Pillow's float mode, cxrfast from integers natively)."""
