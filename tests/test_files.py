@@ -269,6 +269,17 @@ def test_interlaced_and_trns_pngs_go_to_the_full_decoder():
     np.testing.assert_array_equal(files.decode(_adam7(arr)).pixels, arr)
 
 
+@pytest.mark.parametrize("codecs", [("DEFLATE",), ("ZLIBNG",), ()])
+def test_split_png_with_each_inflater(codecs, monkeypatch):
+    """libdeflate, zlib-ng and the standard library's zlib (no imagecodecs) give the same samples."""
+    monkeypatch.setattr(files, "_INFLATE", files._inflater(codecs))
+    monkeypatch.setattr(files, "_png_whole", None)
+    arr = _samples((33, 45), 16, seed=9)
+    np.testing.assert_array_equal(files.decode(_png(arr, filters=(1, 2, 3, 4), idat_parts=2)).pixels, arr)
+    arr8 = _samples((20, 20), 8, seed=9)
+    np.testing.assert_array_equal(files.decode(_png(arr8, filters=(4,), extra=b"\0" * 3000)).pixels, arr8)
+
+
 def test_split_png_without_the_native_unfilter_is_the_same(monkeypatch):
     """A native module built before png_unfilter: the full decoders, same samples."""
     arr = _samples((21, 30), 16, seed=6)

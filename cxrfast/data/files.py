@@ -195,20 +195,20 @@ def _png_fast(data: bytes, depth: int) -> np.ndarray:
     return getattr(imagecodecs, PNG_DECODERS[depth])(data)
 
 
-def _inflater():
-    """The fastest zlib decoder at hand, as f(stream, out_size) -> bytes: libdeflate, zlib-ng
-    (imagecodecs), else the standard library's zlib."""
+def _inflater(codecs: tuple[str, ...] = ("DEFLATE", "ZLIBNG")):
+    """The fastest zlib decoder at hand, as f(stream, out_size) -> at most out_size bytes: the
+    first available of imagecodecs' ``codecs`` (libdeflate, zlib-ng), else the standard library's zlib."""
     try:
         import imagecodecs
     except ImportError:
         imagecodecs = None
-    for codec, name in (("DEFLATE", "deflate_decode"), ("ZLIBNG", "zlibng_decode")):
+    for codec in codecs:
         if imagecodecs is not None and getattr(getattr(imagecodecs, codec, None), "available", False):
-            decode = getattr(imagecodecs, name)
+            decode = getattr(imagecodecs, f"{codec.lower()}_decode")
             return lambda stream, size: decode(stream, out=size)
     import zlib
 
-    return lambda stream, size: zlib.decompress(stream)
+    return lambda stream, size: zlib.decompressobj().decompress(stream, size)
 
 
 def _png_split(layout: PngLayout, source: str) -> np.ndarray | None:
