@@ -332,3 +332,25 @@ def test_resize_takes_any_byte_order_and_layout():
         _dicom.resize([img.astype(">u2")], np.array([[10, 7]]), 1.0, 0.0, 1)
     with pytest.raises(ValueError, match="rows must be contiguous"):
         _dicom.resize([img.T], np.array([[10, 7]]), 1.0, 0.0, 1)
+
+
+def test_png_unfilter_survives_random_data():
+    """Random sizes, filter bytes and data lengths: samples or a NativeError, never a crash."""
+    from cxrfast import _dicom
+
+    rng = np.random.default_rng(11)
+    errors = 0
+    for _ in range(400):
+        rows, columns, depth = int(rng.integers(1, 9)), int(rng.integers(1, 9)), int(rng.choice([8, 16]))
+        need = rows * (columns * depth // 8 + 1)
+        raw = rng.integers(0, 6, int(rng.integers(0, need + 3)), dtype=np.uint8).tobytes()
+        try:
+            out = _dicom.png_unfilter(raw, rows, columns, depth)
+        except _dicom.NativeError as exc:
+            errors += 1
+            assert exc.args[0] in ("truncated", "corrupt")
+        else:
+            assert out.shape == (rows, columns) and out.dtype == (np.uint8 if depth == 8 else np.uint16)
+    assert 0 < errors < 400
+    with pytest.raises(ValueError, match="depth"):
+        _dicom.png_unfilter(b"\0\0", 1, 1, 4)
