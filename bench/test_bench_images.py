@@ -1,11 +1,13 @@
-"""PNG/JPEG preparation: `cxrfast.prepare` (read once, scaled JPEG decode / imagecodecs PNG,
+"""PNG/JPEG preparation: `cxrfast.prepare` (read once, scaled JPEG decode / split PNG decode,
 native resize from uint8/uint16 in a thread pool) against what people write today, a
 multiprocessing pool of the same size doing Pillow full decode -> float32 -> Pillow resize
 -> letterbox (the pydicom + Pillow anchor of bench/reference_prepare.py, for image files).
 
 Images are synthetic radiographs (cxrfast.synthetic.chest_image, noise added per copy) at the
 real sizes: MIMIC-CXR-JPG 3000x2500 8-bit JPEG at quality 92, NIH ChestX-ray14 1024x1024
-8-bit PNG. CXRFAST_BENCH_IMAGES scales the file counts (default 1: 8 JPEGs, 24 PNGs).
+8-bit PNG. CXRFAST_BENCH_IMAGES scales the file counts (default 1: 8 JPEGs, 24 PNGs); at these
+counts prepare's fixed cost per run (index, manifests, their fsyncs: tens of ms) is part of the
+ratio. test_png_decoder times the PNG decoders side by side on one NIH-size file, one thread.
 
 Run: pytest bench/test_bench_images.py --benchmark-only
 """
