@@ -1,11 +1,13 @@
-"""PNG/JPEG preparation: `cxrfast.prepare` (read once, scaled JPEG decode / imagecodecs PNG,
+"""PNG/JPEG preparation: `cxrfast.prepare` (read once, scaled JPEG decode / split PNG decode,
 native resize from uint8/uint16 in a thread pool) against what people write today, a
 multiprocessing pool of the same size doing Pillow full decode -> float32 -> Pillow resize
 -> letterbox (the pydicom + Pillow anchor of bench/reference_prepare.py, for image files).
 
 Images are synthetic radiographs (cxrfast.synthetic.chest_image, noise added per copy) at the
 real sizes: MIMIC-CXR-JPG 3000x2500 8-bit JPEG at quality 92, NIH ChestX-ray14 1024x1024
-8-bit PNG. CXRFAST_BENCH_IMAGES scales the file counts (default 1: 8 JPEGs, 24 PNGs).
+8-bit PNG. CXRFAST_BENCH_IMAGES scales the file counts (default 1: 8 JPEGs, 24 PNGs); at these
+counts prepare's fixed cost per run (index, manifests, their fsyncs: tens of ms) is part of the
+ratio. test_png_decoder times the PNG decoders side by side on one NIH-size file, one thread.
 
 Run: pytest bench/test_bench_images.py --benchmark-only
 """
@@ -103,6 +105,45 @@ def test_prepare_mimic_jpeg(benchmark, mimic_jpegs, tmp_path, tool):
 def test_prepare_nih_png(benchmark, nih_pngs, tmp_path, tool):
     benchmark.group = f"prepare {24 * SCALE} NIH-size PNG (1024x1024 8-bit) -> {SIZE} uint8, {WORKERS} workers"
     _run(benchmark, nih_pngs, ".png", tool, tmp_path)
+
+
+def _one_png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_radiographs((1024, 1024), 1, 1)[0]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _png_decoders() -> dict:
+    """One NIH-size PNG to uint8 samples, each candidate decoder (PNG_DECODERS' choice and the
+    split path of cxrfast.data.files among them)."""
+    from cxrfast.data import files
+
+    imagecodecs = pytest.importorskip("imagecodecs")
+
+    def pillow(data):
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im)
+
+    def split(data):
+        return files._png_split(files.png_layout(data), "bench")
+
+    return {"Pillow": pillow, "imagecodecs png_decode (libpng)": imagecodecs.png_decode,
+            "imagecodecs spng_decode": imagecodecs.spng_decode, "cxrfast split (libdeflate + png_unfilter)": split}
+
+
+@pytest.mark.parametrize("decoder", ["Pillow", "imagecodecs png_decode (libpng)", "imagecodecs spng_decode",
+                                     "cxrfast split (libdeflate + png_unfilter)"])
+def test_png_decoder(benchmark, decoder):
+    """The PNG decoders side by side (one thread): decompression is most of a PNG's time."""
+    from cxrfast.data import files
+
+    if decoder.startswith("cxrfast") and not files._SPLIT:
+        pytest.skip("native module built without png_unfilter")
+    benchmark.group = "decode one NIH-size PNG (1024x1024 8-bit) to uint8"
+    data = _one_png()
+    fn = _png_decoders()[decoder]
+    out = benchmark.pedantic(fn, args=(data,), rounds=20, iterations=1, warmup_rounds=2)
+    assert out.shape == (1024, 1024) and out.dtype == np.uint8
 
 
 def test_prepare_matches_the_anchor(mimic_jpegs, nih_pngs, tmp_path):

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "cxrdicom.h"
+#include "png_unfilter.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
@@ -31,6 +32,9 @@ const char* kind_name(ErrorKind k) {
 }
 
 py::object native_error_type;
+
+// numpy marks a non-native byte order with '<' or '>' ('=' or '|' otherwise).
+constexpr bool kBigEndian = __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__;
 
 // Header strings come from arbitrary files: decode them without ever failing.
 py::str text(const std::string& s) {
@@ -86,6 +90,8 @@ py::array grey_image(py::handle item, int& itemsize) {
       !((img.dtype().kind() == 'u' && (img.itemsize() == 1 || img.itemsize() == 2)) ||
         (img.dtype().kind() == 'f' && img.itemsize() == 4)))
     throw py::value_error("images must be 2-D uint8, uint16 or float32 arrays");
+  if (img.itemsize() > 1 && img.dtype().byteorder() == (kBigEndian ? '<' : '>'))
+    throw py::value_error("images must be in native byte order (convert with .astype(dtype.newbyteorder('=')))");
   if (itemsize && img.itemsize() != itemsize) throw py::value_error("images must share one dtype");
   itemsize = int(img.itemsize());
   if (img.shape(0) > INT32_MAX || img.shape(1) > INT32_MAX) throw py::value_error("image too large for crop_resize");
@@ -449,6 +455,30 @@ PYBIND11_MODULE(_dicom, m) {
       },
       py::arg("images"), py::arg("shapes"), py::arg("gain") = 1.0f, py::arg("offset") = 0.0f,
       py::arg("num_threads") = 1);
+
+  m.def(
+      "png_unfilter",
+      [](py::buffer raw, int64_t rows, int64_t columns, int depth) {
+        // Inflated IDAT data of a non-interlaced 8/16-bit greyscale PNG -> (rows, columns)
+        // uint8 or native-order uint16 samples.
+        if (depth != 8 && depth != 16) throw py::value_error("depth must be 8 or 16");
+        if (rows < 1 || columns < 1 || rows > INT32_MAX || columns > INT32_MAX)
+          throw py::value_error("rows and columns must be 1 to 2**31 - 1");
+        py::buffer_info in = raw.request();
+        if (in.itemsize != 1 || !c_contiguous(in)) throw py::value_error("raw must be contiguous bytes");
+        const size_t bpp = size_t(depth / 8), row_bytes = size_t(columns) * bpp;
+        py::array out = depth == 8 ? py::array(py::array_t<uint8_t>({rows, columns}))
+                                   : py::array(py::array_t<uint16_t>({rows, columns}));
+        auto* src = static_cast<const uint8_t*>(in.ptr);
+        auto* dst = static_cast<uint8_t*>(out.mutable_data());
+        const size_t size = size_t(in.size);
+        nogil([&] {
+          png_unfilter(src, size, dst, uint32_t(rows), row_bytes, int(bpp));
+          if (bpp == 2 && !kBigEndian) swap_bytes16(dst, size_t(rows) * size_t(columns));
+        });
+        return out;
+      },
+      py::arg("raw"), py::arg("rows"), py::arg("columns"), py::arg("depth"));
 
   m.def(
       "jpeg_lossless_decode",

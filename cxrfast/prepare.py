@@ -105,7 +105,7 @@ def _decode_image(path: Path, size: int, dtype: np.dtype) -> tuple[np.ndarray, s
     """(pixels resized and quantised, key, header facts) of a PNG/JPEG from one read of its bytes."""
     data = path.read_bytes()
     key = "sha1:" + hashlib.sha1(data).hexdigest()
-    decoded = image_files.decode(data, size)
+    decoded = image_files.decode(data, size, str(path))
     img = _quantize(image_files.decoded_image(decoded, size), dtype)
     return img, key, {"rows": decoded.original[0], "columns": decoded.original[1]}
 

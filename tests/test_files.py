@@ -86,16 +86,52 @@ def test_png_decoders_agree_with_pillow(radiograph):
         np.testing.assert_array_equal(files._png_fast(data, depth), _full(data))
 
 
-def _png(arr: np.ndarray, sbit: int | None = None) -> bytes:
-    """A greyscale PNG written by hand, with an sBIT chunk when asked (Pillow writes none)."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _filter_row(kind: int, row: bytes, prev: bytes, bpp: int) -> bytes:
+    """One row filtered by PNG filter type ``kind`` (PNG spec 9.2), written from the spec."""
+    out = bytearray()
+    for i, x in enumerate(row):
+        a = row[i - bpp] if i >= bpp else 0
+        b = prev[i]
+        c = prev[i - bpp] if i >= bpp else 0
+        if kind == 0:
+            pred = 0
+        elif kind == 1:
+            pred = a
+        elif kind == 2:
+            pred = b
+        elif kind == 3:
+            pred = (a + b) // 2
+        else:
+            p = a + b - c
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            pred = a if pa <= pb and pa <= pc else b if pb <= pc else c
+        out.append((x - pred) & 0xFF)
+    return bytes([kind]) + bytes(out)
+
+
+def _png(arr: np.ndarray, sbit: int | None = None, filters=(0,), extra: bytes = b"", trns: bool = False,
+         idat_parts: int = 1) -> bytes:
+    """A greyscale PNG written by hand: row y filtered with ``filters[y % len(filters)]``, an
+    sBIT chunk when asked (Pillow writes none), ``extra`` inflated bytes after the image, a tRNS
+    chunk, the compressed stream cut into ``idat_parts`` IDAT chunks."""
     depth = 8 * arr.itemsize
     ihdr = struct.pack(">IIBBBBB", arr.shape[1], arr.shape[0], depth, 0, 0, 0, 0)
     rows = arr.astype(">u2" if depth == 16 else np.uint8)
-    raw = b"".join(b"\0" + rows[y].tobytes() for y in range(arr.shape[0]))
-    body = chunk(b"IHDR", ihdr) + (chunk(b"sBIT", bytes([sbit])) if sbit is not None else b"")
-    return files._PNG_SIGNATURE + body + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    prev = bytes(rows.shape[1] * arr.itemsize)
+    raw = b""
+    for y in range(arr.shape[0]):
+        raw += _filter_row(filters[y % len(filters)], rows[y].tobytes(), prev, arr.itemsize)
+        prev = rows[y].tobytes()
+    body = _chunk(b"IHDR", ihdr) + (_chunk(b"sBIT", bytes([sbit])) if sbit is not None else b"")
+    body += _chunk(b"tRNS", struct.pack(">H", 0)) if trns else b""
+    stream = zlib.compress(raw + extra)
+    cut = [len(stream) * k // idat_parts for k in range(idat_parts + 1)]
+    idat = b"".join(_chunk(b"IDAT", stream[cut[k]:cut[k + 1]]) for k in range(idat_parts))
+    return files._PNG_SIGNATURE + body + idat + _chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("top,sbit,white", [
@@ -157,3 +193,164 @@ def test_resize_matches_the_torch_antialiased_reference():
         ref = torch.nn.functional.interpolate(torch.from_numpy(img).float()[None, None], size=shape, mode="bilinear",
                                               antialias=True, align_corners=False)[0, 0].numpy() / 255.0
         np.testing.assert_allclose(files.resize(img, shape, 255.0), np.clip(ref, 0, 1), atol=2e-5)
+
+
+# --- the split PNG path: IDAT inflated, row filters undone natively (_dicom.png_unfilter) ----
+
+def _samples(shape: tuple[int, int], bits: int, seed: int) -> np.ndarray:
+    """Smooth content plus noise (so Sub/Up/Average/Paeth predict something) over the full range."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:shape[0], :shape[1]]
+    top = (1 << bits) - 1
+    smooth = (np.sin(x / 5.0) + np.cos(y / 7.0) + 2) / 4 * top
+    return np.clip(smooth + rng.normal(0, top / 40, shape), 0, top).astype(np.uint8 if bits == 8 else np.uint16)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (19, 1), (23, 37), (64, 63)])
+@pytest.mark.parametrize("filters", [(0,), (1,), (2,), (3,), (4,), (4, 3, 2, 1, 0)])
+def test_split_png_equals_pillow_for_every_filter(bits, shape, filters, monkeypatch):
+    arr = _samples(shape, bits, seed=sum(shape) + bits)
+    data = _png(arr, filters=filters)
+    assert files.png_layout(data).plain_grey
+    monkeypatch.setattr(files, "_png_whole", None)  # the split path decodes it, no full decoder
+    decoded = files.decode(data)
+    assert decoded.pixels.dtype == arr.dtype and decoded.pixels.flags.c_contiguous
+    np.testing.assert_array_equal(decoded.pixels, _full(data).astype(arr.dtype))
+    np.testing.assert_array_equal(decoded.pixels, arr)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_split_png_equals_pillow_on_library_encoders(radiograph, bits):
+    """Pillow's adaptive filters (optimize, every compress_level) and imagecodecs' encoders."""
+    arr = (radiograph[:301, :203] >> 4).astype(np.uint8) if bits == 8 else radiograph[:301, :203]
+    encoded = [_encode(arr, "PNG", optimize=True)] + [_encode(arr, "PNG", compress_level=k) for k in (0, 1, 9)]
+    imagecodecs = pytest.importorskip("imagecodecs")
+    encoded += [imagecodecs.png_encode(arr, level=k) for k in (1, 6)]
+    for data in encoded:
+        np.testing.assert_array_equal(files.decode(data).pixels, arr)
+        np.testing.assert_array_equal(files.decode(data).pixels, _full(data).astype(arr.dtype))
+
+
+def test_split_png_several_idat_chunks_and_sbit():
+    arr = _samples((40, 33), 16, seed=5) >> 6  # 10-bit values
+    data = _png(arr, sbit=10, filters=(1, 4), idat_parts=5)
+    decoded = files.decode(data)
+    np.testing.assert_array_equal(decoded.pixels, _full(data))
+    assert decoded.white == 1023
+
+
+def test_split_png_ignores_extra_image_data_as_pillow_does():
+    arr = _samples((9, 11), 8, seed=2)
+    for extra in (b"\x00" * 5, b"\x07" * 100_000):  # within and beyond the inflate slack
+        data = _png(arr, filters=(2,), extra=extra)
+        np.testing.assert_array_equal(files.decode(data).pixels, arr)
+
+
+def _adam7(arr: np.ndarray) -> bytes:
+    """An interlaced 8-bit greyscale PNG (PNG spec 8.2), filter type 0 in every pass."""
+    raw = b""
+    for sx, sy, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):
+        sub = arr[sy::dy, sx::dx]
+        if sub.size:
+            raw += b"".join(b"\0" + row.tobytes() for row in sub)
+    ihdr = struct.pack(">IIBBBBB", arr.shape[1], arr.shape[0], 8, 0, 0, 0, 1)
+    return files._PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+def test_interlaced_and_trns_pngs_go_to_the_full_decoder():
+    arr = _samples((13, 10), 8, seed=4)
+    for data in (_adam7(arr), _png(arr, trns=True)):
+        assert not files.png_layout(data).plain_grey
+        with Image.open(io.BytesIO(data)) as im:
+            expect = np.asarray(im.convert("L"))
+        np.testing.assert_array_equal(files.decode(data).pixels, expect)
+    np.testing.assert_array_equal(files.decode(_adam7(arr)).pixels, arr)
+
+
+@pytest.mark.parametrize("codecs", [("DEFLATE",), ("ZLIBNG",), ()])
+def test_split_png_with_each_inflater(codecs, monkeypatch):
+    """libdeflate, zlib-ng and the standard library's zlib (no imagecodecs) give the same samples."""
+    monkeypatch.setattr(files, "_INFLATE", files._inflater(codecs))
+    monkeypatch.setattr(files, "_png_whole", None)
+    arr = _samples((33, 45), 16, seed=9)
+    np.testing.assert_array_equal(files.decode(_png(arr, filters=(1, 2, 3, 4), idat_parts=2)).pixels, arr)
+    arr8 = _samples((20, 20), 8, seed=9)
+    np.testing.assert_array_equal(files.decode(_png(arr8, filters=(4,), extra=b"\0" * 3000)).pixels, arr8)
+
+
+def test_split_png_without_the_native_unfilter_is_the_same(monkeypatch):
+    """A native module built before png_unfilter: the full decoders, same samples."""
+    arr = _samples((21, 30), 16, seed=6)
+    data = _png(arr, filters=(3, 4))
+    monkeypatch.setattr(files, "_SPLIT", False)
+    np.testing.assert_array_equal(files.decode(data).pixels, arr)
+
+
+def _bad_filter(arr: np.ndarray, row: int, kind: int) -> bytes:
+    """A PNG whose row ``row`` has filter type byte ``kind``."""
+    raw = bytearray(b"".join(b"\0" + r.tobytes() for r in arr))
+    raw[row * (arr.shape[1] + 1)] = kind
+    ihdr = struct.pack(">IIBBBBB", arr.shape[1], arr.shape[0], 8, 0, 0, 0, 0)
+    return files._PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(bytes(raw))) + _chunk(b"IEND", b"")
+
+
+def test_malformed_png_data_is_a_clear_error_naming_the_file(tmp_path):
+    arr = _samples((50, 40), 8, seed=7)
+    good = _png(arr, filters=(4,), idat_parts=3)
+    idat_end = good.rindex(b"IEND") - 4
+    stream_start = good.index(b"IDAT") + 4
+    flipped = bytearray(good)
+    flipped[stream_start + 30] ^= 0xFF
+    cases = {
+        "cut.png": (good[:len(good) // 2], "truncated"),  # mid-chunk
+        "no_tail.png": (good[:good.rindex(b"IDAT") - 4], "truncated"),  # whole last IDAT chunk missing
+        "filter.png": (_bad_filter(arr, 17, 7), "row 17 has filter type 7"),
+        "flipped.png": (bytes(flipped), "corrupt"),
+        "short.png": (_png(arr[:30]).replace(struct.pack(">II", 40, 30), struct.pack(">II", 40, 50)), "truncated"),
+    }
+    assert idat_end > stream_start
+    for name, (data, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=message) as info:
+            files.load_image(path, 16)
+        assert str(path) in str(info.value)
+
+
+def test_resize_takes_any_byte_order_and_layout():
+    """files.resize converts; the native kernel refuses a non-native byte order it would misread."""
+    from cxrfast import _dicom
+
+    img = _samples((30, 22), 16, seed=8)
+    expect = files.resize(img, (10, 7), 65535.0)
+    np.testing.assert_array_equal(files.resize(img.astype(">u2"), (10, 7), 65535.0), expect)
+    np.testing.assert_array_equal(files.resize(np.asfortranarray(img), (10, 7), 65535.0), expect)
+    np.testing.assert_array_equal(files.resize(img.T.copy().T, (10, 7), 65535.0), expect)
+    with pytest.raises(ValueError, match="native byte order"):
+        _dicom.resize([img.astype(">u2")], np.array([[10, 7]]), 1.0, 0.0, 1)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        _dicom.resize([img.T], np.array([[10, 7]]), 1.0, 0.0, 1)
+
+
+def test_png_unfilter_survives_random_data():
+    """Random sizes, filter bytes and data lengths: samples or a NativeError, never a crash."""
+    from cxrfast import _dicom
+
+    rng = np.random.default_rng(11)
+    errors = 0
+    for _ in range(400):
+        rows, columns, depth = int(rng.integers(1, 9)), int(rng.integers(1, 9)), int(rng.choice([8, 16]))
+        need = rows * (columns * depth // 8 + 1)
+        raw = rng.integers(0, 6, int(rng.integers(0, need + 3)), dtype=np.uint8).tobytes()
+        try:
+            out = _dicom.png_unfilter(raw, rows, columns, depth)
+        except _dicom.NativeError as exc:
+            errors += 1
+            assert exc.args[0] in ("truncated", "corrupt")
+        else:
+            assert out.shape == (rows, columns) and out.dtype == (np.uint8 if depth == 8 else np.uint16)
+    assert 0 < errors < 400
+    with pytest.raises(ValueError, match="depth"):
+        _dicom.png_unfilter(b"\0\0", 1, 1, 4)

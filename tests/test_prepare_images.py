@@ -76,3 +76,25 @@ def test_a_copy_added_later_is_a_duplicate_of_the_finished_shard(tmp_path):
     assert meta["images"] == 4 and meta["duplicates"] == 2 and meta["decoded_this_run"] == 1
     dups = {Path(d["source"]).name for d in csv.DictReader(open(out / "duplicates.csv"))}
     assert dups == {"zz_copy.png", "later.jpg"}
+
+
+def test_a_png_with_corrupt_rows_is_an_error_with_its_reason(tmp_path):
+    """The split PNG path's errors (a filter type above 4) reach errors.csv; the good files are kept."""
+    import struct
+    import zlib
+
+    paths = _tree(tmp_path / "src")
+    good = paths[1].read_bytes()
+    raw = bytearray(b"".join(b"\0" + bytes(range(8)) for _ in range(4)))
+    raw[2 * 9] = 9  # row 2: filter type 9
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    bad = (good[:8] + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 4, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
+    (tmp_path / "src" / "rows.png").write_bytes(bad)
+    meta = prepare(str(tmp_path / "src"), str(tmp_path / "out"), size=32, workers=2)
+    assert meta["images"] == 4 and meta["errors"] == 2  # rows.png and zz_broken.jpg
+    errors = {Path(r["source"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "errors.csv"))}
+    assert "rows.png" in errors
+    assert "row 2 has filter type 9" in " ".join(errors["rows.png"].values())
