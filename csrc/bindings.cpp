@@ -154,16 +154,30 @@ RenderOptions make_options(const std::string& output, const std::string& dtype, 
   return o;
 }
 
-// Hands the rendered buffer to numpy without a copy; shape (frames?, rows, cols, samples?).
-py::array to_array(Rendered&& r, bool keep_frame_axis) {
-  auto* holder = new Bytes(std::move(r.data));
-  py::capsule owner(holder, [](void* p) { delete static_cast<Bytes*>(p); });
+// (frames?, rows, cols, samples?) of a rendered image.
+std::vector<py::ssize_t> shape_of(const Rendered& r, bool keep_frame_axis) {
   std::vector<py::ssize_t> shape;
   if (keep_frame_axis || r.frames != 1) shape.push_back(r.frames);
   shape.push_back(r.rows);
   shape.push_back(r.columns);
   if (r.samples != 1) shape.push_back(r.samples);
-  return py::array(py::dtype(r.dtype), shape, holder->data(), owner);
+  return shape;
+}
+
+// Hands the rendered buffer to numpy without a copy.
+py::array to_array(Rendered&& r, bool keep_frame_axis) {
+  auto* holder = new Bytes(std::move(r.data));
+  py::capsule owner(holder, [](void* p) { delete static_cast<Bytes*>(p); });
+  return py::array(py::dtype(r.dtype), shape_of(r, keep_frame_axis), holder->data(), owner);
+}
+
+// Hands a file's bytes to numpy as the pixels at offset `at` (see stored_in_place): the
+// array owns the whole file buffer, which is the pixel data plus a header of a few KiB.
+py::array file_array(FileBytes&& f, int64_t at, const Rendered& r) {
+  auto* holder = new FileBytes(std::move(f));
+  // Named, so tests can tell this path from a copy (numpy's array.base shows the name).
+  py::capsule owner(holder, "cxrfast.file_bytes", [](void* p) { delete static_cast<FileBytes*>(p); });
+  return py::array(py::dtype(r.dtype), shape_of(r, false), holder->bytes.get() + at, owner);
 }
 
 struct Parsed {
@@ -171,6 +185,12 @@ struct Parsed {
   std::unique_ptr<py::buffer_info> view;        // when Python gave us the bytes
   py::object owner;
   Dataset ds;
+  bool handed_out = false;  // the file's bytes became a stored-values array: ds points into it
+  bool masked = false;      // read_and_parse masked the pixel words
+
+  void check_bytes() const {
+    if (handed_out) throw py::value_error("the pixels of this parse were handed out; parse the file again");
+  }
 };
 
 std::unique_ptr<Parsed> parse_buffer(py::buffer buf, bool header_only) {
@@ -201,8 +221,13 @@ std::unique_ptr<Parsed> parse_path(const std::string& path, bool header_only) {
       } catch (const Error&) {
       }
     }
-    p->file = std::make_unique<FileBytes>(read_file(path));
-    return Dataset::parse(p->file->data(), p->file->size(), header_only);
+    if (header_only) {
+      p->file = std::make_unique<FileBytes>(read_file(path));
+      return Dataset::parse(p->file->data(), p->file->size(), true);
+    }
+    Dataset ds;
+    p->file = std::make_unique<FileBytes>(read_and_parse(path, ds, p->masked));
+    return ds;
   });
   return p;
 }
@@ -210,6 +235,8 @@ std::unique_ptr<Parsed> parse_path(const std::string& path, bool header_only) {
 struct ManyResult {
   bool ok = false;
   Rendered image;
+  FileBytes file;    // with in_file >= 0: the pixels lie in the file's bytes at that offset
+  int64_t in_file = -1;
   Header header;
   std::string kind, message;
 };
@@ -225,9 +252,20 @@ PYBIND11_MODULE(_dicom, m) {
   py::class_<Parsed>(m, "Parsed")
       .def_property_readonly("header", [](const Parsed& p) { return header_dict(p.ds.header); })
       .def("decode",
-           [](const Parsed& p, const std::string& output, int64_t frame, const std::string& dtype, int longest,
+           [](Parsed& p, const std::string& output, int64_t frame, const std::string& dtype, int longest,
               int size_h, int size_w) {
+             // Stored values of a file read here are masked in its own buffer, which becomes the
+             // array: one read, no second buffer (then this parse's bytes are gone).
+             p.check_bytes();
              RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
+             if (p.file && p.file->whole) {
+               Rendered shape;
+               int64_t at = nogil([&] { return stored_in_place(p.ds, p.file->bytes.get(), frame, o, shape, p.masked); });
+               if (at >= 0) {
+                 p.handed_out = true;
+                 return file_array(std::move(*p.file), at, shape);
+               }
+             }
              Rendered r = nogil([&] { return decode_render(p.ds, frame, o); });
              return to_array(std::move(r), false);
            },
@@ -288,6 +326,7 @@ PYBIND11_MODULE(_dicom, m) {
            [](const Parsed& p) {
              // (offset, length) into the caller's bytes for single-fragment frames; bytes when the
              // frame was joined from fragments or the buffer is ours (a file we read, inflated data).
+             p.check_bytes();
              auto frames = nogil([&] { return encapsulated_frames(p.ds); });
              py::list out;
              const uint8_t* base = p.ds.bytes();
@@ -321,10 +360,15 @@ PYBIND11_MODULE(_dicom, m) {
               ManyResult& r = results[i];
               try {
                 try {
-                  auto bytes = read_file(paths[i]);
-                  Dataset ds = Dataset::parse(bytes.data(), bytes.size(), false);
+                  Dataset ds;
+                  bool masked = false;
+                  r.file = read_and_parse(paths[i], ds, masked);
                   r.header = ds.header;
-                  r.image = decode_render(ds, frame, o);
+                  r.in_file = stored_in_place(ds, r.file.bytes.get(), frame, o, r.image, masked);
+                  if (r.in_file < 0) {
+                    r.image = decode_render(ds, frame, o);
+                    r.file = FileBytes();
+                  }
                   r.ok = true;
                 } catch (const Error& e) {
                   r.kind = kind_name(e.kind);
@@ -360,7 +404,9 @@ PYBIND11_MODULE(_dicom, m) {
                                    std::to_string(started) + " started): " + exception_text(failed_start));
         py::list out;
         for (auto& r : results) {
-          if (r.ok)
+          if (r.ok && r.in_file >= 0)
+            out.append(py::make_tuple(file_array(std::move(r.file), r.in_file, r.image), header_dict(r.header), py::none()));
+          else if (r.ok)
             out.append(py::make_tuple(to_array(std::move(r.image), false), header_dict(r.header), py::none()));
           else
             out.append(py::make_tuple(py::none(), py::none(), py::make_tuple(r.kind, text(r.message))));

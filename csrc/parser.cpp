@@ -310,6 +310,7 @@ class Parser {
         h_.float_bits = el.tag == kPixelData ? 0 : el.tag == kFloatPixelData ? 32 : 64;
         pixel_element_ = el.value;
         pixel_length_ = el.length;
+        h_.pixel_declared = Span{el.value, el.length};
         if (header_only) return;
         if (h_.float_bits && el.length == kUndefined)
           throw Error(ErrorKind::Invalid, "Float Pixel Data of undefined length");

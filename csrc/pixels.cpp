@@ -2,7 +2,10 @@
 // data (PS3.5 A.4), native unpacking (PS3.5 8.1, 8.2), RLE Lossless (PS3.5 G).
 #include <algorithm>
 #include <cmath>
+#include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <type_traits>
 
 #include "cxrdicom.h"
 
@@ -347,6 +350,150 @@ StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
     }
   }
   return px;
+}
+
+namespace {
+
+// Stored bits of a word (PS3.5 8.1.1), masked and sign-extended in place. The arithmetic
+// stays in the word's own width (16-bit words are 8 lanes of an SSE register, not 4 widened
+// ones) and uses one pointer, so the loop vectorises without alias checks.
+template <class Word>
+void mask_words(Word* w, size_t n, int bits, int shift, bool is_signed) {
+  using Signed = std::make_signed_t<Word>;
+  constexpr int width = int(8 * sizeof(Word));
+  if (shift == 0 && bits == width) return;  // the words are the values (signed or not)
+  const Word mask = Word(bits >= width ? ~Word(0) : Word((Word(1) << bits) - 1));
+  const int up = width - bits;
+  if (is_signed) {
+    for (size_t i = 0; i < n; ++i) w[i] = Word(Signed(Word(Word(w[i] >> shift) << up)) >> up);
+  } else {
+    for (size_t i = 0; i < n; ++i) w[i] = Word(w[i] >> shift) & mask;
+  }
+}
+
+// The pixel words read_and_parse masks for a header: [offset, offset + length) of `bytes`-byte
+// words (bytes 0: none) with `bits` stored bits from bit 0. `file_size` bounds the declared length.
+struct WordMask {
+  size_t offset = 0, length = 0;
+  int bytes = 0, bits = 0;
+  bool is_signed = false;
+  bool operator==(const WordMask& o) const {
+    return offset == o.offset && length == o.length && bytes == o.bytes && bits == o.bits && is_signed == o.is_signed;
+  }
+};
+
+WordMask word_mask(const Header& h, size_t file_size) {
+  WordMask m;
+  const Span& px = h.pixel_declared;
+  const int ba = h.bits_allocated;
+  const bool words = ba == 8 || ba == 16 || ba == 32;
+  if (!h.has_pixel_data || h.float_bits || h.deflated || h.big_endian || h.unknown_syntax || h.codec != Codec::Native ||
+      !words || px.length == 0xFFFFFFFFu || px.offset > file_size || h.bits_stored < 1 || h.bits_stored >= ba)
+    return m;  // nothing to mask (bits_stored == ba: the words are the values), or not plain words
+  const int hb = h.high_bit < 0 ? h.bits_stored - 1 : h.high_bit;
+  if (hb >= h.bits_stored && hb < ba) return m;  // the stored bits start above bit 0: leave to render
+  m.bytes = ba / 8;
+  if (px.offset % size_t(m.bytes) != 0) return WordMask();  // misaligned words stay as they are
+  m.offset = px.offset;
+  m.length = std::min<size_t>(px.length, file_size - px.offset) / size_t(m.bytes) * size_t(m.bytes);
+  m.bits = h.bits_stored;
+  m.is_signed = h.pixel_representation == 1;
+  return m;
+}
+
+// Masks the whole words of [done, upto) that lie in m's range; returns the new `done`.
+size_t mask_range(uint8_t* base, const WordMask& m, size_t done, size_t upto) {
+  const size_t lo = std::max(done, m.offset), end = std::min(upto, m.offset + m.length);
+  if (lo >= end) return std::max(done, upto);
+  const size_t n = (end - lo) / size_t(m.bytes);  // lo is word-aligned: chunks advance by whole words
+  uint8_t* w = base + lo;
+  if (m.bytes == 1) mask_words(w, n, m.bits, 0, m.is_signed);
+  else if (m.bytes == 2) mask_words(reinterpret_cast<uint16_t*>(w), n, m.bits, 0, m.is_signed);
+  else mask_words(reinterpret_cast<uint32_t*>(w), n, m.bits, 0, m.is_signed);
+  return lo + n * size_t(m.bytes);
+}
+
+const char* stored_dtype(const Header& h) {
+  bool s = h.pixel_representation == 1;
+  if (h.bits_allocated <= 8) return s ? "i1" : "u1";
+  if (h.bits_allocated <= 16) return s ? "i2" : "u2";
+  return s ? "i4" : "u4";
+}
+
+}  // namespace
+
+int64_t stored_in_place(const Dataset& ds, uint8_t* file, int64_t frame, const RenderOptions& opt, Rendered& r,
+                        bool masked) {
+  const Header& h = ds.header;
+  const bool resize = opt.size_longest > 0 || opt.size_h > 0 || opt.size_w > 0;
+  const bool whole = frame < 0 || frame_count(h) == 1;  // one frame of many: copy it out instead
+  if (opt.mode != OutputMode::Stored || resize || !whole || h.float_bits || h.deflated || h.encapsulated ||
+      h.codec != Codec::Native || ds.bytes() != file)
+    return -1;
+  StoredPixels px = decode_stored(ds, frame);  // all checks (geometry, truncation, frame range)
+  const int bps = px.bytes_per_sample;
+  if (!px.view || reinterpret_cast<uintptr_t>(px.view) % uintptr_t(bps) != 0) return -1;
+  const int64_t at = px.view - file;
+  uint8_t* words = file + at;
+  const int bits = std::clamp(h.bits_stored, 1, 32);
+  // High Bit above Bits Stored - 1 places the stored bits higher in the word (as in render()).
+  const int shift = h.high_bit >= bits && h.high_bit < h.bits_allocated ? h.high_bit - bits + 1 : 0;
+  const bool is_signed = h.pixel_representation == 1;
+  if (masked && shift == 0) {  // read_and_parse masked every pixel word already
+  } else if (bps == 1) mask_words(words, px.count(), bits, shift, is_signed);
+  else if (bps == 2) mask_words(reinterpret_cast<uint16_t*>(words), px.count(), bits, shift, is_signed);
+  else mask_words(reinterpret_cast<uint32_t*>(words), px.count(), bits, shift, is_signed);
+  r.frames = px.frames;
+  r.rows = px.rows;
+  r.columns = px.columns;
+  r.samples = px.samples;
+  r.dtype = stored_dtype(h);
+  return at;
+}
+
+FileBytes read_and_parse(const std::string& path, Dataset& ds, bool& masked) {
+  masked = false;
+  FileBytes out = read_file(path, size_t(1) << 16);  // the head, then the rest into the same buffer
+  if (out.whole) {  // a small file: nothing to gain from chunks
+    ds = Dataset::parse(out.data(), out.size(), false);
+    return out;
+  }
+  WordMask m;
+  try {
+    m = word_mask(Dataset::parse(out.data(), out.size(), true).header, SIZE_MAX);
+  } catch (const Error&) {  // the full parse below reports what is wrong
+  }
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw Error(ErrorKind::Io, std::string("cannot open file: ") + std::strerror(errno));
+  std::unique_ptr<FILE, int (*)(FILE*)> closer(f, std::fclose);
+  if (std::fseek(f, 0, SEEK_END) != 0 || std::ftell(f) < 0) throw Error(ErrorKind::Io, "cannot read file (not seekable)");
+  const size_t size = size_t(std::ftell(f));
+  if (size < out.length) throw Error(ErrorKind::Io, "file shrank while read");
+  std::unique_ptr<uint8_t[]> bytes(new uint8_t[size]);
+  std::memcpy(bytes.get(), out.data(), out.length);  // 64 KiB, already in cache
+  if (std::fseek(f, long(out.length), SEEK_SET) != 0) throw Error(ErrorKind::Io, "cannot read file");
+  if (m.bytes) m.length = std::min(m.length, m.offset < size ? (size - m.offset) / size_t(m.bytes) * size_t(m.bytes) : 0);
+  constexpr size_t kChunk = size_t(256) << 10;  // a multiple of every word size; fits in L2
+  size_t pos = out.length, done = m.bytes ? mask_range(bytes.get(), m, 0, pos) : pos;
+  while (pos < size) {
+    size_t n = std::min(kChunk, size - pos);
+    if (std::fread(bytes.get() + pos, 1, n, f) != n) throw Error(ErrorKind::Io, "cannot read file");
+    pos += n;
+    if (m.bytes) done = mask_range(bytes.get(), m, done, pos);
+  }
+  closer.reset();
+  out.bytes = std::move(bytes);
+  out.length = size;
+  out.whole = true;
+  ds = Dataset::parse(out.data(), out.size(), false);
+  if (!m.bytes) return out;
+  if (word_mask(ds.header, size) == m) {
+    masked = true;
+    return out;
+  }
+  out = read_file(path);  // the full header differs from its first 64 KiB: the bytes as on disk
+  ds = Dataset::parse(out.data(), out.size(), false);
+  return out;
 }
 
 }  // namespace cxr

@@ -79,6 +79,8 @@ struct Header {
   bool encapsulated = false;
   bool pixel_vr_ow = false;               // OW pixel data: 16-bit words even when 8-bit
   Span pixel_data;                        // native pixel data, in the data set buffer
+  Span pixel_declared;                    // the Pixel Data value's offset and declared length
+                                          // (0xFFFFFFFF: undefined), set by header-only parses too
   std::vector<Span> fragments;            // encapsulated fragments (after the BOT item)
   std::vector<size_t> fragment_positions; // item-tag offsets relative to the first fragment
   std::vector<uint32_t> basic_offsets;
@@ -191,6 +193,16 @@ Rendered render_float(const Header& h, const StoredPixels& px, const RenderOptio
 // decode_stored + render (or render_float): what the bindings call for native decoding.
 Rendered decode_render(const Dataset& ds, int64_t frame, const RenderOptions& opt);
 
+// Stored output with no second buffer: when `ds` was parsed from the writable bytes `file`
+// and its pixels are whole native little-endian frames of 8-, 16- or 32-bit interleaved
+// sample words, masks and sign-extends them where they lie (PS3.5 8.1.1), sets r's geometry
+// and dtype as render() would (r.data stays empty) and returns their offset in `file`; -1
+// when the general path is needed (a resize, one frame of several, big endian, 1-bit, planar
+// or 4:2:2 samples, float or deflated data, samples not aligned to their word size). Every
+// check of decode_stored runs first, so errors are those of the general path.
+int64_t stored_in_place(const Dataset& ds, uint8_t* file, int64_t frame, const RenderOptions& opt, Rendered& r,
+                        bool masked = false);
+
 // The display pipeline as a table over the stored bits (Bits Stored <= 16, grey): index with
 // (raw >> shift) & mask; values in [0, 1] are exactly what render() computes per pixel. Images
 // without a VOI window need the stored value range [lo, hi] (the min/max window).
@@ -234,5 +246,14 @@ struct FileBytes {
 };
 // Reads the first max_bytes (default: all) of a file; `whole` says whether that is all of it.
 FileBytes read_file(const std::string& path, size_t max_bytes = SIZE_MAX);
+
+// Reads a whole file and parses it (into ds, which points into the bytes). When the header in
+// the first 64 KiB shows native little-endian pixel data of aligned 8-, 16- or 32-bit words
+// whose stored bits start at bit 0, those words are masked and sign-extended chunk by chunk
+// as they arrive, while in cache (PS3.5 8.1.1). Every reader of native pixels masks the same
+// way, so the bytes read the same through any path, and stored_in_place skips its own pass
+// when `masked`. If the full parse implies other words or another mask than the first 64 KiB
+// did, the file is read again as it is on disk (masked = false).
+FileBytes read_and_parse(const std::string& path, Dataset& ds, bool& masked);
 
 }  // namespace cxr
