@@ -762,7 +762,7 @@ def _attn_qkv_impl(qkv: torch.Tensor, num_heads: int, scale: float, kernel: bool
 def _attn_qkv_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                        scale: float, kernel: bool, with_bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dqkv (B, N, 3*H*D) contiguous in qkv's dtype, dbias): do and o are (B, N, H*D); dbias is
-    the fp32 token sum of dqkv, (3*H*D,), under ``with_bias`` (else empty): from the one-pass
+    the token sum of dqkv (fp32, fp64 for fp64 inputs), (3*H*D,), under ``with_bias`` (else empty): from the one-pass
     kernel's per-sequence sums where it runs, else a reduction over dqkv."""
     qkv, do, o = _unit_last(qkv, do, o)
     q, k, v = _qkv_views(qkv, num_heads)
@@ -778,11 +778,12 @@ def _attn_qkv_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse
     else:
         for g, r in zip((dq, dk, dv), _backward_ref(doh, q, k, v, oh, lse, None, None, scale)):
             g.copy_(r)
+    acc = torch.promote_types(qkv.dtype, torch.float32)  # fp32 sums for 16-bit and fp32, fp64 for fp64
     if not with_bias:
-        return dqkv, dqkv.new_empty(0, dtype=torch.float32)
+        return dqkv, dqkv.new_empty(0, dtype=acc)
     if summed:
-        return dqkv, sums.sum(0).flatten()
-    return dqkv, dqkv.flatten(0, 1).sum(0, dtype=torch.float32)
+        return dqkv, sums.sum(0).flatten().to(acc)
+    return dqkv, dqkv.flatten(0, 1).sum(0, dtype=acc)
 
 
 def _attn_qkv_fake(qkv, num_heads, scale, kernel, bias=None):
@@ -792,7 +793,8 @@ def _attn_qkv_fake(qkv, num_heads, scale, kernel, bias=None):
 
 
 def _attn_qkv_bwd_fake(do, qkv, o, lse, num_heads, scale, kernel, with_bias=False):
-    return qkv.new_empty(qkv.shape), qkv.new_empty(qkv.shape[-1] if with_bias else 0, dtype=torch.float32)
+    acc = torch.promote_types(qkv.dtype, torch.float32)
+    return qkv.new_empty(qkv.shape), qkv.new_empty(qkv.shape[-1] if with_bias else 0, dtype=acc)
 
 
 def _bwd_traffic(do, qkv_bytes, o, lse, grads_bytes, n, d):
