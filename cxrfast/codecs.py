@@ -181,6 +181,8 @@ def jpeg2000_levels(buf: Buffer) -> int:
         marker, length = struct.unpack_from(">HH", buf, pos)
         if marker == 0xFF90 or length < 2:  # SOT: the main header is over
             break
+        if pos + 2 + length > end:
+            raise CodestreamError(f"JPEG 2000 marker {marker:04X} segment runs past the frame")
         body = pos + 4
         if marker == 0xFF52 and length >= 12:  # COD: Scod, SGcod (4 bytes), SPcod levels
             levels = buf[body + 5] if levels is None else min(levels, buf[body + 5])

@@ -4,7 +4,9 @@ The native module (``cxrfast._dicom``, C++ in ``csrc/``) parses DICOM Part 10, d
 native, RLE and JPEG lossless pixel data, and applies the display pipeline of PS3.3 C.11
 (Modality LUT -> VOI -> MONOCHROME1 inversion) and an antialiased resize in one pass, with
 the GIL released. Frames in other codecs (JPEG DCT, JPEG-LS, JPEG 2000, HTJ2K) are decoded by
-imagecodecs (``cxrfast.codecs``) and rendered by the same native pipeline.
+imagecodecs (``cxrfast.codecs``) and rendered by the same native pipeline. A JPEG 2000
+frame read for a resized display with a VOI window is decoded at the smallest resolution
+level that keeps >= 2x the target (glymur, when it has a libopenjp2), then resized.
 
 Output modes:
   ``"stored"``   stored values masked to Bits Stored and sign-extended (int dtype of the file);

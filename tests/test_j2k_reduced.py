@@ -90,6 +90,15 @@ def test_levels_inside_jp2_wrapper():
     assert codecs.jpeg2000_levels(cs) == 2
 
 
+def test_levels_of_a_truncated_main_header_raise():
+    cs = _encode(np.zeros((64, 64), np.uint16), 12)
+    siz_end = 4 + int.from_bytes(cs[4:6], "big")  # SOC, SIZ marker, then Lsiz bytes
+    with pytest.raises(codecs.CodestreamError, match="no COD"):
+        codecs.jpeg2000_levels(cs[:siz_end])
+    with pytest.raises(codecs.CodestreamError, match="runs past"):
+        codecs.jpeg2000_levels(cs[:siz_end + 8])
+
+
 @pytest.mark.parametrize("level, shape", [(0, (2501, 2047)), (1, (1251, 1024)), (2, (626, 512)), (3, (313, 256))])
 def test_reduced_shape_rounds_up(level, shape):
     cs = _encode(np.zeros((2501, 2047), np.uint16), 12, resolutions=2)
