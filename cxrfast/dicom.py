@@ -4,7 +4,9 @@ The native module (``cxrfast._dicom``, C++ in ``csrc/``) parses DICOM Part 10, d
 native, RLE and JPEG lossless pixel data, and applies the display pipeline of PS3.3 C.11
 (Modality LUT -> VOI -> MONOCHROME1 inversion) and an antialiased resize in one pass, with
 the GIL released. Frames in other codecs (JPEG DCT, JPEG-LS, JPEG 2000, HTJ2K) are decoded by
-imagecodecs (``cxrfast.codecs``) and rendered by the same native pipeline.
+imagecodecs (``cxrfast.codecs``) and rendered by the same native pipeline. A JPEG 2000
+frame read for a resized display with a VOI window is decoded at the smallest resolution
+level that keeps >= 2x the target (glymur, when it has a libopenjp2), then resized.
 
 Output modes:
   ``"stored"``   stored values masked to Bits Stored and sign-extended (int dtype of the file);
@@ -22,7 +24,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from . import _dicom
-from .codecs import SIZE_CHECKED, check_frame, decode_frame
+from .codecs import SIZE_CHECKED, check_frame, decode_frame, jpeg2000_reduce
 from .errors import (  # noqa: F401  (re-exported: the hierarchy lives at cxrfast.dicom)
     CorruptCodestreamError,
     DicomError,
@@ -154,17 +156,30 @@ def _decode_with_library(src, parsed, meta, output, frame, dt, longest, sh, sw) 
     wanted = range(nframes) if frame is None else [frame]
     codec = meta["codec"]
     shape = (meta["rows"], meta["columns"], meta["samples_per_pixel"])
+    target = _target_shape(meta["rows"], meta["columns"], longest, sh, sw)
+    level = 0
+    # A smaller decode only where it is the same picture: a resized display whose window
+    # does not come from the image's own min/max (which a reduced image narrows).
+    if codec == "jpeg2000" and output == "display" and target is not None and not parsed.needs_range():
+        levels = []
+        for i in wanted:  # one level for all frames, so that they stack
+            with translated(name, f"{codec} frame {i}"):
+                check_frame(codec, frames[i], shape)  # the declared SIZ size, before anything else
+                levels.append(jpeg2000_reduce(frames[i], target))
+        level = min(levels)
+        if level:
+            sh, sw, longest = target[0], target[1], 0  # the output size of the full-resolution image
     decoded = []
     for i in wanted:
         with translated(name, f"{codec} frame {i}"):  # checks the declared size, then decodes
-            decoded.append(decode_frame(codec, frames[i], meta["photometric"], header_shape=shape))
+            decoded.append(decode_frame(codec, frames[i], meta["photometric"], header_shape=shape, level=level))
     with translated(name, f"{codec} frames"):
         stored = np.stack(decoded)
         if stored.dtype.kind == "b":
             stored = stored.astype(np.uint8)
     if stored.dtype.itemsize not in (1, 2, 4):
         raise UnsupportedFeatureError(name, f"{codec} decoded to {stored.dtype}")
-    if stored.shape[1:3] != (meta["rows"], meta["columns"]):
+    if level == 0 and stored.shape[1:3] != (meta["rows"], meta["columns"]):
         raise CorruptCodestreamError(
             name, f"{codec} frame is {stored.shape[2]}x{stored.shape[1]}, header says "
             f"{meta['columns']}x{meta['rows']}"
@@ -174,6 +189,21 @@ def _decode_with_library(src, parsed, meta, output, frame, dt, longest, sh, sw) 
     if frame is not None or nframes == 1:
         pixels = pixels[0]
     return pixels
+
+
+def _target_shape(rows: int, columns: int, longest: int, sh: int, sw: int) -> tuple[int, int] | None:
+    """(rows, cols) of a resized output, computed as the native render does; None: no resize."""
+    if sh > 0 and sw > 0:
+        return sh, sw
+    if longest > 0:
+        s = longest / max(rows, columns, 1)
+        return max(1, _round_half_away(rows * s)), max(1, _round_half_away(columns * s))
+    return None
+
+
+def _round_half_away(x: float) -> int:
+    """C's lround: halves round away from zero (Python's round goes to even)."""
+    return int(x + 0.5)
 
 
 def read_header(src: Source) -> dict[str, Any]:
