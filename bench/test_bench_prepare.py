@@ -176,7 +176,8 @@ def test_prepare_vs_decode_only(benchmark, full_size_dicoms, tmp_path, workers):
     clean()
     rounds = slice(1, None) if len(prepare_s) > 1 else slice(None)  # without the warm-up round
     ratio = statistics.median(d / p for d, p in zip(decode_s[rounds], prepare_s[rounds]))
-    rate, anchor_rate = len(paths) / statistics.median(prepare_s[rounds]), len(paths) / statistics.median(decode_s[rounds])
+    rate = len(paths) / statistics.median(prepare_s[rounds])
+    anchor_rate = len(paths) / statistics.median(decode_s[rounds])
     benchmark.extra_info.update({
         "workers": workers, "files_per_s": round(rate, 2), "per_core": round(rate / workers, 2),
         "decode_only_files_per_s": round(anchor_rate, 2), "decode_only_per_core": round(anchor_rate / workers, 2),
