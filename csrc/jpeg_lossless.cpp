@@ -525,6 +525,30 @@ using ReconFn = void (*)(const Job&, size_t, const uint16_t*);
 const ReconFn kRecon[8] = {nullptr, reconstruct<1>, reconstruct<2>, reconstruct<3>, reconstruct<4>,
                            reconstruct<5>, reconstruct<6>, reconstruct<7>};
 
+// Predictor 1 from B's differences on two threads: a row's first sample depends only on the
+// first sample of the row above, so that column's chain is summed first (one add a row) and
+// the rows, then independent, are shared between the threads. Same samples as reconstruct<1>.
+void reconstruct_left_two(const Job& job, size_t k, const uint16_t* d) {
+  const size_t W = size_t(job.W);
+  uint16_t* o = job.out;
+  for (; k < job.total && (k % W != 0 || k < W); ++k, ++d) o[k] = uint16_t(prediction_at(job, k) + *d);
+  const size_t rows = k < job.total ? (job.total - k) / W : 0;
+  for (size_t r = 0; r < rows; ++r) o[k + r * W] = uint16_t(o[k + r * W - W] + d[r * W]);
+  auto rows_from = [&](size_t r0, size_t r1) {
+    for (size_t r = r0; r < r1; ++r) {
+      uint16_t* cur = o + k + r * W;
+      const uint16_t* dr = d + r * W;
+      int ra = cur[0];
+      for (size_t c = 1; c < W; ++c) {
+        ra = (ra + dr[c]) & 0xFFFF;
+        cur[c] = uint16_t(ra);
+      }
+    }
+  };
+  const size_t half = rows / 2;
+  if (rows < 64 || !run_two([&](int t) { t ? rows_from(0, half) : rows_from(half, rows); })) rows_from(0, rows);
+}
+
 // Thread A's serial decode from sample k (row-aligned or not) to the end.
 void finish_serial(const Job& job, BitReader& br, size_t k) {
   const Segment& seg = (*job.segs)[0];
@@ -578,7 +602,11 @@ bool decode_leading(const Job& job, Speculation& spec, std::thread& other) {
   }
   other.join();  // B is done: spec.diff and spec.valid are final
   if (met && spec.valid >= j && spec.valid - j >= job.total - k) {
-    kRecon[job.info->predictor](job, k, spec.diff.get() + j);
+    if (job.info->predictor == 1) {
+      reconstruct_left_two(job, k, spec.diff.get() + j);
+    } else {
+      kRecon[job.info->predictor](job, k, spec.diff.get() + j);
+    }
     return true;
   }
   finish_serial(job, br, k);

@@ -233,6 +233,23 @@ def test_two_threads_bit_identical_at_any_split(predictor):
     assert met > 0  # the differences of the second thread were used, not only the fallback
 
 
+def test_two_threads_predictor_1_rows_rebuilt_on_both_threads():
+    """Predictor 1 past the meet with >= 64 rows left: the rows are rebuilt on two threads
+    (column 0 summed first); bit-identical, odd widths and wrap-around included."""
+    rng = np.random.default_rng()
+    met = 0
+    for _ in range(6):
+        bits = int(rng.integers(2, 17))
+        shape = (int(rng.integers(140, 300)), int(rng.integers(1, 70)))
+        a = _walk(shape, bits, rng)
+        stream = encode(a, predictor=1, precision=bits)
+        for split in rng.integers(0, max(1, _scan_bits(stream) // 3), size=4):
+            two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=int(split), with_split=True)
+            met += how == 2
+            np.testing.assert_array_equal(two, a, err_msg=f"{shape} bits={bits} split={split}")
+    assert met > 0
+
+
 def _unit_steps(shape, rng) -> np.ndarray:
     """16-bit samples that differ from their predictor-1 prediction by exactly +-1 (never
     wrapping): every symbol is 2 bits (a 1-bit code and 1 extra bit)."""
