@@ -214,40 +214,35 @@ def _scan_bits(stream: bytes) -> int:
     return (len(data) - data.count(b"\xff\x00")) * 8
 
 
-@pytest.mark.parametrize("predictor", range(1, 8))
-def test_two_threads_bit_identical_at_any_split(predictor):
-    rng = np.random.default_rng()
+def _meets_in_two_threads(rng, predictor: int, images: int, rows: tuple[int, int], columns: tuple[int, int],
+                          splits: int, split_fraction: float = 1.0) -> int:
+    """Random walks decoded with two threads at random split points (in the first
+    ``split_fraction`` of the scan), each equal to the image; returns how many splits met."""
     met = 0
-    for _ in range(12):
+    for _ in range(images):
         bits = int(rng.integers(2, 17))
-        shape = (int(rng.integers(1, 30)), int(rng.integers(1, 90)))
+        shape = (int(rng.integers(*rows)), int(rng.integers(*columns)))
         a = _walk(shape, bits, rng)
         stream = encode(a, predictor=predictor, precision=bits)
-        one = _dicom.jpeg_lossless_decode(stream)
-        np.testing.assert_array_equal(one, a)
-        for split in rng.integers(0, max(1, _scan_bits(stream)), size=8):
+        np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(stream), a)
+        for split in rng.integers(0, max(1, int(_scan_bits(stream) * split_fraction)), size=splits):
             two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=int(split), with_split=True)
             assert how in (2, 3)
             met += how == 2
-            np.testing.assert_array_equal(two, one, err_msg=f"{shape} bits={bits} split={split}")
+            np.testing.assert_array_equal(two, a, err_msg=f"{shape} bits={bits} split={split}")
+    return met
+
+
+@pytest.mark.parametrize("predictor", range(1, 8))
+def test_two_threads_bit_identical_at_any_split(predictor):
+    met = _meets_in_two_threads(np.random.default_rng(), predictor, 12, (1, 30), (1, 90), 8)
     assert met > 0  # the differences of the second thread were used, not only the fallback
 
 
 def test_two_threads_predictor_1_rows_rebuilt_on_both_threads():
     """Predictor 1 past the meet with >= 64 rows left: the rows are rebuilt on two threads
     (column 0 summed first); bit-identical, odd widths and wrap-around included."""
-    rng = np.random.default_rng()
-    met = 0
-    for _ in range(6):
-        bits = int(rng.integers(2, 17))
-        shape = (int(rng.integers(140, 300)), int(rng.integers(1, 70)))
-        a = _walk(shape, bits, rng)
-        stream = encode(a, predictor=1, precision=bits)
-        for split in rng.integers(0, max(1, _scan_bits(stream) // 3), size=4):
-            two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=int(split), with_split=True)
-            met += how == 2
-            np.testing.assert_array_equal(two, a, err_msg=f"{shape} bits={bits} split={split}")
-    assert met > 0
+    assert _meets_in_two_threads(np.random.default_rng(), 1, 6, (140, 300), (1, 70), 4, split_fraction=1 / 3) > 0
 
 
 def _unit_steps(shape, rng) -> np.ndarray:
