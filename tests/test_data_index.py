@@ -111,13 +111,22 @@ def test_subset_shares_the_columns_and_maps_its_rows(prepared):
     torch.testing.assert_close(y, torch.from_numpy(data.labels[[2, 5]]), equal_nan=True)
 
 
-def test_folder_without_columnar_index_is_read_from_the_csv(prepared, tmp_path):
-    """Folders of an earlier cxrfast (same format_version 2, no index/) and hand-written ones."""
-    old = tmp_path / "old"
-    old.mkdir()
+def _copy_prepared(prepared: Path, folder: Path, with_index: bool = True) -> Path:
+    """A copy of a prepared folder's files (and its index/ unless ``with_index`` is False)."""
+    folder.mkdir()
     for p in prepared.iterdir():
         if p.is_file():
-            (old / p.name).write_bytes(p.read_bytes())
+            (folder / p.name).write_bytes(p.read_bytes())
+    if with_index:
+        (folder / "index").mkdir()
+        for p in (prepared / "index").iterdir():
+            (folder / "index" / p.name).write_bytes(p.read_bytes())
+    return folder
+
+
+def test_folder_without_columnar_index_is_read_from_the_csv(prepared, tmp_path):
+    """Folders of an earlier cxrfast (same format_version 2, no index/) and hand-written ones."""
+    old = _copy_prepared(prepared, tmp_path / "old", with_index=False)
     meta = json.loads((old / "meta.json").read_text())
     del meta["index"]
     (old / "meta.json").write_text(json.dumps(meta))
@@ -126,14 +135,7 @@ def test_folder_without_columnar_index_is_read_from_the_csv(prepared, tmp_path):
     assert b.rows == a.rows and len(b) == 9
 
     # a hand edit of index.csv after prepare: the CSV wins, with a warning saying how to rebuild
-    edited = tmp_path / "edited"
-    edited.mkdir()
-    for p in prepared.iterdir():
-        if p.is_file():
-            (edited / p.name).write_bytes(p.read_bytes())
-    (edited / "index").mkdir()
-    for p in (prepared / "index").iterdir():
-        (edited / "index" / p.name).write_bytes(p.read_bytes())
+    edited = _copy_prepared(prepared, tmp_path / "edited")
     rows = _csv(edited)
     rows[0]["label_A"] = "0.5"
     with open(edited / "index.csv", "w", newline="") as f:
@@ -158,14 +160,7 @@ def test_large_csv_only_folder_says_how_to_add_the_index(tmp_path, monkeypatch):
 
 
 def test_broken_or_foreign_index_is_refused(prepared, tmp_path):
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    for p in prepared.iterdir():
-        if p.is_file():
-            (folder / p.name).write_bytes(p.read_bytes())
-    (folder / "index").mkdir()
-    for p in (prepared / "index").iterdir():
-        (folder / "index" / p.name).write_bytes(p.read_bytes())
+    folder = _copy_prepared(prepared, tmp_path / "broken")
     np.save(folder / "index" / "offset.npy", np.zeros(4, np.int16))  # a crash between index/ and meta.json
     with pytest.raises(PreparedFormatError, match=r"offset\.npy: 4 rows, meta.json says 9; rerun"):
         PreparedData(folder)
