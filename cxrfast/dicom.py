@@ -196,9 +196,15 @@ def _target_shape(rows: int, columns: int, longest: int, sh: int, sw: int) -> tu
     if sh > 0 and sw > 0:
         return sh, sw
     if longest > 0:
-        s = longest / max(rows, columns, 1)
-        return max(1, _round_half_away(rows * s)), max(1, _round_half_away(columns * s))
+        return resized_shape(rows, columns, longest)
     return None
+
+
+def resized_shape(rows: int, columns: int, longest: int) -> tuple[int, int]:
+    """(rows, cols) with the longer side == ``longest``, aspect kept, rounded as the native
+    render rounds them (the one place Python computes it: the image files path uses it too)."""
+    s = longest / max(rows, columns, 1)
+    return max(1, _round_half_away(rows * s)), max(1, _round_half_away(columns * s))
 
 
 def _round_half_away(x: float) -> int:

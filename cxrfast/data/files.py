@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import re
 import struct
@@ -227,8 +226,7 @@ class Decoded:
 
 def target_shape(rows: int, columns: int, size: int) -> tuple[int, int]:
     """(rows, columns) with the longer side == size, aspect kept; rounded as the DICOM path does."""
-    s = size / max(rows, columns, 1)
-    return max(1, math.floor(rows * s + 0.5)), max(1, math.floor(columns * s + 0.5))
+    return dicom.resized_shape(rows, columns, size)
 
 
 @dataclass
