@@ -356,7 +356,7 @@ def _png_whole(data: bytes, layout: PngLayout) -> np.ndarray:
 
 def _decode_png(data: bytes, source: str) -> Decoded:
     layout = png_layout(data, source)
-    rows, columns, depth = layout.rows, layout.columns, layout.depth
+    rows, columns = layout.rows, layout.columns
     _check_pixels(rows, columns)
     split = layout.plain_grey and _SPLIT
     pixels = _png_split(layout, source) if split else None
