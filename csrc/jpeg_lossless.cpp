@@ -14,10 +14,17 @@
 // Limits: one component (others go to a codec library), precision 2-16, any restart interval.
 #include <cstring>
 #include <atomic>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <thread>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "cxrdicom.h"
+#include "scratch.h"
 #include "thread_pool.h"
 
 namespace cxr {
@@ -407,19 +414,66 @@ bool decode_intervals_two_threads(const Job& job, size_t nseg) {
 // time and compares its symbol start positions with B's. A symbol's decoding depends only
 // on its start position, so from the first position both share (the meet), B's
 // differences are the true ones: A stops there and the rest is reconstructed from B's
-// differences. No meet, a failure of B, or B short of symbols: A simply decodes the rest
-// itself, so the output and the errors are always those of the serial decode.
+// differences, by both threads for predictor 1. No meet, a failure of B, or B short of
+// symbols: A simply decodes the rest itself, so the output and the errors are always those
+// of the serial decode.
+//
+// Where the time goes (RG1, 3.6 MP): page faults cost as much as a third of the decode on a
+// VM, so B's differences go to a cached Scratch buffer and B pre-faults the part of the output
+// it will rebuild (MADV_POPULATE_WRITE, contents untouched) while A decodes; B stays alive for
+// its share of the rebuild instead of a second thread being started.
 
 constexpr size_t kPositions = 4096;
+// Where B starts, as a fraction of the scan's bits: A decodes and reconstructs, B only
+// decodes but also pre-faults the output, and B rebuilds half of its part afterwards.
+constexpr double kSplitFraction = 0.5;
+
+// A's verdict for thread B once both have decoded: rebuild rows of the output or stop.
+enum class Verdict { Pending, RebuildRows, Stop };
 
 struct Speculation {
   size_t start_bit = 0;
-  std::unique_ptr<uint16_t[]> diff;     // B's differences, from its start (not zero-filled)
+  uint16_t* diff = nullptr;             // B's differences, from its start (not zero-filled)
   size_t cap = 0;                       // room in diff
   std::vector<uint64_t> pos;            // absolute start bit of B's first symbols
   size_t valid = 0;                     // B's symbols that end within the segment
   std::atomic<int> positions_ready{0};  // pos is complete (or B gave up)
+  // B's pre-fault of the output from this sample on (an estimate of where its part begins).
+  size_t prefault_from = 0;
+  // Hand-over between the threads, under m: B done decoding; A's verdict and, for
+  // RebuildRows, B's rows [rows_from, rows) of the predictor-1 region starting at sample k
+  // whose differences start at d.
+  std::mutex m;
+  std::condition_variable cv;
+  bool b_done = false;
+  Verdict verdict = Verdict::Pending;
+  size_t k = 0, rows_from = 0, rows = 0;
+  const uint16_t* d = nullptr;
+
+  void post(Verdict v) {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      verdict = v;
+    }
+    cv.notify_all();
+  }
 };
+
+// Pre-faults out[from, total) for writing without changing it (Linux 5.14+; elsewhere, or
+// when the kernel refuses, the rebuild simply faults the pages itself).
+void prefault_output(uint16_t* out, size_t from, size_t total) {
+#if defined(__linux__)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  const uintptr_t page = 4096;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(out + from) + page - 1) & ~(page - 1);
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(out + total) & ~(page - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+#else
+  (void)out, (void)from, (void)total;
+#endif
+}
 
 // Thread B: differences from spec.start_bit until the segment ends or `total` symbols.
 void speculate(const Job& job, Speculation& spec) {
@@ -430,7 +484,7 @@ void speculate(const Job& job, Speculation& spec) {
   br.buf <<= spec.start_bit % 8;
   br.cnt -= int(spec.start_bit % 8);
   const uint64_t base = spec.start_bit - (spec.start_bit % 8);  // bits before br.start
-  uint16_t* d = spec.diff.get();
+  uint16_t* d = spec.diff;
   const size_t cap = spec.cap;
   size_t n = 0;
   bool ended = false;
@@ -452,6 +506,7 @@ void speculate(const Job& job, Speculation& spec) {
     ended = true;
   }
   spec.positions_ready.store(1, std::memory_order_release);
+  if (!ended) prefault_output(job.out, spec.prefault_from, job.total);
   // Then in chunks of W symbols (the padding covers one chunk past the end).
   const size_t chunk = size_t(job.W);
   while (!ended && n < cap && base + br.consumed_bits() <= seg_bits) {
@@ -478,7 +533,6 @@ void speculate(const Job& job, Speculation& spec) {
     break;
   }
   spec.valid = n;  // symbols from B's start that end within the segment
-  spec.positions_ready.store(1, std::memory_order_release);
 }
 
 int predict_any(int p, int ra, int rb, int rc) {
@@ -525,28 +579,25 @@ using ReconFn = void (*)(const Job&, size_t, const uint16_t*);
 const ReconFn kRecon[8] = {nullptr, reconstruct<1>, reconstruct<2>, reconstruct<3>, reconstruct<4>,
                            reconstruct<5>, reconstruct<6>, reconstruct<7>};
 
-// Predictor 1 from B's differences on two threads: a row's first sample depends only on the
-// first sample of the row above, so that column's chain is summed first (one add a row) and
-// the rows, then independent, are shared between the threads. Same samples as reconstruct<1>.
-void reconstruct_left_two(const Job& job, size_t k, const uint16_t* d) {
-  const size_t W = size_t(job.W);
-  uint16_t* o = job.out;
-  for (; k < job.total && (k % W != 0 || k < W); ++k, ++d) o[k] = uint16_t(prediction_at(job, k) + *d);
-  const size_t rows = k < job.total ? (job.total - k) / W : 0;
-  for (size_t r = 0; r < rows; ++r) o[k + r * W] = uint16_t(o[k + r * W - W] + d[r * W]);
-  auto rows_from = [&](size_t r0, size_t r1) {
-    for (size_t r = r0; r < r1; ++r) {
-      uint16_t* cur = o + k + r * W;
-      const uint16_t* dr = d + r * W;
-      int ra = cur[0];
-      for (size_t c = 1; c < W; ++c) {
-        ra = (ra + dr[c]) & 0xFFFF;
-        cur[c] = uint16_t(ra);
-      }
+// Rows [r0, r1) of a predictor-1 region: row r starts at out[k + r*W], its differences at
+// d[r*W]. A row's first sample adds to the first sample of the row above, so a thread that
+// starts at row r0 first sums the column-0 differences of the rows before it (one strided
+// read a row); the rest of each row is a running sum (16-bit: wraps modulo 2^16 as T.81 asks).
+void rebuild_left_rows(uint16_t* out, size_t W, size_t k, const uint16_t* d, size_t r0, size_t r1) {
+  if (r1 <= r0) return;
+  uint16_t first = out[k - W];
+  for (size_t r = 0; r < r0; ++r) first = uint16_t(first + d[r * W]);
+  for (size_t r = r0; r < r1; ++r) {
+    uint16_t* cur = out + k + r * W;
+    const uint16_t* dr = d + r * W;
+    uint16_t ra = uint16_t(first + dr[0]);
+    first = ra;
+    cur[0] = ra;
+    for (size_t c = 1; c < W; ++c) {
+      ra = uint16_t(ra + dr[c]);
+      cur[c] = ra;
     }
-  };
-  const size_t half = rows / 2;
-  if (rows < 64 || !run_two([&](int t) { t ? rows_from(0, half) : rows_from(half, rows); })) rows_from(0, rows);
+  }
 }
 
 // Thread A's serial decode from sample k (row-aligned or not) to the end.
@@ -567,7 +618,14 @@ void finish_serial(const Job& job, BitReader& br, size_t k) {
 
 // Thread A: rows up to the middle, then sample by sample until it meets B's positions;
 // the rest comes from B's differences, or from A's own decode when they do not meet.
-bool decode_leading(const Job& job, Speculation& spec, std::thread& other) {
+// Posts its verdict to B on every path (B waits for it).
+bool decode_leading(const Job& job, Speculation& spec) {
+  struct PostStop {  // an exception (or early return) still releases B
+    Speculation& s;
+    ~PostStop() {
+      if (s.verdict == Verdict::Pending) s.post(Verdict::Stop);
+    }
+  } guard{spec};
   const Segment& seg = (*job.segs)[0];
   const size_t W = size_t(job.W), seg_bits = seg.length * 8;
   BitReader br(job.data + seg.start);
@@ -600,17 +658,59 @@ bool decode_leading(const Job& job, Speculation& spec, std::thread& other) {
     }
     br = dec.br;
   }
-  other.join();  // B is done: spec.diff and spec.valid are final
-  if (met && spec.valid >= j && spec.valid - j >= job.total - k) {
-    if (job.info->predictor == 1) {
-      reconstruct_left_two(job, k, spec.diff.get() + j);
-    } else {
-      kRecon[job.info->predictor](job, k, spec.diff.get() + j);
-    }
+  {  // B's differences and count are final once it says so
+    std::unique_lock<std::mutex> lock(spec.m);
+    spec.cv.wait(lock, [&] { return spec.b_done; });
+  }
+  if (!(met && spec.valid >= j && spec.valid - j >= job.total - k)) {
+    spec.post(Verdict::Stop);
+    finish_serial(job, br, k);
+    return false;
+  }
+  const uint16_t* d = spec.diff + j;
+  if (job.info->predictor != 1) {
+    spec.post(Verdict::Stop);
+    kRecon[job.info->predictor](job, k, d);
     return true;
   }
-  finish_serial(job, br, k);
-  return false;
+  // The rest of the meeting row (or the first row) here, then the whole rows: B takes the
+  // second half.
+  for (; k < job.total && (k % W != 0 || k < W); ++k, ++d) job.out[k] = uint16_t(prediction_at(job, k) + *d);
+  const size_t rows = k < job.total ? (job.total - k) / W : 0;
+  const size_t half = rows / 2;
+  {
+    std::lock_guard<std::mutex> lock(spec.m);
+    spec.k = k;
+    spec.d = d;
+    spec.rows_from = half;
+    spec.rows = rows;
+    spec.verdict = Verdict::RebuildRows;
+  }
+  spec.cv.notify_all();
+  rebuild_left_rows(job.out, W, k, d, 0, half);
+  return true;
+}
+
+// Thread B's life: decode from the split, hand over, then its rows of the rebuild if asked.
+void run_trailing(const Job& job, Speculation& spec) {
+  try {
+    speculate(job, spec);
+  } catch (...) {  // cannot happen (pos has its room), but B must never leave A waiting
+    spec.valid = 0;
+  }
+  spec.positions_ready.store(1, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(spec.m);
+    spec.b_done = true;
+  }
+  spec.cv.notify_all();
+  std::unique_lock<std::mutex> lock(spec.m);
+  spec.cv.wait(lock, [&] { return spec.verdict != Verdict::Pending; });
+  if (spec.verdict != Verdict::RebuildRows) return;
+  const size_t k = spec.k, r0 = spec.rows_from, r1 = spec.rows;
+  const uint16_t* d = spec.d;
+  lock.unlock();
+  rebuild_left_rows(job.out, size_t(job.W), k, d, r0, r1);
 }
 
 // Two threads on one segment: JpegLosslessInfo::split (0: the second thread could not be started).
@@ -618,17 +718,25 @@ int decode_speculative(const Job& job, uint64_t split_bit) {
   Speculation spec;
   spec.start_bit = split_bit;
   spec.pos.reserve(kPositions);
-  spec.diff.reset(new uint16_t[job.total]);
+  Scratch diff(job.total * sizeof(uint16_t));
+  spec.diff = reinterpret_cast<uint16_t*>(diff.data());
   spec.cap = job.total;
-  auto b = [&] { speculate(job, spec); };
+  const uint64_t bits = (*job.segs)[0].length * 8;
+  // B's part of the output begins near the same fraction of the samples; a little later, so
+  // that A's pages are A's to fault.
+  spec.prefault_from = std::min(job.total, size_t(double(job.total) * (double(split_bit) / double(bits) + 0.01)));
+  auto b = [&] { run_trailing(job, spec); };
   std::vector<std::thread> pool;
   if (start_threads(pool, 1, b) || pool.empty()) return 0;
+  bool met = false;
   try {
-    return decode_leading(job, spec, pool[0]) ? 2 : 3;
+    met = decode_leading(job, spec);
   } catch (...) {
-    if (pool[0].joinable()) pool[0].join();
+    pool[0].join();
     throw;
   }
+  pool[0].join();
+  return met ? 2 : 3;
 }
 
 }  // namespace
@@ -647,22 +755,22 @@ JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t*
   const size_t pad = size_t(W) * 4 + 64;
   // Not zero-initialised (a pass over megabytes): unstuff writes the data, then the tail is cleared.
   const size_t data_size = st->scan_size + pad;
-  std::unique_ptr<uint8_t[]> data(new uint8_t[data_size]);
+  Scratch data(data_size);
   std::vector<Segment> segs;
-  const size_t used = unstuff(st->scan, st->scan_size, data.get(), segs);
-  std::memset(data.get() + used, 0, data_size - used);
+  const size_t used = unstuff(st->scan, st->scan_size, data.data(), segs);
+  std::memset(data.data() + used, 0, data_size - used);
 
   const size_t ri = info.restart_interval > 0 ? size_t(info.restart_interval) : total;
   const size_t nseg = (total + ri - 1) / ri;
   if (segs.size() < nseg) throw Error(ErrorKind::Truncated, "JPEG scan ends after " + std::to_string(segs.size()) + " of " + std::to_string(nseg) + " restart intervals");
-  Job job{&info, &table, data.get(), &segs, out, W, 1 << (info.precision - info.point_transform - 1), total, ri,
+  Job job{&info, &table, data.data(), &segs, out, W, 1 << (info.precision - info.point_transform - 1), total, ri,
           kRows[info.predictor]};
 
   if (threads >= 2 && nseg >= 2 && ri % size_t(W) == 0 && (split_bit >= 0 || total >= kParallelMinSamples)) {
     info.split = decode_intervals_two_threads(job, nseg) ? 1 : 0;
   } else if (threads >= 2 && nseg == 1 && (split_bit >= 0 || total >= kParallelMinSamples)) {
     const uint64_t bits = segs[0].length * 8;
-    const uint64_t at = split_bit >= 0 ? uint64_t(split_bit) : bits / 2 / 8 * 8;
+    const uint64_t at = split_bit >= 0 ? uint64_t(split_bit) : uint64_t(double(bits) * kSplitFraction) / 8 * 8;
     if (at < bits) info.split = decode_speculative(job, at);
   }
   if (info.split == 0)
