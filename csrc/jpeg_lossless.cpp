@@ -12,6 +12,7 @@
 //   checked before every row, so corrupt data cannot read past the allocation; a stream
 //   that runs out of bits raises Truncated.
 // Limits: one component (others go to a codec library), precision 2-16, any restart interval.
+#include <cstdint>
 #include <cstring>
 #include <atomic>
 #include <condition_variable>
@@ -323,6 +324,33 @@ size_t unstuff(const uint8_t* src, size_t n, uint8_t* out, std::vector<Segment>&
   return o;
 }
 
+// unstuff for one part of a scan split between two threads: the same bytes, but instead of
+// segments, *first_marker is the output length at the first marker of any kind (SIZE_MAX
+// when there is none). Allocates nothing.
+size_t unstuff_part(const uint8_t* src, size_t n, uint8_t* out, size_t* first_marker) {
+  size_t o = 0, i = 0;
+  *first_marker = SIZE_MAX;
+  while (i < n) {
+    const void* hit = std::memchr(src + i, 0xFF, n - i);
+    size_t j = hit ? size_t(static_cast<const uint8_t*>(hit) - src) : n;
+    std::memcpy(out + o, src + i, j - i);
+    o += j - i;
+    if (j + 1 >= n) break;  // the end, or a lone 0xFF at the very end
+    uint8_t m = src[j + 1];
+    if (m == 0x00) {
+      out[o++] = 0xFF;
+      i = j + 2;
+    } else if (m == 0xFF) {
+      i = j + 1;  // fill byte
+    } else {
+      if (*first_marker == SIZE_MAX) *first_marker = o;
+      if (m < 0xD0 || m > 0xD7) break;  // EOI or another marker ends the scan
+      i = j + 2;
+    }
+  }
+  return o;
+}
+
 }  // namespace
 
 JpegLosslessInfo jpeg_lossless_info(const uint8_t* src, size_t size) {
@@ -408,15 +436,18 @@ bool decode_intervals_two_threads(const Job& job, size_t nseg) {
 
 // ---- Speculative split of one entropy-coded segment (no restart markers) -----------------
 //
-// Thread B starts decoding differences at a bit position in the middle of the scan, as if a
-// symbol started there, and records where its first kPositions symbols start. Thread A
-// decodes (and reconstructs) from the start; past the middle it decodes one sample at a
-// time and compares its symbol start positions with B's. A symbol's decoding depends only
-// on its start position, so from the first position both share (the meet), B's
-// differences are the true ones: A stops there and the rest is reconstructed from B's
-// differences, by both threads for predictor 1. No meet, a failure of B, or B short of
-// symbols: A simply decodes the rest itself, so the output and the errors are always those
-// of the serial decode.
+// The scan's stored bytes are cut in two at a split point. Thread A unstuffs the first part,
+// thread B the second (each into its own place in one buffer), so the unstuffing pass runs
+// on both threads too. B then decodes differences from a bit of its part as if a symbol
+// started there, and records where its first kPositions symbols start. Thread A decodes (and
+// reconstructs) from the start; near its part's end it moves its last bytes up against B's
+// part (one contiguous stream from there on) and decodes one sample at a time, comparing its
+// symbol start positions with B's. A symbol's decoding depends only on its start position,
+// so from the first position both share (the meet), B's differences are the true ones: A
+// stops there and the rest is reconstructed from B's differences, by both threads for
+// predictor 1. No meet, a failure of B, B short of symbols, or a marker in A's part: A
+// decodes the rest itself, so the output and the errors are always those of the serial
+// decode.
 //
 // Where the time goes (RG1, 3.6 MP): page faults cost as much as a third of the decode on a
 // VM, so B's differences go to a cached Scratch buffer and B pre-faults the part of the output
@@ -424,7 +455,7 @@ bool decode_intervals_two_threads(const Job& job, size_t nseg) {
 // its share of the rebuild instead of a second thread being started.
 
 constexpr size_t kPositions = 4096;
-// Where B starts, as a fraction of the scan's bits: A decodes and reconstructs, B only
+// Where B starts, as a fraction of the scan's bytes: A decodes and reconstructs, B only
 // decodes but also pre-faults the output, and B rebuilds half of its part afterwards.
 constexpr double kSplitFraction = 0.5;
 
@@ -432,12 +463,20 @@ constexpr double kSplitFraction = 0.5;
 enum class Verdict { Pending, RebuildRows, Stop };
 
 struct Speculation {
-  size_t start_bit = 0;
+  // B's part: the stored scan bytes from `src_from` on, unstuffed to `data` (+ padding), and
+  // the bit of its first byte where B starts decoding. Positions are bits from `data`.
+  const uint8_t* src = nullptr;
+  size_t src_from = 0, src_size = 0;
+  uint8_t* data = nullptr;
+  size_t pad = 0;
+  unsigned first_bit = 0;
+  size_t bytes = 0;  // B's unstuffed bytes up to the first marker (its part of the segment)
+  bool unstuffed = false;  // B's part lies unstuffed at data
   uint16_t* diff = nullptr;             // B's differences, from its start (not zero-filled)
   size_t cap = 0;                       // room in diff
-  std::vector<uint64_t> pos;            // absolute start bit of B's first symbols
-  size_t valid = 0;                     // B's symbols that end within the segment
-  std::atomic<int> positions_ready{0};  // pos is complete (or B gave up)
+  std::vector<uint64_t> pos;            // start bit of B's first symbols
+  size_t valid = 0;                     // B's symbols that end within its part
+  std::atomic<int> positions_ready{0};  // B's part is unstuffed and pos complete (or B gave up)
   // B's pre-fault of the output from this sample on (an estimate of where its part begins).
   size_t prefault_from = 0;
   // Hand-over between the threads, under m: B done decoding; A's verdict and, for
@@ -457,6 +496,10 @@ struct Speculation {
     }
     cv.notify_all();
   }
+  void wait_b_done() {
+    std::unique_lock<std::mutex> lock(m);
+    cv.wait(lock, [&] { return b_done; });
+  }
 };
 
 // Pre-faults out[from, total) for writing without changing it (Linux 5.14+; elsewhere, or
@@ -475,15 +518,21 @@ void prefault_output(uint16_t* out, size_t from, size_t total) {
 #endif
 }
 
-// Thread B: differences from spec.start_bit until the segment ends or `total` symbols.
+// Thread B: unstuffs its part, then differences from its first bit until the part ends or
+// `cap` symbols.
 void speculate(const Job& job, Speculation& spec) {
-  const Segment& seg = (*job.segs)[0];
-  const uint64_t seg_bits = seg.length * 8;
-  BitReader br(job.data + seg.start + spec.start_bit / 8);
+  // As unstuff does, the data goes on past RST markers (a decoder that overruns the segment
+  // reads what the serial decode reads there); the segment ends at the first marker.
+  size_t first_marker = SIZE_MAX;
+  const size_t used = unstuff_part(spec.src + spec.src_from, spec.src_size - spec.src_from, spec.data, &first_marker);
+  std::memset(spec.data + used, 0, spec.pad);
+  spec.bytes = std::min(used, first_marker);
+  spec.unstuffed = true;
+  const uint64_t seg_bits = uint64_t(spec.bytes) * 8;
+  BitReader br(spec.data);
   br.refill();
-  br.buf <<= spec.start_bit % 8;
-  br.cnt -= int(spec.start_bit % 8);
-  const uint64_t base = spec.start_bit - (spec.start_bit % 8);  // bits before br.start
+  br.buf <<= spec.first_bit;
+  br.cnt -= int(spec.first_bit);
   uint16_t* d = spec.diff;
   const size_t cap = spec.cap;
   size_t n = 0;
@@ -493,11 +542,11 @@ void speculate(const Job& job, Speculation& spec) {
   try {  // the first symbols one at a time, recording where each starts
     Decoder dec(br, *job.table);
     while (n < kPositions && n < cap) {
-      spec.pos.push_back(base + dec.br.consumed_bits());
+      spec.pos.push_back(dec.br.consumed_bits());
       d[n] = uint16_t(dec.next());
       br = dec.br;
-      if (base + br.consumed_bits() > seg_bits) {
-        ended = true;  // this symbol does not end within the segment: not counted
+      if (br.consumed_bits() > seg_bits) {
+        ended = true;  // this symbol does not end within the part: not counted
         break;
       }
       ++n;
@@ -509,13 +558,13 @@ void speculate(const Job& job, Speculation& spec) {
   if (!ended) prefault_output(job.out, spec.prefault_from, job.total);
   // Then in chunks of W symbols (the padding covers one chunk past the end).
   const size_t chunk = size_t(job.W);
-  while (!ended && n < cap && base + br.consumed_bits() <= seg_bits) {
+  while (!ended && n < cap && br.consumed_bits() <= seg_bits) {
     const BitReader saved = br;
     const size_t m = std::min(chunk, cap - n);
     try {
       Decoder dec(br, *job.table);
       for (size_t k = 0; k < m; ++k) d[n + k] = uint16_t(dec.next());
-      if (base + dec.br.consumed_bits() <= seg_bits) {
+      if (dec.br.consumed_bits() <= seg_bits) {
         br = dec.br;
         n += m;
         continue;
@@ -524,15 +573,15 @@ void speculate(const Job& job, Speculation& spec) {
     }
     try {  // the chunk that crossed the end or failed: count its good symbols exactly
       Decoder one(saved, *job.table);
-      while (base + one.br.consumed_bits() <= seg_bits) {
+      while (one.br.consumed_bits() <= seg_bits) {
         one.next();
-        if (base + one.br.consumed_bits() <= seg_bits) ++n;
+        if (one.br.consumed_bits() <= seg_bits) ++n;
       }
     } catch (const Error&) {
     }
     break;
   }
-  spec.valid = n;  // symbols from B's start that end within the segment
+  spec.valid = n;  // symbols from B's start that end within its part
 }
 
 int predict_any(int p, int ra, int rb, int rc) {
@@ -616,9 +665,10 @@ void finish_serial(const Job& job, BitReader& br, size_t k) {
   if (br.consumed_bits() > seg_bits) throw Error(ErrorKind::Truncated, "JPEG lossless scan ends early");
 }
 
-// Thread A: rows up to the middle, then sample by sample until it meets B's positions;
-// the rest comes from B's differences, or from A's own decode when they do not meet.
-// Posts its verdict to B on every path (B waits for it).
+// Thread A: unstuffs its part to job.data, decodes whole rows while they stay inside it,
+// joins its tail to B's part, then goes sample by sample until it meets B's positions; the
+// rest comes from B's differences, or from A's own decode when they do not meet. Returns
+// whether they met; posts its verdict to B on every path (B waits for it).
 bool decode_leading(const Job& job, Speculation& spec) {
   struct PostStop {  // an exception (or early return) still releases B
     Speculation& s;
@@ -626,20 +676,48 @@ bool decode_leading(const Job& job, Speculation& spec) {
       if (s.verdict == Verdict::Pending) s.post(Verdict::Stop);
     }
   } guard{spec};
-  const Segment& seg = (*job.segs)[0];
-  const size_t W = size_t(job.W), seg_bits = seg.length * 8;
-  BitReader br(job.data + seg.start);
+  uint8_t* const data = const_cast<uint8_t*>(job.data);
+  size_t first_marker = SIZE_MAX;
+  const size_t own = unstuff_part(spec.src, spec.src_from, data, &first_marker);
+  const size_t W = size_t(job.W);
+  auto serial = [&] {  // the whole scan unstuffed and decoded as one thread does, once B is off the buffer
+    spec.post(Verdict::Stop);
+    spec.wait_b_done();
+    std::vector<Segment> segs;
+    const size_t used = unstuff(spec.src, spec.src_size, data, segs);
+    std::memset(data + used, 0, spec.src_size + spec.pad - used);
+    Job one = job;
+    one.segs = &segs;
+    decode_interval(one, 0);
+    return false;
+  };
+  if (first_marker != SIZE_MAX) return serial();  // the segment ends (or breaks) in A's part
+  BitReader br(data);
   size_t k = 0;
-  // Whole rows while the next one cannot reach B's start (a row uses at most 31*W bits).
-  if (job.total > W) {
-    first_row(br, *job.table, job.out, 0, int(W), job.initial);
-    k = W;
-    while (k + W < job.total && br.consumed_bits() + 32 * W < spec.start_bit) {
+  // Whole rows while a row (at most 31*W bits) and its refills cannot leave A's bytes.
+  const size_t row_bytes = (31 * W + 7) / 8 + 16;
+  while (k + W < job.total && size_t(br.p - data) + row_bytes <= own) {
+    if (k == 0) {
+      first_row(br, *job.table, job.out, 0, int(W), job.initial);
+    } else {
       job.row_fn(br, *job.table, job.out + k, job.out + k - W, int(W));
-      k += W;
     }
+    k += W;
   }
   while (!spec.positions_ready.load(std::memory_order_acquire)) std::this_thread::yield();
+  if (!spec.unstuffed) return serial();
+  // B's part now lies unstuffed at spec.data: move A's bytes not yet read up against it (A's
+  // bit positions stay as they were) and drop the bits the reader loaded beyond A's bytes.
+  const size_t gap = size_t(spec.data - data) - own, at_byte = size_t(br.p - data);
+  std::memmove(data + at_byte + gap, data + at_byte, own - at_byte);
+  br.p += gap;
+  br.start += gap;
+  br.buf = br.cnt ? br.buf & ~(~uint64_t(0) >> br.cnt) : 0;
+  // A's view of the whole segment, and where B's positions lie in it.
+  std::vector<Segment> segs{Segment{0, own + spec.bytes, -1}};
+  Job whole = job;
+  whole.segs = &segs;
+  const uint64_t seg_bits = uint64_t(own + spec.bytes) * 8, b_base = uint64_t(own) * 8;
   const std::vector<uint64_t>& pos = spec.pos;
   size_t j = 0;
   bool met = false;
@@ -647,9 +725,9 @@ bool decode_leading(const Job& job, Speculation& spec) {
     Decoder dec(br, *job.table);
     while (k < job.total && !pos.empty()) {
       const uint64_t at = dec.br.consumed_bits();
-      if (at > pos.back() || at > seg_bits) break;
-      while (j < pos.size() && pos[j] < at) ++j;
-      if (j < pos.size() && pos[j] == at) {
+      if (at > b_base + pos.back() || at > seg_bits) break;
+      while (j < pos.size() && b_base + pos[j] < at) ++j;
+      if (j < pos.size() && b_base + pos[j] == at) {
         met = true;
         break;
       }
@@ -658,13 +736,10 @@ bool decode_leading(const Job& job, Speculation& spec) {
     }
     br = dec.br;
   }
-  {  // B's differences and count are final once it says so
-    std::unique_lock<std::mutex> lock(spec.m);
-    spec.cv.wait(lock, [&] { return spec.b_done; });
-  }
+  spec.wait_b_done();  // B's differences and count are final
   if (!(met && spec.valid >= j && spec.valid - j >= job.total - k)) {
     spec.post(Verdict::Stop);
-    finish_serial(job, br, k);
+    finish_serial(whole, br, k);
     return false;
   }
   const uint16_t* d = spec.diff + j;
@@ -691,7 +766,8 @@ bool decode_leading(const Job& job, Speculation& spec) {
   return true;
 }
 
-// Thread B's life: decode from the split, hand over, then its rows of the rebuild if asked.
+// Thread B's life: unstuff and decode from the split, hand over, then its rows of the
+// rebuild if asked.
 void run_trailing(const Job& job, Speculation& spec) {
   try {
     speculate(job, spec);
@@ -713,18 +789,29 @@ void run_trailing(const Job& job, Speculation& spec) {
   rebuild_left_rows(job.out, size_t(job.W), k, d, r0, r1);
 }
 
-// Two threads on one segment: JpegLosslessInfo::split (0: the second thread could not be started).
-int decode_speculative(const Job& job, uint64_t split_bit) {
+// Two threads on a scan of one segment, B starting at bit `split_bit` of the stored scan
+// bytes (st.scan); job.data has room for the scan and `pad`. Returns JpegLosslessInfo::split
+// (0: the second thread could not be started, nothing done).
+int decode_speculative(const Job& job, const Stream& st, size_t pad, uint64_t split_bit) {
   Speculation spec;
-  spec.start_bit = split_bit;
+  // B's part starts at a byte boundary outside any 0xFF pair or run: a byte after 0xFF is
+  // stuffing or a marker, and belongs with the 0xFF to A's part.
+  size_t from = size_t(split_bit / 8);
+  while (from > 0 && from < st.scan_size && st.scan[from - 1] == 0xFF) ++from;
+  spec.src = st.scan;
+  spec.src_from = from;
+  spec.src_size = st.scan_size;
+  spec.data = const_cast<uint8_t*>(job.data) + from;  // A's unstuffed part is at most `from` bytes
+  spec.pad = pad;
+  spec.first_bit = unsigned(split_bit % 8);
   spec.pos.reserve(kPositions);
   Scratch diff(job.total * sizeof(uint16_t));
   spec.diff = reinterpret_cast<uint16_t*>(diff.data());
   spec.cap = job.total;
-  const uint64_t bits = (*job.segs)[0].length * 8;
   // B's part of the output begins near the same fraction of the samples; a little later, so
   // that A's pages are A's to fault.
-  spec.prefault_from = std::min(job.total, size_t(double(job.total) * (double(split_bit) / double(bits) + 0.01)));
+  const double fraction = double(from) / double(st.scan_size);
+  spec.prefault_from = std::min(job.total, size_t(double(job.total) * (fraction + 0.01)));
   auto b = [&] { run_trailing(job, spec); };
   std::vector<std::thread> pool;
   if (start_threads(pool, 1, b) || pool.empty()) return 0;
@@ -756,25 +843,27 @@ JpegLosslessInfo jpeg_lossless_decode(const uint8_t* src, size_t size, uint16_t*
   // Not zero-initialised (a pass over megabytes): unstuff writes the data, then the tail is cleared.
   const size_t data_size = st->scan_size + pad;
   Scratch data(data_size);
-  std::vector<Segment> segs;
-  const size_t used = unstuff(st->scan, st->scan_size, data.data(), segs);
-  std::memset(data.data() + used, 0, data_size - used);
-
   const size_t ri = info.restart_interval > 0 ? size_t(info.restart_interval) : total;
   const size_t nseg = (total + ri - 1) / ri;
-  if (segs.size() < nseg) throw Error(ErrorKind::Truncated, "JPEG scan ends after " + std::to_string(segs.size()) + " of " + std::to_string(nseg) + " restart intervals");
+  std::vector<Segment> segs;
   Job job{&info, &table, data.data(), &segs, out, W, 1 << (info.precision - info.point_transform - 1), total, ri,
           kRows[info.predictor]};
+  const bool large = split_bit >= 0 || total >= kParallelMinSamples;
 
-  if (threads >= 2 && nseg >= 2 && ri % size_t(W) == 0 && (split_bit >= 0 || total >= kParallelMinSamples)) {
-    info.split = decode_intervals_two_threads(job, nseg) ? 1 : 0;
-  } else if (threads >= 2 && nseg == 1 && (split_bit >= 0 || total >= kParallelMinSamples)) {
-    const uint64_t bits = segs[0].length * 8;
+  if (threads >= 2 && nseg == 1 && large) {  // unstuffed by the two threads themselves
+    const uint64_t bits = uint64_t(st->scan_size) * 8;
     const uint64_t at = split_bit >= 0 ? uint64_t(split_bit) : uint64_t(double(bits) * kSplitFraction) / 8 * 8;
-    if (at < bits) info.split = decode_speculative(job, at);
+    if (at < bits) info.split = decode_speculative(job, *st, pad, at);
   }
-  if (info.split == 0)
-    for (size_t s = 0; s < nseg; ++s) decode_interval(job, s);
+  if (info.split == 0) {
+    const size_t used = unstuff(st->scan, st->scan_size, data.data(), segs);
+    std::memset(data.data() + used, 0, data_size - used);
+    if (segs.size() < nseg) throw Error(ErrorKind::Truncated, "JPEG scan ends after " + std::to_string(segs.size()) + " of " + std::to_string(nseg) + " restart intervals");
+    if (threads >= 2 && nseg >= 2 && ri % size_t(W) == 0 && large)
+      info.split = decode_intervals_two_threads(job, nseg) ? 1 : 0;
+    if (info.split == 0)
+      for (size_t s = 0; s < nseg; ++s) decode_interval(job, s);
+  }
   if (info.point_transform > 0) {
     for (size_t k = 0; k < total; ++k) out[k] = uint16_t(out[k] << info.point_transform);
   }

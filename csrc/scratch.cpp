@@ -63,9 +63,4 @@ Scratch::~Scratch() {
   delete[] data_;
 }
 
-size_t scratch_cached_bytes() {
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  return cached_bytes;
-}
-
 }  // namespace cxr

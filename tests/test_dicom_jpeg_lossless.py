@@ -206,7 +206,8 @@ def test_codes_longer_than_the_lookup():
 
 # --- Two threads on one image (speculative split, or restart intervals) -------------------
 # split_bit forces the two-thread path on small images and picks where the second decoder
-# starts; with_split says which path ran (1 restart split, 2 met, 3 no meet: serial).
+# starts, as a bit of the stored scan bytes (the threads unstuff their own parts); with_split
+# says which path ran (1 restart split, 2 met, 3 no meet: serial).
 
 def _scan_bits(stream: bytes) -> int:
     """Bits of entropy-coded data (no restart markers): after the SOS segment, before EOI."""
@@ -322,3 +323,57 @@ def test_two_threads_raise_what_one_thread_raises(restart):
             assert two.value.args == exc.args
         else:
             np.testing.assert_array_equal(_dicom.jpeg_lossless_decode(s, threads=2, split_bit=split), one)
+
+
+def _scan_start(stream: bytes) -> int:
+    return stream.index(b"\xff\xda") + 10  # one component: a 10-byte SOS segment
+
+
+def test_two_threads_split_at_every_bit_around_stuffed_bytes():
+    """The second thread's part starts next to 0xFF 0x00 pairs (and inside them): every bit of
+    the bytes around the first few stuffed pairs splits to the same image."""
+    rng = np.random.default_rng()
+    a = rng.integers(0, 1 << 16, size=(40, 60)).astype(np.uint16)  # noise: many 0xFF bytes
+    stream = encode(a, predictor=1, precision=16)
+    scan = stream[_scan_start(stream):]
+    pairs = [i for i in range(len(scan) - 1) if scan[i] == 0xFF and scan[i + 1] == 0][:6]
+    assert pairs
+    met = 0
+    for i in pairs:
+        for bit in range(8 * (i - 1), 8 * (i + 3)):
+            two, how = _dicom.jpeg_lossless_decode(stream, threads=2, split_bit=bit, with_split=True)
+            assert how in (2, 3)
+            met += how == 2
+            np.testing.assert_array_equal(two, a, err_msg=f"split bit {bit}, pair at byte {i}")
+    assert met > 0
+
+
+@pytest.mark.parametrize("marker", [b"\xff\xd0", b"\xff\xd9", b"\xff\xff\xd9"])
+def test_two_threads_marker_in_the_first_part(marker):
+    """A marker inside the first thread's part ends the scan there: the two-thread decode
+    raises (or decodes) exactly as the one-thread decode does, whatever the split."""
+    rng = np.random.default_rng()
+    a = _walk((60, 50), 12, rng)
+    stream = encode(a, predictor=1, precision=12)
+    s0 = _scan_start(stream)
+    at = s0 + (len(stream) - s0) // 4
+    while stream[at - 1] == 0xFF:
+        at += 1
+    broken = stream[:at] + marker + stream[at:]
+    with pytest.raises(_dicom.NativeError) as one:
+        _dicom.jpeg_lossless_decode(broken)
+    bits = (len(broken) - s0) * 8
+    for split in list(rng.integers(8 * (at - s0) + 16, bits - 16, size=20)) + [8 * (at - s0) + 8 * len(marker)]:
+        with pytest.raises(_dicom.NativeError) as two:
+            _dicom.jpeg_lossless_decode(broken, threads=2, split_bit=int(split))
+        assert two.value.args == one.value.args
+
+
+def test_two_threads_agree_with_one_on_fuzzed_streams(tmp_path):
+    """A bounded run of tests/jpeg_split_fuzz.py: damaged streams, random splits."""
+    import os
+
+    from jpeg_split_fuzz import run
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    assert run(None, seed, str(tmp_path), count=1500) == 0, f"fuzz seed {seed}"

@@ -28,7 +28,4 @@ class Scratch {
   size_t size_ = 0;
 };
 
-// Bytes the cache holds now (for tests).
-size_t scratch_cached_bytes();
-
 }  // namespace cxr
