@@ -55,12 +55,17 @@ def outcome(stream: bytes, **kw):
         return ("error", exc.args)
 
 
-def run(seconds: float | None, seed: int, out_dir: str, count: int | None = None) -> int:
-    """Streams until `seconds` pass or `count` are done; 1 at the first finding, else 0."""
+def run(seconds: float | None, seed: int, out_dir: str, count: int | None = None, keep_current: bool = False) -> int:
+    """Streams until `seconds` pass or `count` are done; 1 at the first finding, else 0.
+    keep_current: write each stream to out_dir/jpeg_split_current.jpg before decoding it, so that
+    a crash or a sanitizer's halt leaves the input behind."""
     rng = np.random.default_rng(seed)
     end, cases = time.time() + (seconds if seconds is not None else float("inf")), 0
     while time.time() < end and (count is None or cases < count):
         stream = random_stream(rng)
+        if keep_current:
+            with open(os.path.join(out_dir, "jpeg_split_current.jpg"), "wb") as f:
+                f.write(stream)
         one = outcome(stream)
         bits = max(1, 8 * (len(stream) - stream.index(b"\xff\xda") - 10))
         for split in rng.integers(0, bits, size=4):
@@ -81,9 +86,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=".", help="where a finding's stream is saved")
+    p.add_argument("--out", default=".", help="where a finding's stream is saved (and the stream being decoded)")
     args = p.parse_args()
-    return run(args.seconds, args.seed, args.out)
+    return run(args.seconds, args.seed, args.out, keep_current=True)
 
 
 if __name__ == "__main__":
