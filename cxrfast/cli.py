@@ -11,11 +11,16 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from .data.files import find_images
 from .data.labels import LabelTable, Protocol, read_protocol
+from .progress import PlainProgress, progress
+
+
+WALK_PROGRESS_DELAY = 2.0  # seconds a folder walk runs before its progress bar shows
 
 
 class UsageError(Exception):
@@ -39,20 +44,37 @@ def _where(option: str, path: Path) -> str:
     return f"{option} {path}" if option else str(path)
 
 
-def image_files(data: str | os.PathLike, option: str = "--data") -> list[Path]:
+def image_files(data: str | os.PathLike, option: str = "--data", show_walk: bool = False) -> list[Path]:
     """The image files of a folder or of a CSV's path column; at least one, else a
-    :class:`UsageError` naming ``option`` (empty for a positional argument) and the path."""
+    :class:`UsageError` naming ``option`` (empty for a positional argument) and the path.
+    ``show_walk``: a progress bar (files found, files/s) while a folder is walked, which on
+    network storage can take minutes for millions of files (none for a walk shorter than
+    ``WALK_PROGRESS_DELAY`` seconds, so that a quick walk adds no line before an error)."""
     path = Path(data)
     if not path.exists():
         raise UsageError(f"{_where(option, path)}: no such folder or file")
     try:
-        files = find_images(path)
+        files = _walk_with_progress(path) if show_walk and path.is_dir() else find_images(path)
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
         message = " ".join(str(exc).split())  # names the path already
         raise UsageError(f"{option} {message}" if option else message) from None
     if not files:
         raise UsageError(f"{_where(option, path)}: no image files (DICOM, PNG, JPEG) found there")
     return files
+
+
+def _walk_with_progress(folder: Path) -> list[Path]:
+    """find_images over a folder with a bar of the files found so far."""
+    with progress(None, 0, True, f"walk {folder}", unit="file", delay=WALK_PROGRESS_DELAY) as bar:
+        started = time.perf_counter()
+
+        def found(n: int) -> None:  # tqdm shows its own rate; plain lines get one here
+            bar.update(n)
+            elapsed = time.perf_counter() - started
+            if isinstance(bar, PlainProgress) and elapsed > 0:
+                bar.set_postfix(**{"files/s": f"{bar.n / elapsed:.0f}"})
+
+        return find_images(folder, on_found=found)
 
 
 def label_table(labels: str | os.PathLike, label_format: str = "auto", uncertain: str = "ones",

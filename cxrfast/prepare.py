@@ -542,7 +542,7 @@ def prepare(src: str, out: str, *, size: int = 256, dtype: str = "uint8", labels
             raise PrepareError(f"{', '.join(needs_labels)}: only with --labels (they shape the label columns)")
         table, notes = cli.label_protocol(labels, label_format, uncertain, protocol=protocol) if labels else (None, [])
         root = Path(src) if Path(src).is_dir() else Path(src).parent
-        files = cli.image_files(src, option="") if file_list is None else _listed(file_list, root, notes)
+        files = cli.image_files(src, option="", show_walk=True) if file_list is None else _listed(file_list, root, notes)
         if protocol.view:  # before decoding: other views never reach a shard
             files = _views_kept(files, root, table, protocol.view, notes)
     label_names = list(table.names) if table else []

@@ -18,8 +18,10 @@ class PlainProgress:
     a batch scheduler): a plain line at most every ``interval`` seconds and one at the end,
     never a carriage return. It takes the calls the training loop makes on a tqdm bar."""
 
-    def __init__(self, total: int, initial: int, desc: str, file=None, interval: float = 30.0, unit: str = "step"):
+    def __init__(self, total: int | None, initial: int, desc: str, file=None, interval: float = 30.0, unit: str = "step",
+                 delay: float = 0.0):
         self.total, self.n, self.desc, self.unit = total, initial, desc, unit
+        self.delay = delay  # a job done within this many seconds prints no closing line
         self.file = file if file is not None else sys.stderr
         self.interval = interval
         self.postfix: dict[str, Any] = {}
@@ -45,15 +47,16 @@ class PlainProgress:
         self.close()
 
     def close(self) -> None:
-        if not self._closed and self.n != self._printed_at:
+        if not self._closed and self.n != self._printed_at and time.monotonic() - self._start >= self.delay:
             self._line()
         self._closed = True
 
     def _line(self) -> None:
         elapsed = int(time.monotonic() - self._start)
         done = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        count = f"{self.n}/{self.total}" if self.total is not None else str(self.n)  # None: a count without an end
         extra = "".join(f" {k}={v}" for k, v in self.postfix.items())
-        print(f"{self.desc}: {self.unit} {self.n}/{self.total}{done}, {elapsed // 60}:{elapsed % 60:02d} elapsed{extra}",
+        print(f"{self.desc}: {self.unit} {count}{done}, {elapsed // 60}:{elapsed % 60:02d} elapsed{extra}",
               file=self.file, flush=True)
         self._last, self._printed_at = time.monotonic(), self.n
 
@@ -66,10 +69,13 @@ def _is_terminal(stream) -> bool:
         return False
 
 
-def progress(total: int, initial: int, enabled: bool, desc: str, file=None, unit: str = "step") -> tqdm | PlainProgress:
-    """A bar over optimizer steps (or ``unit``s); the caller adds img/s and loss as postfix. Written to
+def progress(total: int | None, initial: int, enabled: bool, desc: str, file=None, unit: str = "step",
+             delay: float = 0.0) -> tqdm | PlainProgress:
+    """A bar over optimizer steps (or ``unit``s; ``total`` None: a count with no end known); the
+    caller adds img/s and loss as postfix. Written to
     ``file`` (stderr); where that is not a terminal, plain lines (:class:`PlainProgress`,
-    every $CXRFAST_PROGRESS_SECONDS, default 30) instead of a bar redrawn with carriage returns."""
+    every $CXRFAST_PROGRESS_SECONDS, default 30) instead of a bar redrawn with carriage returns.
+    ``delay``: nothing shown for work that ends within that many seconds."""
     file = file if file is not None else sys.stderr
     if enabled and not _is_terminal(file):
         seconds = os.environ.get(PROGRESS_SECONDS_ENV, "")
@@ -77,6 +83,6 @@ def progress(total: int, initial: int, enabled: bool, desc: str, file=None, unit
             interval = float(seconds) if seconds else 30.0
         except ValueError:
             interval = 30.0
-        return PlainProgress(total, initial, desc, file, interval, unit)
+        return PlainProgress(total, initial, desc, file, interval, unit, delay)
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit,
-                dynamic_ncols=True, file=file, mininterval=0.5)
+                dynamic_ncols=True, file=file, mininterval=0.5, delay=delay)

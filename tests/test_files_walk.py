@@ -68,6 +68,27 @@ def test_walk_equals_the_serial_os_walk(tree, threads):
     assert not any(n.startswith("linked_folder") or n.endswith("notes") or n in {".DS_Store", "broken"} for n in names)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_walk_reports_each_folders_images_as_it_goes(tree, threads):
+    counts = []
+    got = files.find_images(tree, threads=threads, on_found=counts.append)
+    assert sum(counts) == len(got) == len(walk_reference(tree))
+    assert len(counts) > 1 and all(n > 0 for n in counts)  # folder by folder, empty folders not reported
+
+
+def test_the_walk_progress_line_counts_files_and_their_rate(tree, capsys, monkeypatch):
+    from cxrfast import cli
+
+    got = cli.image_files(tree, show_walk=True)
+    assert capsys.readouterr().err == ""  # a walk shorter than the delay shows nothing
+    monkeypatch.setattr(cli, "WALK_PROGRESS_DELAY", 0.0)
+    monkeypatch.setenv("CXRFAST_PROGRESS_SECONDS", "1000")  # only the closing line
+    got = cli.image_files(tree, show_walk=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert got == walk_reference(tree)
+    assert len(err) == 1 and err[0].startswith(f"walk {tree}: file {len(got)}, ") and " files/s=" in err[0]
+
+
 MOUNTS = """overlay / overlay rw,relatime 0 0
 proc /proc proc rw 0 0
 server:/export /data nfs4 rw,vers=4.2 0 0
@@ -94,7 +115,8 @@ def test_default_threads_follow_the_filesystem(tree, monkeypatch, network):
     monkeypatch.setattr(files, "_scan_folder", lambda f: listed.append(f) or real(f))
     used = []
     real_walk = files.walk_images
-    monkeypatch.setattr(files, "walk_images", lambda folder, threads: used.append(threads) or real_walk(folder, threads))
+    monkeypatch.setattr(files, "walk_images",
+                        lambda folder, threads, on_found=None: used.append(threads) or real_walk(folder, threads, on_found))
     monkeypatch.setattr(files, "filesystem", lambda folder, mounts=None: "nfs" if network else "ext4")
     assert files.find_images(tree) == walk_reference(tree)
     assert used == [files.WALK_THREADS if network else 1] and files.WALK_THREADS > 1

@@ -39,6 +39,7 @@ import io
 import os
 import re
 import struct
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,11 +75,13 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def find_images(source: str | os.PathLike, threads: int | None = None) -> list[Path]:
+def find_images(source: str | os.PathLike, threads: int | None = None,
+                on_found: Callable[[int], None] | None = None) -> list[Path]:
     """Image files under a folder (DICOM, PNG, JPEG), or the ``path`` column of a CSV
     (relative paths resolve against the CSV's folder), sorted for reproducibility.
     A folder is walked by ``threads`` threads (default :func:`walk_threads`: a pool on network
-    storage, one thread on a local disk; see :func:`walk_images`)."""
+    storage, one thread on a local disk; see :func:`walk_images`); ``on_found`` is told how
+    many images each folder held, as the walk goes (for a progress bar)."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
         with open(source, newline="") as f:
@@ -89,7 +92,7 @@ def find_images(source: str | os.PathLike, threads: int | None = None) -> list[P
             return [p if p.is_absolute() else source.parent / p for p in (Path(r[column]) for r in reader)]
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: not a folder or a .csv file")
-    return sorted(walk_images(source, walk_threads(source) if threads is None else threads))
+    return sorted(walk_images(source, walk_threads(source) if threads is None else threads, on_found))
 
 
 def walk_threads(folder: str | os.PathLike, mounts: str | None = None) -> int:
@@ -122,13 +125,15 @@ def filesystem(folder: str | os.PathLike, mounts: str | None = None) -> str:
     return kind
 
 
-def walk_images(folder: str | os.PathLike, threads: int = 1) -> list[Path]:
+def walk_images(folder: str | os.PathLike, threads: int = 1,
+                on_found: Callable[[int], None] | None = None) -> list[Path]:
     """The image files under ``folder``, in no particular order: what ``os.walk`` finds (an
     unreadable folder skipped whole, symlinked folders not entered, files of any name, hidden
     too, kept when ``_is_image_entry`` says so). With ``threads`` > 1 the folders are listed
     by a pool of that many threads, breadth-first: on network storage every listing and every
     DICOM preamble read waits on the server, and ``os.scandir`` and ``open`` release the GIL
-    while they wait, so the waits overlap. On a local disk the gain is small (bench/)."""
+    while they wait, so the waits overlap. On a local disk the gain is small (bench/).
+    ``on_found(n)``: called from this thread with each listed folder's count of images."""
     top = os.fspath(folder)
     if threads <= 1:
         found, todo = [], [top]
@@ -136,6 +141,8 @@ def walk_images(folder: str | os.PathLike, threads: int = 1) -> list[Path]:
             images, subfolders = _scan_folder(todo.pop())
             found += images
             todo += subfolders
+            if on_found is not None and images:
+                on_found(len(images))
         return found
     found = []
     with ThreadPoolExecutor(threads) as pool:
@@ -145,6 +152,8 @@ def walk_images(folder: str | os.PathLike, threads: int = 1) -> list[Path]:
             for fut in done:
                 images, subfolders = fut.result()
                 found += images
+                if on_found is not None and images:
+                    on_found(len(images))
                 pending.update(pool.submit(_scan_folder, s) for s in subfolders)
     return found
 
