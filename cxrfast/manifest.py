@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import atomic
 from .data import index as columnar
-from .data.shards import FORMAT_VERSION
+from .data.index import FORMAT_VERSION
 
 INDEX_COLUMNS = ["shard", "offset", "source", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
                  "patient_id", "view_position", "rows", "columns", "pixel_spacing_row", "pixel_spacing_col",

@@ -62,7 +62,7 @@ from .data import label_formats
 from .data.label_formats import UNCERTAIN_HELP, VOTES, Uncertainty, vocabulary
 from .data.labels import FORMATS, LabelTable, Protocol, file_keys, filter_views, resolve_splits, split_name
 from .data.splits import patient_split
-from .data.shards import FORMAT_VERSION
+from .data.index import FORMAT_VERSION
 from .manifest import INDEX_COLUMNS, PrepareError, Record
 
 DECODE_CHUNK = 64  # files per read_many call: enough to keep every native thread busy

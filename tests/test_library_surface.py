@@ -48,6 +48,18 @@ def test_import_is_cheap_and_has_a_version():
     assert loaded == "False False"
 
 
+def test_preparing_imports_no_torch():
+    """Every part of a parallel prepare starts a process: torch's import would be seconds of each."""
+    code = "import sys, cxrfast.prepare, cxrfast.manifest; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    from cxrfast.data import ResumableSampler, shards
+
+    assert shards.FORMAT_VERSION == 2 and ResumableSampler.__module__ == "cxrfast.data.sampler"
+
+
 def test_version_falls_back_to_pyproject(monkeypatch):
     from importlib import metadata
 

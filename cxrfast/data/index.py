@@ -28,6 +28,10 @@ import numpy as np
 
 from .. import atomic
 
+# The prepared folder's layout (meta.json's format_version), here beside the index so that
+# preparing a folder imports no torch.
+FORMAT_VERSION = 2  # 2: per-shard manifests and recorded settings (parts/); 1 could mix shards of two sizes
+
 INDEX_DIR = "index"
 INT_COLUMNS = ("shard", "offset", "rows", "columns", "pad_top", "pad_left", "content_h", "content_w")
 FLOAT_COLUMNS = ("pixel_spacing_row", "pixel_spacing_col")

@@ -20,9 +20,8 @@ from torch.utils.data import Dataset, default_collate
 
 from . import index as columnar
 from .augment import MEAN, STD, OutputPool, crop_resize, draw_crops, whole_images
-from .index import PreparedFormatError, Text
+from .index import FORMAT_VERSION, PreparedFormatError, Text
 
-FORMAT_VERSION = 2  # 2: per-shard manifests and recorded settings (parts/); 1 could mix shards of two sizes
 # (index/ beside index.csv needs no new version: readers without it read the CSV, this one reads either)
 LARGE_CSV = 200_000  # rows from which reading index.csv as text says how to avoid it
 CHECK_CHUNK = 1 << 20  # rows per step of the location check: bounded temporary memory at 10 M rows
