@@ -154,6 +154,23 @@ def test_the_copy_kept_across_parts_is_the_first_that_decodes(reference, tmp_pat
     assert "b/c04.dcm" in [r["source"] for r in index_rows(out)]
 
 
+def test_parts_that_name_the_source_differently_still_merge(reference, tmp_path, monkeypatch):
+    """The tree's fingerprint is read from the path strings relative to SRC as each part names
+    it (no resolve per file): a symlink to SRC, or a relative path, is the same tree."""
+    src, labels, one = reference
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    monkeypatch.chdir(src.parent)
+    files = cli.image_files(str(src), option="")
+    early = [p.relative_to(src).as_posix() for k in (0, 1) for p in part_slice(files, (k, 4))]
+    assert {"a00_trunc.dcm", "a05.dcm"} <= set(early)  # the error reasons name the path as SRC was named
+    names = [str(src), str(src) + "/", str(tmp_path / "link"), os.path.relpath(src)]
+    out = tmp_path / "parts"
+    metas = [prepare(name, str(out), size=32, labels=str(labels), workers=1, shard_gb=TWO_PER_SHARD, part=(k, 4))
+             for k, name in enumerate(names)]
+    assert [m["merged"] for m in metas] == [False, False, False, True]
+    _same_result(out, one)
+
+
 def test_rerun_of_a_part_decodes_nothing_and_changes_nothing(reference, tmp_path):
     src, labels, one = reference
     out = tmp_path / "parts"
