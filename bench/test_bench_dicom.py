@@ -102,6 +102,15 @@ def test_jpeg_lossless_one_image_threads(benchmark, rg1, sv1_4k, image, threads)
         benchmark.extra_info["MP/s"] = round(data["array"].size / benchmark.stats.stats.median / 1e6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_sv1_file_threads(benchmark, rg1, threads):
+    """cxrfast.read of one SV1 file with threads=2 (the split inside the file's one frame)."""
+    benchmark.group = "JPEG lossless SV1 file (RG1), dicom.read -> stored values"
+    benchmark.name = "cxrfast read threads=1" if threads == 1 else "read threads=2"
+    out = benchmark(lambda: dicom.read(rg1["paths"]["sv1"], output="stored", threads=threads).pixels)
+    np.testing.assert_array_equal(out, rg1["array"])
+
+
 @pytest.mark.parametrize("reader", ["cxrfast", "copy of the pixel bytes", *READERS])
 def test_uncompressed_rg1(benchmark, rg1, reader):
     benchmark.group = "Explicit VR LE, RG1, file -> stored values"

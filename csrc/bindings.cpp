@@ -1,6 +1,7 @@
 // The one binding file: exposes the native reader as cxrfast._dicom. Every native error
 // becomes NativeError(kind, message) here; cxrfast/dicom.py maps it onto DicomError classes
 // and adds the file name. Decoding runs with the GIL released.
+#include <algorithm>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -253,11 +254,12 @@ PYBIND11_MODULE(_dicom, m) {
       .def_property_readonly("header", [](const Parsed& p) { return header_dict(p.ds.header); })
       .def("decode",
            [](Parsed& p, const std::string& output, int64_t frame, const std::string& dtype, int longest,
-              int size_h, int size_w) {
+              int size_h, int size_w, int threads) {
              // Stored values of a file read here are masked in its own buffer, which becomes the
              // array: one read, no second buffer (then this parse's bytes are gone).
              p.check_bytes();
              RenderOptions o = make_options(output, dtype, longest, size_h, size_w);
+             o.threads = std::max(1, threads);
              if (p.file && p.file->whole) {
                Rendered shape;
                int64_t at = nogil([&] { return stored_in_place(p.ds, p.file->bytes.get(), frame, o, shape, p.masked); });
@@ -269,7 +271,8 @@ PYBIND11_MODULE(_dicom, m) {
              Rendered r = nogil([&] { return decode_render(p.ds, frame, o); });
              return to_array(std::move(r), false);
            },
-           py::arg("output"), py::arg("frame"), py::arg("dtype"), py::arg("longest"), py::arg("size_h"), py::arg("size_w"))
+           py::arg("output"), py::arg("frame"), py::arg("dtype"), py::arg("longest"), py::arg("size_h"), py::arg("size_w"),
+           py::arg("threads") = 1)
       .def("render",
            [](const Parsed& p, py::array stored, const std::string& output, const std::string& dtype, int longest,
               int size_h, int size_w) {

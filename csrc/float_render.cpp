@@ -112,7 +112,7 @@ Rendered render_float(const Header& h, const StoredPixels& px, const RenderOptio
 }
 
 Rendered decode_render(const Dataset& ds, int64_t frame, const RenderOptions& opt) {
-  StoredPixels px = decode_stored(ds, frame);
+  StoredPixels px = decode_stored(ds, frame, opt.threads);
   return ds.header.float_bits ? render_float(ds.header, px, opt) : render(ds.header, px, opt);
 }
 

@@ -272,7 +272,7 @@ static void unpack_native(const Dataset& ds, int64_t first, int64_t count, Store
   }
 }
 
-StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
+StoredPixels decode_stored(const Dataset& ds, int64_t frame, int threads) {
   const Header& h = ds.header;
   if (!h.has_pixel_data) throw Error(ErrorKind::NoPixelData, "no Pixel Data (7FE0,0010)");
   if (h.unknown_syntax) throw Error(ErrorKind::UnsupportedTransferSyntax, "unsupported transfer syntax " + h.transfer_syntax);
@@ -339,10 +339,10 @@ StoredPixels decode_stored(const Dataset& ds, int64_t frame) {
       throw Error(ErrorKind::Corrupt, "JPEG frame is " + std::to_string(info.width) + "x" + std::to_string(info.height) +
                                           " but the header says " + std::to_string(h.columns) + "x" + std::to_string(h.rows));
     if (px.bytes_per_sample == 2) {
-      jpeg_lossless_decode(fb.data, fb.size, reinterpret_cast<uint16_t*>(out), frame_words);
+      jpeg_lossless_decode(fb.data, fb.size, reinterpret_cast<uint16_t*>(out), frame_words, threads);
     } else {
       std::vector<uint16_t> tmp(frame_words);
-      jpeg_lossless_decode(fb.data, fb.size, tmp.data(), frame_words);
+      jpeg_lossless_decode(fb.data, fb.size, tmp.data(), frame_words, threads);
       if (px.bytes_per_sample == 1)
         for (size_t i = 0; i < frame_words; ++i) out[i] = uint8_t(tmp[i]);
       else

@@ -286,6 +286,21 @@ def test_two_threads_on_a_large_imagecodecs_stream():
     assert _dicom.jpeg_lossless_decode(stream, with_split=True)[1] == 0
 
 
+def test_read_with_two_threads_gives_the_one_thread_image():
+    """dicom.read(threads=2) on a frame above the split threshold, stored and rendered."""
+    rng = np.random.default_rng()
+    a = _walk((1100, 1000), 15, rng)
+    stream = imagecodecs.jpeg8_encode(a, lossless=True, predictor=1, bitspersample=15)
+    data = make_encapsulated([stream], transfer_syntax="1.2.840.10008.1.2.4.70", rows=1100, columns=1000,
+                             bits_stored=15)
+    np.testing.assert_array_equal(dicom.read(data, output="stored", threads=2).pixels, a)
+    one = dicom.read(data, size=256, dtype="uint8").pixels
+    np.testing.assert_array_equal(dicom.read(data, size=256, dtype="uint8", threads=2).pixels, one)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            dicom.read(data, threads=bad)
+
+
 @pytest.mark.parametrize("predictor", [1, 4, 7])
 def test_two_threads_split_restart_intervals(predictor):
     rng = np.random.default_rng()

@@ -128,7 +128,7 @@ struct StoredPixels {
 
 // Decodes frame `frame` (or all frames when frame < 0) natively; throws NeedsCodec for
 // transfer syntaxes left to Python codec libraries.
-StoredPixels decode_stored(const Dataset& ds, int64_t frame);
+StoredPixels decode_stored(const Dataset& ds, int64_t frame, int threads = 1);
 
 // Decoders (each validates its input and throws Error on anything malformed).
 void rle_decode_frame(const uint8_t* src, size_t size, const Header& h, uint8_t* out);
@@ -156,6 +156,7 @@ struct RenderOptions {
   DType dtype = DType::Auto;
   int size_longest = 0;       // resize so the longer side is this, aspect preserved
   int size_h = 0, size_w = 0; // or an exact output size
+  int threads = 1;            // native threads for one frame's decode (JPEG lossless: the two-thread split)
 };
 
 // numpy-style dtype codes: 'u1','i1','u2','i2','u4','i4','f4'.
