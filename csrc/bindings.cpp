@@ -2,6 +2,7 @@
 // becomes NativeError(kind, message) here; cxrfast/dicom.py maps it onto DicomError classes
 // and adds the file name. Decoding runs with the GIL released.
 #include <algorithm>
+#include <cstring>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -289,7 +290,8 @@ PYBIND11_MODULE(_dicom, m) {
              px.samples = c.ndim() == 4 ? int(c.shape(3)) : 1;
              px.bytes_per_sample = isz;
              const uint8_t* src = static_cast<const uint8_t*>(c.data());
-             px.data.assign(src, src + c.nbytes());
+             px.data.resize(size_t(c.nbytes()));
+             std::memcpy(px.data.data(), src, size_t(c.nbytes()));
              Header h = p.ds.header;
              h.samples_per_pixel = px.samples;
              if (isz * 8 < h.bits_allocated || h.bits_allocated == 0) h.bits_allocated = isz * 8;

@@ -637,7 +637,7 @@ FileBytes read_file(const std::string& path, size_t max_bytes) {
   out.whole = out.length <= max_bytes;
   out.length = std::min(out.length, max_bytes);
   std::rewind(f);
-  out.bytes.reset(new uint8_t[out.length ? out.length : 1]);
+  out.bytes = allocate_buffer(out.length);
   size_t got = out.length ? std::fread(out.bytes.get(), 1, out.length, f) : 0;
   std::fclose(f);
   if (got != out.length) throw Error(ErrorKind::Io, "cannot read file");

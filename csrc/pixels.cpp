@@ -469,7 +469,7 @@ FileBytes read_and_parse(const std::string& path, Dataset& ds, bool& masked) {
   if (std::fseek(f, 0, SEEK_END) != 0 || std::ftell(f) < 0) throw Error(ErrorKind::Io, "cannot read file (not seekable)");
   const size_t size = size_t(std::ftell(f));
   if (size < out.length) throw Error(ErrorKind::Io, "file shrank while read");
-  std::unique_ptr<uint8_t[]> bytes(new uint8_t[size]);
+  Buffer bytes = allocate_buffer(size);
   std::memcpy(bytes.get(), out.data(), out.length);  // 64 KiB, already in cache
   if (std::fseek(f, long(out.length), SEEK_SET) != 0) throw Error(ErrorKind::Io, "cannot read file");
   if (m.bytes) m.length = std::min(m.length, m.offset < size ? (size - m.offset) / size_t(m.bytes) * size_t(m.bytes) : 0);

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "buffer.h"
+
 namespace cxr {
 
 enum class ErrorKind {
@@ -117,10 +119,28 @@ int64_t frame_count(const Header& h);
 
 // Stored samples of one or more frames, interleaved (frame, row, column, sample), each
 // sample in an unsigned word of bytes_per_sample (1, 2 or 4) bytes, unmasked.
+// A buffer that is not zero-filled when allocated (every writer fills every byte, and an
+// extra pass over a multi-megabyte image is measurable), huge-page backed when large.
+class Bytes {
+ public:
+  void resize(size_t n) {
+    p_ = allocate_buffer(n);
+    n_ = n;
+  }
+  uint8_t* data() { return p_.get(); }
+  const uint8_t* data() const { return p_.get(); }
+  size_t size() const { return n_; }
+  uint8_t& operator[](size_t i) { return p_[i]; }
+
+ private:
+  Buffer p_;
+  size_t n_ = 0;
+};
+
 struct StoredPixels {
   int frames = 0, rows = 0, columns = 0, samples = 1;
   int bytes_per_sample = 2;
-  std::vector<uint8_t> data;
+  Bytes data;
   const uint8_t* view = nullptr;  // when set, the samples are read in place from here
   const uint8_t* bytes() const { return view ? view : data.data(); }
   size_t count() const { return size_t(frames) * rows * columns * samples; }
@@ -160,22 +180,6 @@ struct RenderOptions {
 };
 
 // numpy-style dtype codes: 'u1','i1','u2','i2','u4','i4','f4'.
-// An output buffer that is not zero-filled when allocated: render() writes every byte, and
-// an extra pass over a multi-megabyte image is measurable.
-class Bytes {
- public:
-  void resize(size_t n) {
-    p_.reset(new uint8_t[n ? n : 1]);
-    n_ = n;
-  }
-  uint8_t* data() { return p_.get(); }
-  const uint8_t* data() const { return p_.get(); }
-  size_t size() const { return n_; }
-
- private:
-  std::unique_ptr<uint8_t[]> p_;
-  size_t n_ = 0;
-};
 
 struct Rendered {
   std::string dtype;
@@ -239,7 +243,7 @@ void crop_resize_many(const std::vector<CropJob>& jobs, int bytes_per_sample, in
 
 // A file's bytes, read without zero-filling the buffer first.
 struct FileBytes {
-  std::unique_ptr<uint8_t[]> bytes;
+  Buffer bytes;
   size_t length = 0;
   bool whole = true;
   const uint8_t* data() const { return bytes.get(); }
