@@ -295,41 +295,11 @@ void parse_markers(const uint8_t* src, size_t n, Stream& st, bool only_frame) {
   }
 }
 
-// Copies the entropy-coded data without byte stuffing, split at RST markers.
-size_t unstuff(const uint8_t* src, size_t n, uint8_t* out, std::vector<Segment>& segs) {
+// The entropy-coded bytes without byte stuffing and fill bytes, copied to out; at each marker,
+// on_marker(output length so far, marker byte) says whether to go on past it (RSTn) or stop.
+template <class OnMarker>
+size_t unstuff_scan(const uint8_t* src, size_t n, uint8_t* out, OnMarker on_marker) {
   size_t o = 0, i = 0;
-  segs.push_back(Segment{0, 0, -1});
-  while (i < n) {
-    const void* hit = std::memchr(src + i, 0xFF, n - i);
-    size_t j = hit ? size_t(static_cast<const uint8_t*>(hit) - src) : n;
-    std::memcpy(out + o, src + i, j - i);
-    o += j - i;
-    if (j >= n) break;
-    if (j + 1 >= n) break;  // a lone 0xFF at the very end
-    uint8_t m = src[j + 1];
-    if (m == 0x00) {
-      out[o++] = 0xFF;
-      i = j + 2;
-    } else if (m == 0xFF) {
-      i = j + 1;  // fill byte
-    } else if (m >= 0xD0 && m <= 0xD7) {
-      segs.back().length = o - segs.back().start;
-      segs.push_back(Segment{o, 0, m - 0xD0});
-      i = j + 2;
-    } else {
-      break;  // EOI or another marker ends the scan
-    }
-  }
-  segs.back().length = o - segs.back().start;
-  return o;
-}
-
-// unstuff for one part of a scan split between two threads: the same bytes, but instead of
-// segments, *first_marker is the output length at the first marker of any kind (SIZE_MAX
-// when there is none). Allocates nothing.
-size_t unstuff_part(const uint8_t* src, size_t n, uint8_t* out, size_t* first_marker) {
-  size_t o = 0, i = 0;
-  *first_marker = SIZE_MAX;
   while (i < n) {
     const void* hit = std::memchr(src + i, 0xFF, n - i);
     size_t j = hit ? size_t(static_cast<const uint8_t*>(hit) - src) : n;
@@ -342,13 +312,40 @@ size_t unstuff_part(const uint8_t* src, size_t n, uint8_t* out, size_t* first_ma
       i = j + 2;
     } else if (m == 0xFF) {
       i = j + 1;  // fill byte
-    } else {
-      if (*first_marker == SIZE_MAX) *first_marker = o;
-      if (m < 0xD0 || m > 0xD7) break;  // EOI or another marker ends the scan
+    } else if (on_marker(o, m)) {
       i = j + 2;
+    } else {
+      break;
     }
   }
   return o;
+}
+
+bool is_rst(uint8_t m) { return m >= 0xD0 && m <= 0xD7; }
+
+// Copies the entropy-coded data without byte stuffing, split at RST markers; EOI or another
+// marker ends the scan.
+size_t unstuff(const uint8_t* src, size_t n, uint8_t* out, std::vector<Segment>& segs) {
+  segs.push_back(Segment{0, 0, -1});
+  const size_t o = unstuff_scan(src, n, out, [&](size_t at, uint8_t m) {
+    if (!is_rst(m)) return false;
+    segs.back().length = at - segs.back().start;
+    segs.push_back(Segment{at, 0, m - 0xD0});
+    return true;
+  });
+  segs.back().length = o - segs.back().start;
+  return o;
+}
+
+// unstuff for one part of a scan split between two threads: the same bytes, but instead of
+// segments, *first_marker is the output length at the first marker of any kind (SIZE_MAX
+// when there is none). Allocates nothing.
+size_t unstuff_part(const uint8_t* src, size_t n, uint8_t* out, size_t* first_marker) {
+  *first_marker = SIZE_MAX;
+  return unstuff_scan(src, n, out, [&](size_t at, uint8_t m) {
+    if (*first_marker == SIZE_MAX) *first_marker = at;
+    return is_rst(m);
+  });
 }
 
 }  // namespace
