@@ -17,7 +17,7 @@ from typing import NoReturn, Sequence
 
 from .data.files import find_images
 from .data.labels import LabelTable, Protocol, read_protocol
-from .progress import PlainProgress, progress
+from .progress import PlainProgress, progress, show_rate
 
 
 WALK_PROGRESS_DELAY = 2.0  # seconds a folder walk runs before its progress bar shows
@@ -70,9 +70,8 @@ def _walk_with_progress(folder: Path) -> list[Path]:
 
         def found(n: int) -> None:  # tqdm shows its own rate; plain lines get one here
             bar.update(n)
-            elapsed = time.perf_counter() - started
-            if isinstance(bar, PlainProgress) and elapsed > 0:
-                bar.set_postfix(**{"files/s": f"{bar.n / elapsed:.0f}"})
+            if isinstance(bar, PlainProgress):
+                show_rate(bar, bar.n, started)
 
         return find_images(folder, on_found=found)
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from .progress import progress
+from .progress import progress, show_rate
 
 from . import atomic, cli, dicom
 from . import manifest as mf
@@ -175,13 +175,6 @@ def _quantize(img: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.clip(np.rint(img * top), 0, top).astype(dtype)
 
 
-def _show_rate(bar, done: int, started: float) -> None:
-    """files/s since ``started`` beside the bar (this run's files only, not those resumed)."""
-    elapsed = time.perf_counter() - started
-    if elapsed > 0:
-        bar.set_postfix(**{"files/s": f"{done / elapsed:.0f}"})
-
-
 def _reason(exc: BaseException) -> str:
     return str(exc).replace("\n", " ")
 
@@ -234,7 +227,7 @@ class Preparer:
             for done, (p, fut) in enumerate(zip(files, futures), 1):
                 bar.update(1)
                 if done % 256 == 0 or done == len(files):
-                    _show_rate(bar, done, started)
+                    show_rate(bar, done, started)
                 if fut is None:
                     entries.append(Entry([p], metas=[{}]))
                     if p in pixels:
@@ -391,7 +384,7 @@ class Preparer:
                     record(p, "duplicate", key=entry.key, detail=src)
             self.files_done += sum(len(e.files) for e in chunk)
             bar.update(sum(len(e.files) for e in chunk))
-            _show_rate(bar, self.files_done, self.started)
+            show_rate(bar, self.files_done, self.started)
         return records
 
 

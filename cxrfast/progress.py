@@ -86,3 +86,11 @@ def progress(total: int | None, initial: int, enabled: bool, desc: str, file=Non
         return PlainProgress(total, initial, desc, file, interval, unit, delay)
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit,
                 dynamic_ncols=True, file=file, mininterval=0.5, delay=delay)
+
+
+def show_rate(bar: tqdm | PlainProgress, done: int, started: float) -> None:
+    """files/s since ``started`` (a ``time.perf_counter()``) beside the bar: this run's files
+    only, not those a resumed run had done before."""
+    elapsed = time.perf_counter() - started
+    if elapsed > 0:
+        bar.set_postfix(**{"files/s": f"{done / elapsed:.0f}"})
