@@ -117,8 +117,6 @@ struct FrameBytes {
 std::vector<FrameBytes> encapsulated_frames(const Dataset& ds);
 int64_t frame_count(const Header& h);
 
-// Stored samples of one or more frames, interleaved (frame, row, column, sample), each
-// sample in an unsigned word of bytes_per_sample (1, 2 or 4) bytes, unmasked.
 // A buffer that is not zero-filled when allocated (every writer fills every byte, and an
 // extra pass over a multi-megabyte image is measurable), huge-page backed when large.
 class Bytes {
@@ -137,6 +135,8 @@ class Bytes {
   size_t n_ = 0;
 };
 
+// Stored samples of one or more frames, interleaved (frame, row, column, sample), each
+// sample in an unsigned word of bytes_per_sample (1, 2 or 4) bytes, unmasked.
 struct StoredPixels {
   int frames = 0, rows = 0, columns = 0, samples = 1;
   int bytes_per_sample = 2;
